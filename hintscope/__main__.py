@@ -1,0 +1,3 @@
+from hintscope.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""Host-side tables: KVM dirty-log ioctls, memslots, dirty ring and QEMU uprobes."""
+
+from hintscope.schema import Col, Table, register
+
+AREA = "host probe"
+
+TS = Col("ts_ns", "int64", "ns", "host CLOCK_MONOTONIC time of the event (syscall exit for ioctls)")
+TID = Col("tid", "int32", "", "host thread id")
+SEQ = Col("seq", "int64", "", "per-capture ioctl sequence number; joins `bitmap_words` and `memslots` to `ioctls`")
+
+IOCTLS = register(Table(
+    "ioctls",
+    "One row per traced KVM ioctl of the target VMM (GET/CLEAR_DIRTY_LOG, SET_USER_MEMORY_REGION(2), "
+    "RESET_DIRTY_RINGS, ENABLE_CAP), recorded at syscall exit.",
+    [
+        TS,
+        Col("enter_ns", "int64", "ns", "syscall entry time"),
+        TID,
+        SEQ,
+        Col("fd", "int32", "", "file descriptor the ioctl was issued on (the VM fd)"),
+        Col("cmd", "uint32", "", "ioctl request number"),
+        Col("name", "string", "", "GET_DIRTY_LOG, CLEAR_DIRTY_LOG, SET_USER_MEMORY_REGION, SET_USER_MEMORY_REGION2, "
+            "RESET_DIRTY_RINGS or ENABLE_CAP"),
+        Col("slot", "int32", "", "memslot id as passed (as_id << 16 | id); -1 when not applicable"),
+        Col("ret", "int64", "", "syscall return value (negative errno on failure)"),
+        Col("first_page", "int64", "gfn offset", "CLEAR_DIRTY_LOG: first page of the range, relative to the slot"),
+        Col("num_pages", "int64", "count", "CLEAR_DIRTY_LOG: pages in the range"),
+        Col("pages", "int64", "count", "pages whose bit was set (GET: harvested dirty; CLEAR: re-armed); "
+            "RESET_DIRTY_RINGS: entries reset; -1 when unknown"),
+        Col("cap", "int64", "", "ENABLE_CAP: capability number; -1 otherwise"),
+        Col("arg0", "uint64", "", "ENABLE_CAP: args[0] (e.g. ring bytes, manual-protect flags); 0 otherwise"),
+    ],
+    area=AREA,
+))
+
+MEMSLOTS = register(Table(
+    "memslots",
+    "Memslot changes from KVM_SET_USER_MEMORY_REGION(2). A size of 0 deletes the slot.",
+    [
+        TS,
+        TID,
+        SEQ,
+        Col("slot", "int32", "", "slot id (low 16 bits)"),
+        Col("as_id", "int32", "", "address space id (high 16 bits of the slot field)"),
+        Col("flags", "uint32", "", "1 = LOG_DIRTY_PAGES, 2 = READONLY"),
+        Col("gpa", "uint64", "gpa", "guest physical start address"),
+        Col("size", "uint64", "bytes", "slot size"),
+        Col("hva", "uint64", "hva", "host virtual start address in the VMM"),
+        Col("ret", "int64", "", "syscall return value"),
+    ],
+    area=AREA,
+))
+
+BITMAP_WORDS = register(Table(
+    "bitmap_words",
+    "Dirty bitmaps as compact nonzero 64-bit words. op=get: the bitmap KVM_GET_DIRTY_LOG returned (read from "
+    "user memory at syscall exit): bit b of word w set = page w*64+b of the slot was dirty. op=clear: the mask "
+    "passed to KVM_CLEAR_DIRTY_LOG (page = first_page + w*64 + b): those pages are re-armed (write-protected "
+    "again, their dirty bit cleared). gfn = slot gpa/4096 + page.",
+    [
+        TS,
+        SEQ,
+        Col("op", "string", "", "get or clear"),
+        Col("slot", "int32", "", "memslot id (as_id << 16 | id)"),
+        Col("word", "int64", "", "index of the 64-bit word in the slot bitmap (clear: relative to first_page/64)"),
+        Col("mask", "uint64", "", "the 64 dirty bits of that word"),
+    ],
+    area=AREA,
+))
+
+RING_PUSH = register(Table(
+    "ring_push",
+    "kvm:kvm_dirty_ring_push tracepoint for the target: one page pushed to a vCPU's dirty ring.",
+    [
+        TS,
+        TID,
+        Col("vcpu", "int32", "", "ring index (vCPU)"),
+        Col("dirty_index", "uint32", "", "ring producer index"),
+        Col("reset_index", "uint32", "", "ring reset index"),
+        Col("slot", "int32", "", "memslot id (as_id << 16 | id)"),
+        Col("offset", "uint64", "pages", "page offset in the slot"),
+    ],
+    area=AREA,
+))
+
+RING_RESET = register(Table(
+    "ring_reset",
+    "kvm:kvm_dirty_ring_reset tracepoint for the target: a ring's collected entries were reset (re-armed).",
+    [
+        TS,
+        TID,
+        Col("vcpu", "int32", "", "ring index (vCPU)"),
+        Col("dirty_index", "uint32", "", "ring producer index"),
+        Col("reset_index", "uint32", "", "ring reset index after the reset"),
+    ],
+    area=AREA,
+))
+
+QEMU_EVENTS = register(Table(
+    "qemu_events",
+    "QEMU uprobes on dynamic symbols of the VMM binary. Events: hint_apply (qemu_guest_free_page_hint entry; "
+    "a0 = HVA, a1 = length in bytes), hint_apply_ret, sync_fetch_begin (memory_global_dirty_log_sync), "
+    "sync_fetch_end (memory_global_after_dirty_log_sync), precopy_notify (notifier_with_return_list_notify; "
+    "a0 = list address, a1 = reason: 0 SETUP, 1 BEFORE_BITMAP_SYNC, 2 AFTER_BITMAP_SYNC, 3 COMPLETE, 4 CLEANUP), "
+    "migrate_state (migrate_set_state; a1 = old, a2 = new), notify_config (virtio_notify_config), "
+    "page_send (buffer_is_zero on the migration thread; a0 = HVA, a1 = length).",
+    [
+        TS,
+        TID,
+        Col("event", "string", "", "event name (see table description)"),
+        Col("a0", "uint64", "", "first argument"),
+        Col("a1", "uint64", "", "second argument"),
+        Col("a2", "uint64", "", "third argument"),
+        Col("ret", "int64", "", "return value for *_ret events, else 0"),
+    ],
+    area=AREA,
+))
