@@ -1,0 +1,141 @@
+"""``hintscope analyze BUNDLE``: per-sync table, skipped-page accounting, summary, findings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from hintscope.bundle import read_bundle
+from hintscope.errors import HintscopeError
+
+FAIL_ON = ["lost-write", "hazard", "any"]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "analyze", help="per-sync table, skipped free pages, summary and findings of a bundle",
+        description="Analyse one run bundle: migration bitmap syncs (harvest, re-arm, QEMU cross-checks), "
+                    "skipped free page accounting per epoch, data completeness, and the detector's findings.",
+        epilog="exit status: 0 ok; with --fail-on, the detector's gate (non-zero when a finding of that class "
+               "exists or the verdict cannot be established); 2 on unusable input.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundle", help="bundle directory")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    p.add_argument("--fail-on", choices=FAIL_ON, help="exit non-zero when findings of this class exist")
+    p.add_argument("--baseline", metavar="OTHER_BUNDLE", help="A/B against another bundle (e.g. hinting off)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from hintscope.analysis import summary as sm
+
+    res = sm.analyze(read_bundle(args.bundle))
+    if args.baseline:
+        res["baseline"] = sm.compare(res, sm.analyze(read_bundle(args.baseline)))
+    if args.json:
+        json.dump(sm.to_json(res), sys.stdout, indent=1, default=str)
+        sys.stdout.write("\n")
+    else:
+        render(res)
+    if not args.fail_on:
+        return 0
+    f = res["findings"]
+    if not f["available"]:
+        raise HintscopeError(f"--fail-on {args.fail_on}: {sm.NO_DETECTOR}, cannot decide")
+    det = sm._detector()
+    return int(det.exit_code(f["_raw"], f["verdict"], args.fail_on))
+
+
+# -- terminal rendering --------------------------------------------------------------------------
+def _ms(ns: Any, t0: int) -> str:
+    return "-" if ns is None or int(ns) < 0 else f"{(int(ns) - t0) / 1e6:.3f}"
+
+
+def _n(v: Any) -> str:
+    return "-" if v is None or (isinstance(v, (int, float)) and v < 0) else f"{int(v):,}"
+
+
+def render(res: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    s = res["syncs"]
+    summ = res["summary"]
+    times = [int(x) for col in ("before_ns", "fetch_start_ns", "trace_start_ns") for x in s[col] if int(x) >= 0]
+    t0 = min(times) if times else 0
+    con.print(f"[bold]{summ['bundle']}[/bold]  (times in ms from the first sync)")
+
+    t = Table(title=f"migration bitmap syncs: timing (source: {summ['sync_source']})")
+    for h in ["sync", "epoch", "BEFORE", "fetch start", "fetch end", "AFTER", "GETs", "re-arm CLEARs"]:
+        t.add_column(h, justify="right")
+    for r in s.itertuples(index=False):
+        t.add_row(str(r.sync), _n(r.epoch), _ms(r.before_ns, t0), _ms(r.fetch_start_ns, t0), _ms(r.fetch_end_ns, t0),
+                  _ms(r.after_ns, t0), _n(r.get_calls), _n(r.clear_calls))
+    con.print(t)
+    ring = bool((s["ring_pages"] >= 0).any()) if len(s) else False
+    t = Table(title="migration bitmap syncs: pages")
+    heads = ["sync", "harvested", "by slot"] + (["ring"] if ring else []) + \
+        ["re-armed", "by hint", "QEMU dirty_pages", "QEMU new", "est. new"]
+    for h in heads:
+        t.add_column(h, justify="right")
+    for r in s.itertuples(index=False):
+        t.add_row(*([str(r.sync), _n(r.harvested), r.harvested_by_slot or "-"] + ([_n(r.ring_pages)] if ring else [])
+                    + [_n(r.rearmed), _n(r.rearmed_by_hint), _n(r.qemu_dirty_pages), _n(r.qemu_new_pages),
+                       _n(r.est_new_pages)]))
+    con.print(t)
+
+    a = res["accounting"]
+    t = Table(title=f"skipped free pages per epoch (sends: {a['source']})")
+    for h in ["epoch", "start", "end", "applies", "applied pages", "skipped", "late", "resent", "bytes saved ≤"]:
+        t.add_column(h, justify="right")
+    for r in a["per_epoch"].itertuples(index=False):
+        t.add_row("outside" if r.epoch < 0 else str(r.epoch), _ms(r.start_ns, t0), _ms(r.end_ns, t0), _n(r.applies),
+                  _n(r.applied_pages), _n(r.skipped_pages), _n(r.late_pages), _n(r.resent_pages), _n(r.bytes_saved))
+    tot = a["totals"]
+    t.add_row("total", "", "", _n(tot["applies"]), _n(tot["applied_pages"]), _n(tot["skipped_pages"]),
+              _n(tot["late_pages"]), _n(tot["resent_pages"]), _n(tot["bytes_saved_upper_bound"]), style="bold")
+    con.print(t)
+    con.print(f"send source: {a['source_caveat']}")
+    if a.get("guest"):
+        g = a["guest"]
+        con.print(f"guest hinted {g['blocks']} blocks = {g['pages']:,} pages: "
+                  + ", ".join(f"{x['cmd_id']}: {x['pages']:,}" for x in g["per_cmd_id"]))
+
+    m = summ["migration"]
+    t = Table(title="summary", show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("")
+    t.add_row("migration", f"{m.get('outcome')}  total {m.get('total_time_ms', '?')} ms, downtime "
+                           f"{m.get('downtime_ms', '?')} ms, transferred {_n(m.get('transferred'))} B, normal pages "
+                           f"{_n(m.get('normal'))}, zero pages {_n(m.get('duplicate'))} ({m.get('source')})")
+    t.add_row("syncs / epochs", f"{summ['syncs']} / {summ['epochs']}  (QMP dirty-sync-count "
+                                f"{m.get('dirty_sync_count', '?')})")
+    d = summ["data"]
+    t.add_row("capture", f"{'complete' if d['complete'] else 'INCOMPLETE'} ({d.get('end_reason')}); memslots from "
+                         f"{d['memslot_source']}; sends from {d['send_source']}")
+    t.add_row("sources", ", ".join(f"{k}={v}" for k, v in d["sources"].items()) or "-")
+    lost = {k: v for k, v in d["lost_events"].items() if v}
+    t.add_row("lost events", ", ".join(f"{k}={v}" for k, v in lost.items()) or "none reported")
+    f = summ["findings"]
+    t.add_row("findings", ", ".join(f"{k}: {v}" for k, v in f["by_kind"].items()) or ("none" if f["detector"]
+                                                                                      else "-"))
+    t.add_row("verdict", str(f["verdict"]))
+    con.print(t)
+    for p in d["problems"]:
+        con.print(f"[yellow]problem:[/yellow] {p}", markup=True, highlight=False)
+    for x in res["cross_checks"]:
+        con.print(f"[cyan]cross-check:[/cyan] {x}", highlight=False)
+    if "baseline" in res:
+        bl = res["baseline"]
+        t = Table(title="A/B against baseline")
+        for h in ["metric", "this", "baseline", "diff"]:
+            t.add_column(h, justify="right")
+        for k, v in bl["metrics"].items():
+            t.add_row(k, _n(v["this"]), _n(v["baseline"]), "-" if v["diff"] is None else f"{v['diff']:+,}")
+        t.add_row("skipped pages (estimate)", _n(bl["skipped_pages_estimate"]), "", "")
+        t.add_row("normal pages saved (QMP)", _n(bl["qmp_normal_pages_saved"]), "", "")
+        con.print(t)

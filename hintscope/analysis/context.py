@@ -1,0 +1,186 @@
+"""One place that loads what several analyses share from a bundle, once.
+
+``Context(bundle)`` holds the host tables, the QEMU trace (table or parsed log), the memslot
+intervals, page sends (with the source they came from) and hint applies expanded to pages.
+Everything is computed lazily and cached; ``problems`` collects one-line notes for the user.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import pandas as pd
+
+from hintscope.analysis import harvest, memslots as ms
+from hintscope.bundle import Bundle
+from hintscope.parse import qemu_trace
+
+# QEMU MigrationStatus enum (qapi/migration.json order), as migrate_set_state passes it.
+MIGRATION_STATES = ["none", "setup", "cancelling", "cancelled", "active", "postcopy-active", "postcopy-paused",
+                    "postcopy-recover", "completed", "failed", "colo", "pre-switchover", "device", "wait-unplug"]
+FINAL_STATES = {"completed", "failed", "cancelled"}
+
+SEND_SOURCES = {
+    "page_send": "uprobe buffer_is_zero on the migration thread: every page QEMU sent, zero pages included "
+                 "(not the compression or RDMA paths)",
+    "ram_save_page": "QEMU trace ram_save_page: non-zero pages only (zero pages are sent by save_zero_page "
+                     "without this event), so a hinted page later sent as a zero page looks skipped",
+    "none": "no page sends captured: skipped pages are estimated as applied pages no later sync harvested; "
+            "pages sent before the apply (late hints) and pages sent in the bulk round after the apply "
+            "cannot be told apart",
+}
+
+
+@dataclass
+class Context:
+    bundle: Bundle
+    problems: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.problems.extend(self.bundle.problems)
+
+    # -- raw tables --------------------------------------------------------------------
+    @cached_property
+    def qe(self) -> pd.DataFrame:
+        return self.bundle.table("qemu_events").sort_values("ts_ns", kind="stable", ignore_index=True)
+
+    @cached_property
+    def ioctls(self) -> pd.DataFrame:
+        return self.bundle.table("ioctls").sort_values("ts_ns", kind="stable", ignore_index=True)
+
+    @cached_property
+    def words(self) -> pd.DataFrame:
+        return self.bundle.table("bitmap_words")
+
+    @cached_property
+    def trace(self) -> pd.DataFrame:
+        t = qemu_trace.load(self.bundle, self.problems)
+        if len(t) and (t["ts_ns"] < 0).all():
+            self.problems.append("QEMU trace log has no clock anchors to map it onto the host clock; trace "
+                                 "times not comparable with probe times")
+        return t.sort_values(["ts_ns", "line"], kind="stable", ignore_index=True)
+
+    @cached_property
+    def qmp(self) -> pd.DataFrame:
+        try:
+            return self.bundle.table("qmp").sort_values("ts_ns", kind="stable", ignore_index=True)
+        except KeyError:  # lab schema not installed
+            return pd.DataFrame()
+
+    # -- memslots ----------------------------------------------------------------------
+    @cached_property
+    def _slots(self) -> tuple[pd.DataFrame, str]:
+        ev, src = ms.slot_events(self.bundle.table("memslots"), self.trace)
+        return ms.intervals(ev), src
+
+    @property
+    def iv(self) -> pd.DataFrame:
+        return self._slots[0]
+
+    @property
+    def memslot_source(self) -> str:
+        return self._slots[1]
+
+    # -- pages ---------------------------------------------------------------------------
+    @cached_property
+    def get_pages(self) -> pd.DataFrame:
+        return harvest.bitmap_pages(self.words, "get", self.iv)
+
+    @cached_property
+    def ring_pages(self) -> pd.DataFrame:
+        return harvest.ring_pages(self.bundle.table("ring_push"), self.iv)
+
+    @cached_property
+    def hint_applies(self) -> pd.DataFrame:
+        """hint_apply events: ts_ns, tid, hva, len, end_ns (matching hint_apply_ret on the tid, -1 if none)."""
+        qe = self.qe
+        a = qe[qe["event"] == "hint_apply"]
+        out = pd.DataFrame({"ts_ns": a["ts_ns"].to_numpy(np.int64), "tid": a["tid"].to_numpy(np.int64),
+                            "hva": a["a0"].to_numpy().astype(np.int64), "len": a["a1"].to_numpy().astype(np.int64)})
+        r = qe[qe["event"] == "hint_apply_ret"]
+        out["end_ns"] = np.int64(-1)
+        if len(out) and len(r):
+            rr = pd.DataFrame({"ret_ns": r["ts_ns"].to_numpy(np.int64), "tid": r["tid"].to_numpy(np.int64)})
+            m = pd.merge_asof(out.reset_index().sort_values("ts_ns"), rr.sort_values("ret_ns"),
+                              left_on="ts_ns", right_on="ret_ns", by="tid", direction="forward")
+            m = m.sort_values("index")
+            out["end_ns"] = m["ret_ns"].fillna(-1).to_numpy().astype(np.int64)
+        # A hostile or corrupt length must not explode the page expansion.
+        bad = (out["len"] < 0) | (out["len"] > (1 << 34))
+        if bad.any():
+            self.problems.append(f"{int(bad.sum())} hint_apply events with impossible lengths ignored")
+            out = out[~bad].reset_index(drop=True)
+        return out
+
+    @cached_property
+    def hint_pages(self) -> pd.DataFrame:
+        """One row per 4 KiB page of each apply: apply (row of hint_applies), ts_ns, tid, hva, gpa, gfn."""
+        a = self.hint_applies
+        idx, hva = ms.expand_ranges(a["hva"].to_numpy(), a["len"].to_numpy())
+        ts = a["ts_ns"].to_numpy(np.int64)[idx]
+        gpa, _ = ms.hva_to_gpa(hva, ts, self.iv)
+        unmapped = int((gpa < 0).sum())
+        if unmapped:
+            self.problems.append(f"{unmapped} hinted pages have an HVA no memslot maps ({self.memslot_source}); "
+                                 "they are left out of page-level accounting")
+        return pd.DataFrame({"apply": idx, "ts_ns": ts, "tid": a["tid"].to_numpy(np.int64)[idx], "hva": hva,
+                             "gpa": gpa, "gfn": np.where(gpa >= 0, gpa >> ms.PAGE_SHIFT, -1)})
+
+    @cached_property
+    def _sends(self) -> tuple[pd.DataFrame, str]:
+        qe = self.qe
+        s = qe[qe["event"] == "page_send"]
+        if len(s):
+            src = "page_send"
+            ts, hva = s["ts_ns"].to_numpy(np.int64), s["a0"].to_numpy().astype(np.int64)
+            ln = s["a1"].to_numpy().astype(np.int64)
+            ln = np.where((ln > 0) & (ln <= (1 << 21)), ln, ms.PAGE)
+            idx, hva = ms.expand_ranges(hva, ln)
+            ts = ts[idx]
+        else:
+            t = self.trace
+            s = t[t["event"] == "ram_save_page"]
+            if not len(s) or (s["ts_ns"] < 0).all():
+                return pd.DataFrame({"ts_ns": pd.Series(dtype="int64"), "gfn": pd.Series(dtype="int64")}), "none"
+            src = "ram_save_page"
+            ts, hva = s["ts_ns"].to_numpy(np.int64), s["hva"].to_numpy(np.int64)
+        gpa, _ = ms.hva_to_gpa(hva, ts, self.iv)
+        return pd.DataFrame({"ts_ns": ts, "gfn": np.where(gpa >= 0, gpa >> ms.PAGE_SHIFT, -1)}), src
+
+    @property
+    def sends(self) -> pd.DataFrame:
+        return self._sends[0]
+
+    @property
+    def send_source(self) -> str:
+        return self._sends[1]
+
+    # -- migration -------------------------------------------------------------------------
+    @cached_property
+    def states(self) -> pd.DataFrame:
+        """Migration state changes: ts_ns, state (name), from the probe if it saw any, else the QEMU trace."""
+        qe = self.qe
+        m = qe[qe["event"] == "migrate_state"]
+        if len(m):
+            new = m["a2"].to_numpy().astype(np.int64)
+            names = [MIGRATION_STATES[s] if 0 <= s < len(MIGRATION_STATES) else f"state {s}" for s in new]
+            return pd.DataFrame({"ts_ns": m["ts_ns"].to_numpy(np.int64), "state": names})
+        t = self.trace
+        m = t[t["event"] == "migrate_set_state"]
+        return pd.DataFrame({"ts_ns": m["ts_ns"].to_numpy(np.int64), "state": m["state"].astype(str).to_numpy()})
+
+    @cached_property
+    def outcome(self) -> str:
+        if len(self.qmp) and "status" in self.qmp:
+            return str(self.qmp["status"].iloc[-1])
+        if len(self.states):
+            return str(self.states["state"].iloc[-1])
+        return "unknown"
+
+    @cached_property
+    def end_ns(self) -> int:
+        """Last host time seen in any event table (end of capture)."""
+        ends = [int(t["ts_ns"].max()) for t in (self.qe, self.ioctls, self.trace) if len(t)]
+        return max(ends) if ends else 0

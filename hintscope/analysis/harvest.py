@@ -1,0 +1,66 @@
+"""Dirty bitmaps -> pages: expand ``bitmap_words`` into one row per page (numpy unpackbits).
+
+op=get rows give the pages KVM_GET_DIRTY_LOG reported dirty (page = word*64 + bit of the slot);
+op=clear rows give the pages KVM_CLEAR_DIRTY_LOG re-armed (page = first_page + word*64 + bit,
+first_page from the CLEAR ioctl with the same ``seq``).  Dirty-ring pushes are already one row
+per page.  ``gfn`` comes from the memslot table at the event's time (-1 when no slot is known).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from hintscope.analysis import memslots as ms
+
+PAGE_COLS = ["ts_ns", "seq", "slot", "page", "gfn"]
+
+
+def expand_words(word: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row index, page) for every set bit: bit b of word w is page w*64 + b (little-endian words)."""
+    mask = np.ascontiguousarray(np.asarray(mask, dtype=np.uint64))
+    word = np.asarray(word, dtype=np.int64)
+    if not len(mask):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    bits = np.unpackbits(mask.astype("<u8").view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
+    row, bit = np.nonzero(bits)
+    return row.astype(np.int64), word[row] * 64 + bit.astype(np.int64)
+
+
+def popcount(mask: np.ndarray) -> np.ndarray:
+    return np.bitwise_count(np.asarray(mask, dtype=np.uint64)).astype(np.int64)
+
+
+def _empty() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="int64") for c in PAGE_COLS})
+
+
+def bitmap_pages(words: pd.DataFrame, op: str, iv: pd.DataFrame, ioctls: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Pages of ``bitmap_words`` rows with ``op`` ('get' or 'clear'): ``PAGE_COLS`` (slot as KVM passes it)."""
+    w = words[words["op"] == op]
+    if not len(w):
+        return _empty()
+    row, page = expand_words(w["word"].to_numpy(), w["mask"].to_numpy())
+    ts = w["ts_ns"].to_numpy(np.int64)[row]
+    seq = w["seq"].to_numpy(np.int64)[row]
+    slot = w["slot"].to_numpy(np.int64)[row]
+    if op == "clear":
+        first = np.zeros(len(page), np.int64)
+        if ioctls is not None and len(ioctls):
+            c = ioctls[ioctls["name"] == "CLEAR_DIRTY_LOG"].drop_duplicates("seq")
+            fp = pd.Series(c["first_page"].to_numpy(np.int64), index=c["seq"].to_numpy(np.int64))
+            first = fp.reindex(seq).fillna(0).to_numpy(np.int64)
+        page = page + first
+    gfn = ms.slot_page_to_gfn(slot, page, ts, iv)
+    return pd.DataFrame({"ts_ns": ts, "seq": seq, "slot": slot, "page": page, "gfn": gfn})
+
+
+def ring_pages(ring_push: pd.DataFrame, iv: pd.DataFrame) -> pd.DataFrame:
+    """Dirty-ring pushes as pages (seq = -1)."""
+    if not len(ring_push):
+        return _empty()
+    ts = ring_push["ts_ns"].to_numpy(np.int64)
+    slot = ring_push["slot"].to_numpy(np.int64)
+    page = ring_push["offset"].to_numpy().astype(np.int64)
+    gfn = ms.slot_page_to_gfn(slot, page, ts, iv)
+    return pd.DataFrame({"ts_ns": ts, "seq": np.full(len(ts), -1, np.int64), "slot": slot, "page": page, "gfn": gfn})

@@ -1,0 +1,150 @@
+"""Skipped free page accounting (protocol.md §4 (a)), per host epoch and in total.
+
+Host epoch k = [AFTER_k, BEFORE_{k+1}) (the sync table's ``epoch`` column; without notifier
+probes, from the end of sync k's fetch window to the start of the next one).  For every 4 KiB
+page of every ``hint_apply`` (HVA -> GPA through the memslots at the apply's time):
+
+* skipped: no send of the page after the apply (to the end of the capture);
+* late (wasted hint): the page was already sent between the start of its epoch and the apply;
+* resent: hinted, then sent again after the apply (the guest reused and dirtied it, or the
+  hint came too late to matter);
+* bytes saved: skipped pages x 4096, an upper bound (a skipped page might have gone as a
+  zero-page flag of a few bytes).
+
+Sends come from, best first, ``page_send`` uprobes, QEMU's ``ram_save_page`` trace, or an
+estimate from later harvests; ``source`` and ``source_caveat`` say which and what it misses.
+Guest-side totals (``guest_hints``) are per cmd id, as the guest saw them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from hintscope.analysis.context import SEND_SOURCES, Context
+from hintscope.analysis.memslots import PAGE
+from hintscope.analysis.syncs import sync_table, windows
+from hintscope.bundle import Bundle
+
+EPOCH_COLUMNS = ["epoch", "start_ns", "end_ns", "applies", "applied_pages", "skipped_pages", "late_pages",
+                 "resent_pages", "bytes_saved"]
+_BIG = np.iinfo(np.int64).max
+
+
+def epochs(syncs: pd.DataFrame, end_ns: int) -> pd.DataFrame:
+    """Epoch k: start (AFTER_k, else end of sync k's window) and end (BEFORE_{k+1}, else next window start)."""
+    st, en = windows(syncs) if len(syncs) else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    after = syncs["after_ns"].to_numpy(np.int64) if len(syncs) else st
+    before = syncs["before_ns"].to_numpy(np.int64) if len(syncs) else st
+    start = np.where(after >= 0, after, en)
+    nb = np.r_[before[1:], -1]
+    ns = np.r_[st[1:], max(end_ns, int(en.max()) if len(en) else 0) + 1]
+    end = np.where(nb >= 0, nb, ns)
+    ep = syncs["epoch"].to_numpy(np.int64) if len(syncs) else st
+    keep = ep > 0
+    return pd.DataFrame({"epoch": ep[keep], "start_ns": start[keep], "end_ns": end[keep]})
+
+
+def _epoch_of(t: np.ndarray, ep: pd.DataFrame) -> np.ndarray:
+    if not len(ep):
+        return np.full(len(t), -1, np.int64)
+    st = ep["start_ns"].to_numpy(np.int64)
+    en = ep["end_ns"].to_numpy(np.int64)
+    i = np.searchsorted(st, t, side="right") - 1
+    ok = (i >= 0) & (t < en[np.maximum(i, 0)])
+    return np.where(ok, ep["epoch"].to_numpy(np.int64)[np.maximum(i, 0)], -1)
+
+
+def page_rows(c: Context, ep: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """Hinted pages with epoch, skipped, late, resent flags (late = -1 when the send source cannot tell)."""
+    hp = c.hint_pages
+    hp = hp[hp["gfn"] >= 0].reset_index(drop=True)
+    t = hp["ts_ns"].to_numpy(np.int64)
+    e = _epoch_of(t, ep)
+    ep_start = pd.Series(ep["start_ns"].to_numpy(np.int64), index=ep["epoch"].to_numpy(np.int64))
+    start_of = ep_start.reindex(e).fillna(_BIG).to_numpy(np.int64)
+    src = c.send_source
+    if src == "none":
+        # Estimate: a later harvest means the page went out again later.
+        ev = pd.concat([c.get_pages[["gfn", "ts_ns"]], c.ring_pages[["gfn", "ts_ns"]]], ignore_index=True)
+        late = np.full(len(hp), -1, np.int64)
+    else:
+        ev = c.sends
+        late = None
+    last = ev.groupby("gfn")["ts_ns"].max() if len(ev) else pd.Series(dtype="int64")
+    last_t = last.reindex(hp["gfn"].to_numpy()).fillna(-1).to_numpy(np.int64)
+    sent_after = last_t > t
+    if late is None:
+        # Latest send of the same page at or before the apply.
+        left = pd.DataFrame({"ts_ns": t, "gfn": hp["gfn"].to_numpy(np.int64), "i": np.arange(len(hp))})
+        right = ev[ev["gfn"] >= 0].rename(columns={"ts_ns": "sent_ns"}).sort_values("sent_ns")
+        right = right.assign(ts_ns=right["sent_ns"]).astype({"gfn": np.int64})
+        m = pd.merge_asof(left.sort_values("ts_ns"), right, on="ts_ns", by="gfn", direction="backward")
+        prev = m.sort_values("i")["sent_ns"].fillna(-1).to_numpy(np.int64)
+        late = ((prev >= 0) & (prev >= start_of)).astype(np.int64)
+    out = hp.assign(epoch=e, skipped=~sent_after, resent=sent_after, late=late)
+    return out, src
+
+
+def accounting(b: Bundle | Context, syncs: pd.DataFrame | None = None) -> dict[str, Any]:
+    """Per-epoch table (``EPOCH_COLUMNS``), totals, and the send source used."""
+    c = b if isinstance(b, Context) else Context(b)
+    s = sync_table(c) if syncs is None else syncs
+    ep = epochs(s, c.end_ns)
+    rows, src = page_rows(c, ep)
+    a = c.hint_applies
+    a_ep = _epoch_of(a["ts_ns"].to_numpy(np.int64), ep)
+    late_known = src != "none"
+    per = []
+    for k in list(ep["epoch"]) + [-1]:  # one step per epoch, vectorised within
+        r = rows[rows["epoch"] == k]
+        n_app = int((a_ep == k).sum())
+        if k == -1 and not n_app:
+            continue
+        g = r["gfn"]
+        skipped = int(g[r["skipped"]].nunique())
+        per.append({
+            "epoch": int(k),
+            "start_ns": int(ep.loc[ep["epoch"] == k, "start_ns"].iloc[0]) if k > 0 else -1,
+            "end_ns": int(ep.loc[ep["epoch"] == k, "end_ns"].iloc[0]) if k > 0 else -1,
+            "applies": n_app,
+            "applied_pages": int(g.nunique()),
+            "skipped_pages": skipped,
+            "late_pages": int(g[r["late"] == 1].nunique()) if late_known else -1,
+            "resent_pages": int(g[r["resent"]].nunique()),
+            "bytes_saved": skipped * PAGE,
+        })
+    per_epoch = pd.DataFrame(per, columns=EPOCH_COLUMNS)
+    skipped_total = int(rows.loc[rows["skipped"], "gfn"].nunique())
+    totals = {
+        "applies": int(len(a)),
+        "applied_bytes": int(a["len"].sum()) if len(a) else 0,
+        "applied_pages": int(rows["gfn"].nunique()),
+        "applied_page_events": int(len(rows)),
+        "skipped_pages": skipped_total,
+        "late_pages": int(rows.loc[rows["late"] == 1, "gfn"].nunique()) if late_known else None,
+        "resent_pages": int(rows.loc[rows["resent"], "gfn"].nunique()),
+        "bytes_saved_upper_bound": skipped_total * PAGE,
+        "applies_outside_epochs": int((a_ep < 0).sum()),
+    }
+    return {"per_epoch": per_epoch, "totals": totals, "source": src, "source_caveat": SEND_SOURCES[src],
+            "guest": guest_hints(c)}
+
+
+def guest_hints(c: Context) -> dict[str, Any] | None:
+    """Pages the guest hinted, per cmd id (guest tables), or None when the bundle has none."""
+    try:
+        g = c.bundle.table("guest_hints")
+    except KeyError:
+        return None
+    if not len(g):
+        return None
+    order = g["order"].to_numpy(np.int64).clip(0, 20)
+    pages = np.left_shift(1, order)
+    by = pd.DataFrame({"cmd_id": g["cmd_id"].to_numpy(np.int64), "blocks": 1, "pages": pages}) \
+        .groupby("cmd_id")[["blocks", "pages"]].sum().reset_index()
+    return {"blocks": int(len(g)), "pages": int(pages.sum()),
+            "per_cmd_id": [{"cmd_id": hex(int(r.cmd_id)), "blocks": int(r.blocks), "pages": int(r.pages)}
+                           for r in by.itertuples(index=False)]}

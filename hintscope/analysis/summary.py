@@ -1,0 +1,194 @@
+"""Everything ``hintscope analyze`` reports about one bundle, as plain data.
+
+:func:`analyze` returns the per-sync table, the skipped-page accounting, the summary dict,
+cross-checks against QEMU's own counters and the detector's findings; :func:`summarize` is the
+summary dict alone (what the report shows).  The detector is imported lazily: when it is not
+installed the summary says "detector not available" and gives no verdict (never "safe").
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from hintscope.analysis import hints as hints_mod
+from hintscope.analysis.context import Context
+from hintscope.analysis.syncs import sync_table
+from hintscope.bundle import Bundle
+
+DETECTOR = "hintscope.analysis.detector"
+NO_DETECTOR = "detector not available"
+
+
+def _detector():
+    try:
+        return importlib.import_module(DETECTOR)
+    except ModuleNotFoundError as e:
+        if e.name in (DETECTOR, "hintscope.analysis.detector"):
+            return None
+        raise
+
+
+def migration(c: Context) -> dict[str, Any]:
+    """Outcome, time and bytes from the last QMP snapshot (QEMU's counters), else from state events."""
+    out: dict[str, Any] = {"outcome": c.outcome}
+    q = c.qmp
+    if len(q):
+        last = q.iloc[-1]
+        for k in ("total_time", "transferred", "normal", "duplicate", "dirty_sync_count", "remaining"):
+            if k in q and int(last[k]) >= 0:
+                out[k if k != "total_time" else "total_time_ms"] = int(last[k])
+        try:
+            raw = json.loads(str(last["raw"]))
+        except (ValueError, TypeError, RecursionError):
+            raw = {}
+        raw = raw if isinstance(raw, dict) else {}
+        for k in ("downtime", "setup-time", "expected-downtime"):
+            if isinstance(raw.get(k), int):
+                out[k.replace("-", "_") + "_ms"] = raw[k]
+        ram = raw.get("ram") if isinstance(raw.get("ram"), dict) else {}
+        for k in ("normal-bytes", "skipped", "page-size", "total"):
+            if isinstance(ram.get(k), int):
+                out["ram_" + k.replace("-", "_")] = ram[k]
+        out["source"] = "qmp"
+    else:
+        st = c.states
+        t0 = st.loc[st["state"] == "setup", "ts_ns"]
+        t1 = st.loc[st["state"].isin(["completed", "failed", "cancelled"]), "ts_ns"]
+        if len(t0) and len(t1) and t0.iloc[0] >= 0:
+            out["total_time_ms"] = int((int(t1.iloc[-1]) - int(t0.iloc[0])) // 1_000_000)
+        out["source"] = "state events" if len(st) else "none"
+    return out
+
+
+def completeness(c: Context) -> dict[str, Any]:
+    b = c.bundle
+    present = {t: b.has(t) for t in ("ioctls", "memslots", "bitmap_words", "ring_push", "qemu_events",
+                                     "qemu_trace", "qmp", "guest_hints", "guest_events")}
+    present["qemu_trace_log"] = bool(len(c.trace)) and not b.has("qemu_trace")
+    sources = b.meta.get("sources") if isinstance(b.meta.get("sources"), dict) else {}
+    lost = b.meta.get("lost") if isinstance(b.meta.get("lost"), dict) else {}
+    return {
+        "complete": b.complete,
+        "status": b.meta.get("status"),
+        "end_reason": b.meta.get("end_reason"),
+        "sources": {k: (v.get("status") if isinstance(v, dict) else str(v)) for k, v in sources.items()},
+        "source_reasons": {k: v.get("reason") for k, v in sources.items() if isinstance(v, dict) and v.get("reason")},
+        "lost_events": {k: v for k, v in lost.items()},
+        "tables": present,
+        "memslot_source": c.memslot_source,
+        "send_source": c.send_source,
+        "problems": list(dict.fromkeys(c.problems)),
+    }
+
+
+def cross_checks(c: Context, s: pd.DataFrame) -> list[str]:
+    """Mismatches between the capture and QEMU's own counters, each with the known reason."""
+    out = []
+    n = len(s)
+    tr = c.trace
+    n_trace = int((tr["event"] == "migration_bitmap_sync_start").sum()) if len(tr) else None
+    qmp_n = int(c.qmp["dirty_sync_count"].iloc[-1]) if len(c.qmp) and "dirty_sync_count" in c.qmp else None
+    if qmp_n is not None and qmp_n >= 0 and qmp_n != n:
+        out.append(f"QMP dirty-sync-count {qmp_n} but {n} syncs found ({s['source'].iloc[0] if n else 'no source'}): "
+                   "the capture started after the first sync or missed some")
+    if n_trace is not None and n_trace and n_trace != n:
+        out.append(f"QEMU trace has {n_trace} migration_bitmap_sync_start but {n} syncs found")
+    for r in s.itertuples(index=False):
+        if r.note:
+            out.append(f"sync {r.sync}: {r.note}")
+    return out
+
+
+def findings(b: Bundle) -> dict[str, Any]:
+    det = _detector()
+    if det is None:
+        return {"available": False, "verdict": NO_DETECTOR, "by_kind": {}, "findings": [], "module": None}
+    f = det.detect(b)
+    v = det.verdict(b, f)
+    by_kind: dict[str, int] = {}
+    if isinstance(f, pd.DataFrame) and "kind" in f:
+        by_kind = {str(k): int(n) for k, n in f["kind"].value_counts().items()}
+    elif isinstance(f, list):
+        for x in f:
+            k = getattr(x, "kind", None) or (x.get("kind") if isinstance(x, dict) else "?")
+            by_kind[str(k)] = by_kind.get(str(k), 0) + 1
+    try:
+        fj = det.findings_to_json(f)
+    except Exception as e:  # noqa: BLE001 - the rest of the analysis still stands
+        fj = [f"findings_to_json failed: {type(e).__name__}: {e}"]
+    if isinstance(fj, str):
+        try:
+            fj = json.loads(fj)
+        except ValueError:
+            pass
+    return {"available": True, "verdict": v, "by_kind": by_kind, "findings": fj, "_raw": f}
+
+
+def summarize(b: Bundle | Context, syncs: pd.DataFrame | None = None, acct: dict | None = None,
+              fnd: dict | None = None) -> dict[str, Any]:
+    """The summary dict (JSON-able)."""
+    c = b if isinstance(b, Context) else Context(b)
+    s = sync_table(c) if syncs is None else syncs
+    a = hints_mod.accounting(c, s) if acct is None else acct
+    f = findings(c.bundle) if fnd is None else fnd
+    return {
+        "bundle": str(c.bundle.path),
+        "migration": migration(c),
+        "syncs": int(len(s)),
+        "sync_source": str(s["source"].iloc[0]) if len(s) else "none",
+        "epochs": int((s["epoch"] > 0).sum()) if len(s) else 0,
+        "harvested_pages": int(s.loc[s["harvested"] > 0, "harvested"].sum()) if len(s) else 0,
+        "hints": {**a["totals"], "send_source": a["source"]},
+        "data": completeness(c),
+        "findings": {"detector": f["available"], "verdict": f["verdict"], "by_kind": f["by_kind"]},
+    }
+
+
+def analyze(b: Bundle) -> dict[str, Any]:
+    """Everything for one bundle: frames are DataFrames here; :func:`to_json` makes the document."""
+    c = Context(b)
+    s = sync_table(c)
+    a = hints_mod.accounting(c, s)
+    f = findings(b)
+    summ = summarize(c, s, a, f)
+    return {"summary": summ, "syncs": s, "accounting": a, "cross_checks": cross_checks(c, s), "findings": f}
+
+
+def compare(this: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """A/B against a baseline bundle (typically the same run with hinting off)."""
+    m, mb = this["summary"]["migration"], base["summary"]["migration"]
+    rows = {}
+    for k in ("transferred", "normal", "duplicate", "total_time_ms", "downtime_ms", "dirty_sync_count"):
+        x, y = m.get(k), mb.get(k)
+        rows[k] = {"this": x, "baseline": y, "diff": (x - y) if isinstance(x, int) and isinstance(y, int) else None}
+    skipped = this["summary"]["hints"]["skipped_pages"]
+    n_diff = rows["normal"]["diff"]
+    return {"metrics": rows, "skipped_pages_estimate": skipped,
+            "qmp_normal_pages_saved": -n_diff if n_diff is not None else None,
+            "note": "QMP normal-page difference includes run-to-run variation of the workload; the skipped estimate "
+                    "counts hinted pages never sent after their apply"}
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, pd.DataFrame):
+        return json.loads(o.to_json(orient="records"))
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items() if not str(k).startswith("_")}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.bool_):
+        return bool(o)
+    return o
+
+
+def to_json(result: dict[str, Any]) -> dict[str, Any]:
+    return _jsonable(result)

@@ -1,0 +1,317 @@
+"""Per-sync table: one row per migration bitmap sync.
+
+Sync boundaries, best source first (column ``source``):
+
+* ``notify``: the precopy notifier uprobe (BEFORE = reason 1, AFTER = reason 2); the fetch window is
+  the first ``sync_fetch_begin`` / ``sync_fetch_end`` after BEFORE;
+* ``fetch``: ``sync_fetch_begin`` / ``_end`` only;
+* ``qemu_trace``: QEMU's ``migration_bitmap_sync_start`` / ``_end`` (the window then also covers
+  the OR into the migration bitmap);
+* ``get_groups``: KVM_GET_DIRTY_LOG ioctls grouped by time gaps (> ``GET_GAP_NS`` starts a sync), or
+  RESET_DIRTY_RINGS ioctls in dirty-ring mode.
+
+Harvest: pages GET returned inside the window (``bitmap_words`` op=get popcount, else the
+ioctl's ``pages``), per slot and in total; in ring mode the ring pushes since the previous
+window.  Re-armed: pages CLEAR_DIRTY_LOG re-armed after this window and before the next one,
+split into those issued by hint-applying threads (``qemu_guest_free_page_hint`` runs on the
+balloon iothread) and the rest (the migration thread's lazy clear before sending).
+
+QEMU cross-check: ``qemu_dirty_pages`` is the ``migration_bitmap_sync_end`` argument.  In QEMU 7.2
+(migration/ram.c ``migration_bitmap_sync``) that is ``rs->num_dirty_pages_period``: the pages
+``ramblock_sync_dirty_bitmap`` newly set in the migration bitmap (bits already set are not
+counted), summed over syncs until the rate period (>= 1 s since the last reset) ends.
+``qemu_new_pages`` undoes the summing; ``est_new_pages`` is the comparable quantity computed
+from the capture: harvested pages whose migration-bitmap bit was clear (sent, or hinted, since
+their previous harvest; the bitmap starts all ones).  ``note`` explains known mismatches.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from hintscope.analysis import harvest
+from hintscope.analysis.context import Context
+from hintscope.bundle import Bundle
+
+GET_GAP_NS = 20_000_000
+# Clock mapping of the QEMU log (microsecond stamps, anchor interpolation) is good to well under this.
+TRACE_TOL_NS = 2_000_000
+PERIOD_NS = 1_000_000_000
+
+COLUMNS = [
+    "sync", "source", "before_ns", "after_ns", "fetch_start_ns", "fetch_end_ns", "epoch",
+    "get_calls", "harvested", "harvested_by_slot", "ring_pages", "rearmed", "rearmed_by_hint", "clear_calls",
+    "trace_start_ns", "trace_end_ns", "qemu_dirty_pages", "qemu_new_pages", "est_new_pages", "note",
+]
+
+
+def _first_in(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """For each [lo, hi): the first value of sorted ``x`` inside, or -1."""
+    i = np.searchsorted(x, lo, side="left")
+    v = np.r_[x, np.iinfo(np.int64).max][i]
+    return np.where(v < hi, v, -1).astype(np.int64)
+
+
+def _boundaries(c: Context) -> tuple[pd.DataFrame, str]:
+    qe, tr, io = c.qe, c.trace, c.ioctls
+    ev = qe["event"].to_numpy(dtype=object)
+    ts = qe["ts_ns"].to_numpy(np.int64)
+    a1 = qe["a1"].to_numpy().astype(np.int64)
+    before = np.sort(ts[(ev == "precopy_notify") & (a1 == 1)])
+    after = np.sort(ts[(ev == "precopy_notify") & (a1 == 2)])
+    fb = np.sort(ts[ev == "sync_fetch_begin"])
+    fe = np.sort(ts[ev == "sync_fetch_end"])
+    big = np.iinfo(np.int64).max
+    if len(before):
+        nxt = np.r_[before[1:], big]
+        fs = _first_in(fb, before, nxt)
+        fend = np.where(fs >= 0, _first_in(fe, np.maximum(fs, 0), nxt), -1)
+        return pd.DataFrame({"before_ns": before, "after_ns": _first_in(after, before, nxt),
+                             "fetch_start_ns": fs, "fetch_end_ns": fend}), "notify"
+    if len(fb):
+        nxt = np.r_[fb[1:], big]
+        return pd.DataFrame({"before_ns": -1, "after_ns": -1, "fetch_start_ns": fb,
+                             "fetch_end_ns": _first_in(fe, fb, nxt)}), "fetch"
+    t_ev = tr["event"].to_numpy(dtype=object)
+    t_ts = tr["ts_ns"].to_numpy(np.int64)
+    ts_start = np.sort(t_ts[t_ev == "migration_bitmap_sync_start"])
+    if len(ts_start) and (ts_start >= 0).all():
+        ts_end = np.sort(t_ts[t_ev == "migration_bitmap_sync_end"])
+        nxt = np.r_[ts_start[1:], big]
+        return pd.DataFrame({"before_ns": -1, "after_ns": -1, "fetch_start_ns": ts_start,
+                             "fetch_end_ns": _first_in(ts_end, ts_start, nxt)}), "qemu_trace"
+    get = io[io["name"] == "GET_DIRTY_LOG"]
+    if not len(get):
+        get = io[io["name"] == "RESET_DIRTY_RINGS"]
+    if len(get):
+        s = get["enter_ns"].to_numpy(np.int64)
+        e = get["ts_ns"].to_numpy(np.int64)
+        o = np.argsort(s, kind="stable")
+        s, e = s[o], e[o]
+        new = np.r_[True, np.diff(s) > GET_GAP_NS]
+        g = np.cumsum(new) - 1
+        start = s[new]
+        end = np.maximum.reduceat(e, np.flatnonzero(new))
+        del g
+        return pd.DataFrame({"before_ns": -1, "after_ns": -1, "fetch_start_ns": start, "fetch_end_ns": end}), \
+            "get_groups"
+    return pd.DataFrame({c: pd.Series(dtype="int64") for c in
+                         ["before_ns", "after_ns", "fetch_start_ns", "fetch_end_ns"]}), "none"
+
+
+def windows(s: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Each sync's fetch window [start, end], falling back to BEFORE/AFTER, then to the QEMU trace ± tolerance."""
+    st = np.where(s["fetch_start_ns"] >= 0, s["fetch_start_ns"],
+                  np.where(s["before_ns"] >= 0, s["before_ns"], s["trace_start_ns"] - TRACE_TOL_NS))
+    en = np.where(s["fetch_end_ns"] >= 0, s["fetch_end_ns"],
+                  np.where(s["after_ns"] >= 0, s["after_ns"],
+                           np.where(s["trace_end_ns"] >= 0, s["trace_end_ns"] + TRACE_TOL_NS, st)))
+    return st.astype(np.int64), en.astype(np.int64)
+
+
+def _assign(t: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Index of the window containing each time, or -1 (windows sorted, non-overlapping)."""
+    if not len(start):
+        return np.full(len(t), -1, np.int64)
+    d = np.searchsorted(start, t, side="right") - 1
+    ok = (d >= 0) & (t <= end[np.maximum(d, 0)])
+    return np.where(ok, d, -1)
+
+
+def _between(t: np.ndarray, start: np.ndarray, end: np.ndarray, t_end: int) -> np.ndarray:
+    """Index d with end[d] < t <= start[d+1] (after sync d, before the next one), or -1."""
+    if not len(start):
+        return np.full(len(t), -1, np.int64)
+    d = np.searchsorted(end, t, side="left") - 1
+    nxt = np.r_[start[1:], t_end + 1]
+    ok = (d >= 0) & (t < nxt[np.maximum(d, 0)])
+    return np.where(ok, d, -1)
+
+
+def _match_trace(s: pd.DataFrame, tr: pd.DataFrame, source: str) -> None:
+    ev = tr["event"].to_numpy(dtype=object)
+    starts = tr[ev == "migration_bitmap_sync_start"].sort_values("ts_ns")
+    ends = tr[ev == "migration_bitmap_sync_end"].sort_values("ts_ns")
+    n = len(s)
+    s["trace_start_ns"] = np.int64(-1)
+    s["trace_end_ns"] = np.int64(-1)
+    s["qemu_dirty_pages"] = np.int64(-1)
+    s["_trace_wall_end"] = np.int64(-1)
+    if not n or not len(starts):
+        return
+    t_st = starts["ts_ns"].to_numpy(np.int64)
+    nxt = np.r_[t_st[1:], np.iinfo(np.int64).max]
+    e_ts = ends["ts_ns"].to_numpy(np.int64)
+    j = np.searchsorted(e_ts, t_st, side="left")
+    has_end = (j < len(e_ts)) & (np.r_[e_ts, 0][np.minimum(j, len(e_ts))] < nxt)
+    jj = np.minimum(j, max(len(e_ts) - 1, 0))
+    t_en = np.where(has_end, e_ts[jj] if len(e_ts) else -1, -1)
+    dp = np.where(has_end, ends["dirty_pages"].to_numpy(np.int64)[jj] if len(e_ts) else -1, -1)
+    we = np.where(has_end, ends["wall_ns"].to_numpy(np.int64)[jj] if len(e_ts) else -1, -1)
+    if source == "qemu_trace" or len(t_st) == n:
+        k = np.arange(min(n, len(t_st)))  # same syncs, same order
+        sk = k
+    else:
+        # Different counts (capture started late or ended early): match on time.
+        ref = np.where(s["fetch_start_ns"] >= 0, s["fetch_start_ns"], s["before_ns"]).astype(np.int64)
+        left = pd.DataFrame({"t": ref, "i": np.arange(n)}).sort_values("t")
+        right = pd.DataFrame({"t": t_st, "k": np.arange(len(t_st))})
+        m = pd.merge_asof(left, right, on="t", direction="nearest", tolerance=50 * TRACE_TOL_NS).dropna()
+        sk, k = m["i"].to_numpy(np.int64), m["k"].to_numpy(np.int64)
+    s.loc[sk, "trace_start_ns"] = t_st[k]
+    s.loc[sk, "trace_end_ns"] = t_en[k]
+    s.loc[sk, "qemu_dirty_pages"] = dp[k]
+    s.loc[sk, "_trace_wall_end"] = we[k]
+
+
+def _qemu_new(s: pd.DataFrame, tr: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+    """Per-sync pages QEMU newly set, from its cumulative num_dirty_pages_period (see module docstring)."""
+    dp = s["qemu_dirty_pages"].to_numpy(np.int64)
+    we = s["_trace_wall_end"].to_numpy(np.int64)
+    ev = tr["event"].to_numpy(dtype=object)
+    st_wall = np.sort(tr.loc[ev == "migration_bitmap_sync_start", "wall_ns"].to_numpy(np.int64))
+    out = np.full(len(dp), -1, np.int64)
+    notes = [""] * len(dp)
+    period_start = int(st_wall[0]) if len(st_wall) else None
+    prev = 0
+    for d in range(len(dp)):  # one step per sync, not per event
+        if dp[d] < 0:
+            prev, period_start = 0, None
+            continue
+        out[d] = dp[d] - prev
+        if out[d] < 0:
+            out[d] = dp[d]
+            notes[d] = "QEMU's period counter went down without a modelled reset; taken as a reset"
+        prev = dp[d]
+        if period_start is None:
+            period_start = int(we[d])
+        elif we[d] > period_start + PERIOD_NS:
+            if abs(int(we[d]) - (period_start + PERIOD_NS)) < TRACE_TOL_NS:
+                notes[d] = "rate-period reset too close to call from log times"
+            prev, period_start = 0, int(we[d])
+    return out, notes
+
+
+def _est_new(c: Context, s: pd.DataFrame, sync_of_get: np.ndarray) -> np.ndarray:
+    """Harvested pages whose migration-bitmap bit was clear at the sync (vectorised state replay per gfn)."""
+    gp = c.get_pages
+    if not len(gp) or c.send_source == "none":
+        return np.full(len(s), -1, np.int64)
+    seq2sync = pd.Series(sync_of_get[1], index=sync_of_get[0])
+    d = seq2sync.reindex(gp["seq"].to_numpy()).fillna(-1).to_numpy(np.int64)
+    keep = (d >= 0) & (gp["gfn"].to_numpy() >= 0)
+    sets = pd.DataFrame({"gfn": gp["gfn"].to_numpy()[keep], "ts_ns": gp["ts_ns"].to_numpy()[keep],
+                         "kind": 1, "sync": d[keep]})
+    hp = c.hint_pages
+    clears = pd.concat([c.sends[["gfn", "ts_ns"]], hp.loc[hp["gfn"] >= 0, ["gfn", "ts_ns"]]], ignore_index=True)
+    clears = clears.assign(kind=0, sync=-1)
+    allev = pd.concat([sets, clears], ignore_index=True).sort_values(["gfn", "ts_ns", "kind"], kind="stable")
+    g = allev["gfn"].to_numpy()
+    k = allev["kind"].to_numpy()
+    prev_kind = np.r_[1, k[:-1]]
+    same = np.r_[False, g[1:] == g[:-1]]
+    state_before = np.where(same, prev_kind, 1)  # no earlier event: the initial all-ones bitmap
+    new = (k == 1) & (state_before == 0)
+    counts = np.bincount(allev["sync"].to_numpy()[new].astype(np.int64), minlength=len(s))[: len(s)]
+    return counts.astype(np.int64)
+
+
+def _get_pages_per_call(c: Context, get: pd.DataFrame) -> np.ndarray:
+    w = c.words
+    pages = get["pages"].to_numpy(np.int64)
+    if len(w):
+        wg = w[w["op"] == "get"]
+        per_seq = pd.Series(harvest.popcount(wg["mask"].to_numpy()), index=wg["seq"].to_numpy()).groupby(level=0).sum()
+        from_words = per_seq.reindex(get["seq"].to_numpy()).to_numpy()
+        pages = np.where(np.isnan(from_words), pages, np.nan_to_num(from_words)).astype(np.int64)
+    return pages
+
+
+def sync_table(b: Bundle | Context) -> pd.DataFrame:
+    """The per-sync table (``COLUMNS``); see the module docstring for each column's source."""
+    c = b if isinstance(b, Context) else Context(b)
+    s, source = _boundaries(c)
+    s = s.reset_index(drop=True)
+    n = len(s)
+    s.insert(0, "sync", np.arange(1, n + 1, dtype=np.int64))
+    s.insert(1, "source", source)
+    _match_trace(s, c.trace, source)
+    start, end = windows(s)
+
+    # Epochs: AFTER_k opens epoch k unless the VM is stopped (final sync of a completed migration).
+    final = (np.arange(n) == n - 1) & (c.outcome == "completed")
+    opens = (s["after_ns"].to_numpy() >= 0) & ~final
+    s["epoch"] = np.where(opens, s["sync"], -1).astype(np.int64)
+
+    io = c.ioctls
+    get = io[(io["name"] == "GET_DIRTY_LOG") & (io["ret"] >= 0)]
+    gd = _assign(get["ts_ns"].to_numpy(np.int64), start, end)
+    gpages = _get_pages_per_call(c, get)
+    ok = gd >= 0
+    s["get_calls"] = np.bincount(gd[ok], minlength=n)[:n].astype(np.int64)
+    harvested = np.bincount(gd[ok], weights=np.maximum(gpages[ok], 0), minlength=n)[:n]
+    s["harvested"] = np.where(s["get_calls"] > 0, harvested, -1).astype(np.int64)
+    by = pd.DataFrame({"sync": gd[ok], "slot": get["slot"].to_numpy()[ok], "pages": gpages[ok]})
+    by = by.groupby(["sync", "slot"])["pages"].sum()
+    txt = {d: ", ".join(f"{sl}:{p}" for (_, sl), p in grp.items()) for d, grp in by.groupby(level=0)}
+    s["harvested_by_slot"] = [txt.get(d, "") for d in range(n)]
+    unattributed = int((~ok).sum())
+    if unattributed and n:
+        c.problems.append(f"{unattributed} KVM_GET_DIRTY_LOG calls fall outside every sync window "
+                          "(another dirty-log user, e.g. VGA, or a sync the sync source missed)")
+
+    rp = c.ring_pages
+    if len(rp):
+        # A push belongs to the first sync whose window ends at or after it.
+        rd = np.searchsorted(end, rp["ts_ns"].to_numpy(np.int64), side="left")
+        s["ring_pages"] = np.bincount(rd[rd < n], minlength=n)[:n].astype(np.int64)
+    else:
+        s["ring_pages"] = np.int64(-1)
+
+    clr = io[(io["name"] == "CLEAR_DIRTY_LOG") & (io["ret"] >= 0)]
+    if len(clr):
+        cpages = clr["pages"].to_numpy(np.int64)
+        w = c.words
+        if len(w):
+            wc = w[w["op"] == "clear"]
+            per_seq = pd.Series(harvest.popcount(wc["mask"].to_numpy()), index=wc["seq"].to_numpy()).groupby(level=0).sum()
+            fw = per_seq.reindex(clr["seq"].to_numpy()).to_numpy()
+            cpages = np.where(np.isnan(fw), cpages, np.nan_to_num(fw)).astype(np.int64)
+        cpages = np.where(cpages >= 0, cpages, clr["num_pages"].to_numpy(np.int64))
+        cd = _between(clr["ts_ns"].to_numpy(np.int64), start, end, c.end_ns)
+        hint_tids = set(c.hint_applies["tid"].tolist())
+        by_hint = clr["tid"].isin(hint_tids).to_numpy()
+        okc = cd >= 0
+        s["clear_calls"] = np.bincount(cd[okc], minlength=n)[:n].astype(np.int64)
+        s["rearmed"] = np.bincount(cd[okc], weights=cpages[okc], minlength=n)[:n].astype(np.int64)
+        s["rearmed_by_hint"] = np.bincount(cd[okc & by_hint], weights=cpages[okc & by_hint], minlength=n)[:n].astype(np.int64)
+    else:
+        s["clear_calls"] = np.int64(0 if len(io) else -1)
+        s["rearmed"] = np.int64(-1)
+        s["rearmed_by_hint"] = np.int64(-1)
+
+    qn, notes = _qemu_new(s, c.trace)
+    s["qemu_new_pages"] = qn
+    s["est_new_pages"] = _est_new(c, s, (get["seq"].to_numpy(np.int64), gd))
+    s["note"] = [_explain(s, d, notes[d]) for d in range(n)]
+    return s[COLUMNS]
+
+
+def _explain(s: pd.DataFrame, d: int, base: str) -> str:
+    r = s.iloc[d]
+    out = [base] if base else []
+    if r["qemu_new_pages"] < 0 or r["harvested"] < 0:
+        return "; ".join(out)
+    if d == 0 and r["qemu_new_pages"] == 0 and r["harvested"] > 0:
+        out.append("first sync: the migration bitmap starts all ones, so QEMU counts 0 new pages while KVM "
+                   "(manual protect + INITIALLY_SET) reports every page dirty")
+    elif r["est_new_pages"] >= 0 and r["est_new_pages"] != r["qemu_new_pages"]:
+        diff = int(r["qemu_new_pages"] - r["est_new_pages"])
+        why = ("pages QEMU dirtied itself (device DMA, TCG, vhost) are in QEMU's count, not in KVM's harvest"
+               if diff > 0 else "pages sent as zero pages or not traced as sent still look pending")
+        out.append(f"QEMU new {int(r['qemu_new_pages'])} vs estimated {int(r['est_new_pages'])} ({diff:+d}): {why}")
+    elif r["est_new_pages"] < 0 and r["qemu_new_pages"] != r["harvested"]:
+        out.append(f"QEMU new {int(r['qemu_new_pages'])} vs harvested {int(r['harvested'])}: QEMU counts only "
+                   "pages not already dirty in the migration bitmap (no page sends captured to estimate that)")
+    return "; ".join(out)

@@ -1,0 +1,100 @@
+"""Builds the bare-metal lab guests from source with gcc/as/ld into a cache directory.
+
+The cache key is a hash of every source file, the flags and the compiler version, so an edited
+source (or another compiler) gives a fresh build and an unchanged one is reused. The cache lives
+in $HINTSCOPE_CACHE, else ~/.cache/hintscope.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from hintscope.errors import HintscopeError
+
+GUESTS_DIR = Path(__file__).parent / "guests"
+
+CFLAGS = ["-m32", "-march=i686", "-ffreestanding", "-nostdlib", "-fno-pic", "-fno-pie", "-fno-stack-protector",
+          "-fno-asynchronous-unwind-tables", "-fno-builtin", "-O2", "-Wall", "-Werror", "-std=gnu11"]
+LDFLAGS = ["-m", "elf_i386", "-nostdlib", "-static", "-z", "max-page-size=0x1000", "--build-id=none"]
+
+# guest name -> (sources in link order, linker script)
+GUESTS = {
+    "dirtier": (["boot.S", "dirtier.c"], "link.ld"),
+}
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("HINTSCOPE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "hintscope"
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if not path:
+        raise HintscopeError(f"cannot build the lab guest: {name} not found (apt-get install build-essential)")
+    return path
+
+
+def _cache_key(src_dir: Path, files: list[str]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.encode() + b"\0" + (src_dir / f).read_bytes() + b"\0")
+    h.update(" ".join(CFLAGS + LDFLAGS).encode())
+    h.update(subprocess.run([_tool("gcc"), "--version"], capture_output=True, text=True).stdout.encode())
+    return h.hexdigest()[:16]
+
+
+def _run(cmd: list[str], cwd: Path) -> None:
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if r.returncode:
+        msg = (r.stderr or r.stdout).strip().splitlines()
+        raise HintscopeError(f"guest build failed: {' '.join(cmd[:2])} ...: {msg[0] if msg else r.returncode}")
+
+
+def build_guest(name: str = "dirtier", force: bool = False) -> Path:
+    """Path to the built multiboot ELF of guest ``name``, building it if sources changed."""
+    if name not in GUESTS:
+        raise HintscopeError(f"unknown lab guest {name!r} (known: {', '.join(GUESTS)})")
+    sources, script = GUESTS[name]
+    src_dir = GUESTS_DIR / name
+    key = _cache_key(src_dir, sources + [script])
+    out = cache_dir() / "guests" / f"{name}-{key}.elf"
+    if out.is_file() and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    gcc, ld = _tool("gcc"), _tool("ld")
+    _tool("as")
+    with tempfile.TemporaryDirectory(prefix=f"hs-build-{name}-") as tmp:
+        t = Path(tmp)
+        objs = []
+        for s in sources:
+            o = t / (Path(s).stem + ".o")
+            _run([gcc, *CFLAGS, "-c", str(src_dir / s), "-o", str(o)], t)
+            objs.append(str(o))
+        elf = t / f"{name}.elf"
+        _run([ld, *LDFLAGS, "-T", str(src_dir / script), "-o", str(elf), *objs], t)
+        _check_multiboot(elf)
+        tmp_out = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        shutil.copyfile(elf, tmp_out)
+        os.replace(tmp_out, out)
+    return out
+
+
+def _check_multiboot(elf: Path) -> None:
+    """The multiboot v1 header must be 4-aligned within the first 8 KiB of the file."""
+    head = elf.read_bytes()[:8192]
+    magic = (0x1BADB002).to_bytes(4, "little")
+    off = head.find(magic)
+    while off >= 0 and off % 4:
+        off = head.find(magic, off + 1)
+    if off < 0:
+        raise HintscopeError(f"{elf}: no multiboot header in the first 8 KiB; check link.ld")
+
+
+if __name__ == "__main__":
+    print(build_guest())

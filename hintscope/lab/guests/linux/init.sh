@@ -1,0 +1,37 @@
+#!/bin/sh
+# hintscope Linux guest, stage 2 (runs from the read-only payload disk mounted at /mnt).
+# Opens the virtio-serial port named "hintscope" ONCE as fd 3 (a port takes one opener) and
+# hands it to the probe and the workload, which both write whole lines to it.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+HS_FILL_MB=400 HS_PRESSURE_MB=0 HS_WRITER_MB=16 HS_PROBE=1 HS_TMPFS_MB=900
+[ -f /mnt/config ] && . /mnt/config
+mount -t tmpfs -o size=${HS_TMPFS_MB}m tmp /tmp
+mount -t debugfs none /sys/kernel/debug 2>/dev/null
+mount -t tracefs none /sys/kernel/tracing 2>/dev/null
+modprobe virtio_console
+modprobe virtio_balloon
+echo "HS-INIT: modules loaded, uptime $(cut -d' ' -f1 /proc/uptime)"
+PORT=
+i=0
+while [ -z "$PORT" ] && [ $i -lt 50 ]; do
+    for d in /sys/class/virtio-ports/*; do
+        [ -f "$d/name" ] && [ "$(cat "$d/name")" = hintscope ] && [ -e "/dev/${d##*/}" ] && PORT=/dev/${d##*/}
+    done
+    [ -z "$PORT" ] && sleep 0.2
+    i=$((i + 1))
+done
+if [ -z "$PORT" ]; then
+    echo "HS-INIT: no virtio port named hintscope"; exec 3>/dev/console
+else
+    exec 3>"$PORT"
+fi
+if [ "$HS_PROBE" = 1 ]; then
+    python3 /mnt/guest.py --out fd:3 --attached-file /run/hs/attached &
+    i=0
+    while [ ! -f /run/hs/attached ] && [ $i -lt 600 ]; do sleep 0.2; i=$((i + 1)); done
+    [ -f /run/hs/attached ] && echo "HS-INIT: probe ATTACHED, uptime $(cut -d' ' -f1 /proc/uptime)" \
+        || echo "HS-INIT: probe did not attach"
+fi
+python3 /mnt/workload.py --out fd:3 --fill-mb "$HS_FILL_MB" --pressure-mb "$HS_PRESSURE_MB" \
+    --writer-mb "$HS_WRITER_MB" &
+while true; do sleep 3600; done

@@ -1,0 +1,411 @@
+"""``hintscope lab migrate --guest linux``: a Debian guest under TCG, probed from inside.
+
+Steps:
+ 1. the cached read-only root image (``hintscope lab image``) plus a per-run payload disk holding
+    the guest probe (probes/guest.py + guest.bpf.c), the workload and their config; both disks
+    are opened ``readonly=on`` by source and destination;
+ 2. source QEMU (TCG) boots the guest; the guest opens the virtio-serial port ``hintscope``
+    (backed by a host file on each side), starts the BCC probe, waits for ATTACHED, then the
+    workload fills/frees memory and keeps stamping its writer pages (READY);
+ 3. host probe on the source (when available) + QEMU trace log, QMP ``query-migrate`` polling;
+ 4. after ``completed``: pmemsave of the paused source and paused destination, compared page by
+    page (lab/memdiff.py), each differing page classified against the guest stream;
+ 5. ``cont`` on the destination and a health window: heartbeats, no BUG/Oops on the console,
+    DONE processed, the writer's own lost-write check (LOSTW);
+ 6. source and destination stream files are parsed and joined into the guest tables.
+
+Reuses the lab launcher (lab/qemu.py) and helpers of lab/migrate.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from hintscope.bundle import BundleWriter
+from hintscope.errors import HintscopeError
+from hintscope.lab import image as lab_image
+from hintscope.lab.migrate import (HostProbe, drive_migration, memory_check, probe_unavailable_reason, qmp_row,
+                                   wait_status)  # noqa: F401
+from hintscope.lab.qemu import (TRACE_EVENTS, Qemu, QemuConfig, available_trace_events, find_qemu,
+                                qemu_version)
+from hintscope.parse import guest_stream
+
+PRODUCER = "lab linux"
+GUEST_DIR = Path(__file__).parent / "guests" / "linux"
+PROBE_DIR = Path(__file__).resolve().parents[1] / "probes"
+EXTRA_TRACE = ["virtio_balloon_get_config", "migration_completion_vm_stop"]
+OOPS_RE = re.compile(r"(BUG:|Oops|kernel BUG|general protection fault|Kernel panic|list_add corruption|"
+                     r"list_del corruption|Call Trace:|RCU stall|watchdog: BUG)[^\n]{0,160}")
+PORT_READY_RE = re.compile(rb"\nW \d+ \d+ READY")
+
+
+@dataclass
+class LinuxOptions:
+    bundle: Path
+    hint: bool = True
+    smp: int = 2
+    mem_mb: int = 1024
+    qemu: str | None = None
+    probe: str = "auto"            # host probe: auto | on | off
+    guest_probe: bool = True
+    fill_mb: int = 400
+    pressure_mb: int = 0
+    writer_mb: int = 16
+    bandwidth_mb: int = 128        # QEMU 7.2's default max-bandwidth, as in the guest-lab runs
+    downtime_ms: int = 300
+    timeout_s: float = 120.0
+    poll_ms: int = 100
+    pre_ms: int = 2000
+    health_s: float = 15.0
+    boot_timeout_s: float = 300.0
+    memcheck: bool = True
+    keep_workdir: bool = False
+    extra_qemu: list[str] = field(default_factory=list)
+
+
+def build_payload(work: Path, o: LinuxOptions) -> Path:
+    """The small per-run disk with init.sh, the workload and the guest probe (ext4, no root needed)."""
+    d = work / "payload"
+    d.mkdir(parents=True, exist_ok=True)
+    for src in (GUEST_DIR / "init.sh", GUEST_DIR / "workload.py", PROBE_DIR / "guest.py", PROBE_DIR / "guest.bpf.c"):
+        shutil.copy2(src, d / src.name)
+    (d / "init.sh").chmod(0o755)
+    (d / "config").write_text(
+        f"HS_FILL_MB={int(o.fill_mb)}\nHS_PRESSURE_MB={int(o.pressure_mb)}\nHS_WRITER_MB={int(o.writer_mb)}\n"
+        f"HS_PROBE={1 if o.guest_probe else 0}\nHS_TMPFS_MB={max(64, int(o.fill_mb) + 64)}\n")
+    img = work / "payload.ext4"
+    subprocess.run(["truncate", "-s", "8M", str(img)], check=True)
+    r = subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-L", "hspayload", "-d", str(d), str(img)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise HintscopeError(f"payload disk: mkfs.ext4 failed: {r.stderr.strip()[:200]}")
+    return img
+
+
+def _devices(root_img: str, payload: Path, port_file: Path, hint: bool) -> list[str]:
+    a = ["-no-reboot",
+         "-drive", f"file={root_img},if=none,id=hsroot,format=raw,readonly=on",
+         "-device", "virtio-blk-pci,drive=hsroot",
+         "-drive", f"file={payload},if=none,id=hspay,format=raw,readonly=on",
+         "-device", "virtio-blk-pci,drive=hspay",
+         "-device", "virtio-serial-pci,id=vser0",
+         "-chardev", f"file,id=hsport,path={port_file}",
+         "-device", "virtserialport,bus=vser0.0,chardev=hsport,name=hintscope"]
+    if not hint:
+        # same guest (balloon driver loaded, device present) with hinting off
+        a += ["-device", "virtio-balloon-pci,id=balloon0,free-page-hint=off"]
+    return a
+
+
+def _read(path: Path, limit: int = 64 << 20) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit)
+    except FileNotFoundError:
+        return b""
+
+
+async def _wait_ready(src: Qemu, port: Path, timeout: float) -> float:
+    t0 = time.monotonic()
+    while True:
+        data = _read(port)
+        if PORT_READY_RE.search(b"\n" + data):
+            return time.monotonic() - t0
+        serial = _read(src.cfg.serial_path).decode("ascii", "replace")
+        if m := OOPS_RE.search(serial):
+            raise HintscopeError(f"guest crashed while booting: {m.group(0)[:160]} ({src.cfg.serial_path})")
+        if "HS-INIT: probe did not attach" in serial:
+            raise HintscopeError(f"guest probe did not attach; see {src.cfg.serial_path}")
+        if src.proc is not None and src.proc.poll() is not None:
+            raise HintscopeError(f"source QEMU exited during boot: {src.stderr_tail()}")
+        if time.monotonic() - t0 > timeout:
+            raise HintscopeError(f"guest not READY within {timeout:.0f} s (console: {src.cfg.serial_path})")
+        await asyncio.sleep(0.25)
+
+
+async def _watch_destination(dst: Qemu, seconds: float) -> str:
+    """Let the resumed destination run; a guest panic ends QEMU (-no-reboot, panic=-1): 'exited'."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if dst.proc is not None and dst.proc.poll() is not None:
+            return "exited"
+        await asyncio.sleep(0.25)
+    try:
+        return await dst.status()
+    except HintscopeError:
+        return "exited"
+
+
+def classify_diffs(diff: pd.DataFrame, gs: guest_stream.GuestStream) -> tuple[pd.DataFrame, int]:
+    """Classify differing pages against the guest's hints/returns/reuse; returns (frame, switch guest_ns)."""
+    t = gs.tables
+    ev, hints, rets, reuse = t["guest_events"], t["guest_hints"], t["guest_returns"], t["guest_reuse"]
+    done = ev[(ev["event"] == "cmd_id") & (ev["a0"] == guest_stream.CMD_ID_DONE)]
+    if len(done):
+        switch = int(done["guest_ns"].iloc[0])
+    else:
+        src_ns = pd.concat([ev.loc[ev["side"] == "src", "guest_ns"],
+                            t["guest_reports"].loc[t["guest_reports"]["side"] == "src", "guest_ns"]])
+        switch = int(src_ns.max()) if len(src_ns) else np.iinfo(np.int64).max
+    writer = set(t["guest_writer_pages"]["pfn"].astype(np.uint64).tolist())
+    rows = []
+    for r in diff.itertuples(index=False):  # differing pages are few (memdiff), not a hot path
+        gfn = int(r.gfn)
+        blk = (gfn >> guest_stream.HINT_ORDER) << guest_stream.HINT_ORDER
+        hb = hints[(hints["pfn"] == blk) & (hints["guest_ns"] < switch)]
+        h = int(hb["guest_ns"].max()) if len(hb) else -1
+        ret = -1
+        reused = False
+        if h >= 0:
+            rb = rets[(rets["pfn"] == blk) & (rets["guest_ns"] > h) & (rets["guest_ns"] < switch)
+                      & (rets["reason"] != "done")]
+            ret = int(rb["guest_ns"].min()) if len(rb) else -1
+            if ret >= 0:
+                reused = bool(((reuse["block_pfn"] == blk) & (reuse["guest_ns"] > ret)).any())
+        cls = "lost-write" if h < 0 else ("hinted-returned" if ret >= 0 else "hinted-held")
+        rows.append((gfn, blk, cls, h, ret, reused, gfn in writer, bool(r.src_zero), bool(r.dst_zero)))
+    cols = ["gfn", "block_pfn", "cls", "hinted_ns", "returned_ns", "reused", "writer_page", "src_zero", "dst_zero"]
+    out = pd.DataFrame(rows, columns=cols).astype({"gfn": np.uint64, "block_pfn": np.uint64, "hinted_ns": np.int64,
+                                                     "returned_ns": np.int64, "reused": bool, "writer_page": bool,
+                                                     "src_zero": bool, "dst_zero": bool})
+    return out, switch
+
+
+async def run_linux(o: LinuxOptions) -> dict[str, Any]:
+    if not 768 <= o.mem_mb <= 3072:
+        raise HintscopeError(f"--mem {o.mem_mb}: the Linux guest needs 768..3072 MiB (BCC/LLVM alone is ~180 MB)")
+    if not 1 <= o.smp <= 8:
+        raise HintscopeError(f"--smp {o.smp}: expected 1..8")
+    if o.fill_mb < 0 or o.pressure_mb < 0 or o.writer_mb < 0 or o.fill_mb + o.writer_mb > o.mem_mb - 300:
+        raise HintscopeError("--fill/--writer must be >= 0 and leave 300 MiB of guest RAM")
+    qemu = find_qemu(o.qemu)
+    bundle = Path(o.bundle)
+    if (bundle / "meta.json").exists():
+        raise HintscopeError(f"{bundle}: a bundle already exists there (choose another -o)")
+    probe_reason = probe_unavailable_reason() if o.probe != "off" else "--probe off"
+    if o.probe == "on" and probe_reason:
+        raise HintscopeError(f"--probe on: {probe_reason}")
+    use_probe = probe_reason is None
+    t0 = time.monotonic()
+    img = await asyncio.to_thread(lab_image.build, False, lambda *_: None)
+    t_image = time.monotonic() - t0
+    version = qemu_version(qemu)
+    known = available_trace_events(qemu)
+    events = [e for e in TRACE_EVENTS + EXTRA_TRACE if e in known]
+
+    bundle.mkdir(parents=True, exist_ok=True)
+    files = bundle / "files"
+    files.mkdir(exist_ok=True)
+    trace_log = files / "qemu-trace.log"
+    work = Path(tempfile.mkdtemp(prefix="hs-guest-", dir="/tmp"))
+    payload = build_payload(work, o)
+    events_file = work / "trace-events"
+    events_file.write_text("\n".join(events) + "\n")
+    ports = {"src": work / "src-port.log", "dst": work / "dst-port.log"}
+    append = (f"console=ttyS0 root=/dev/vda ro rootfstype=ext4 init=/sbin/hintscope-init panic=-1 "
+              f"loglevel=4 fsck.mode=skip")
+    mig_sock = work / "mig.sock"
+    common = dict(workdir=work, qemu=qemu, accel="tcg", mem_mb=o.mem_mb, smp=o.smp, kernel=img["kernel"],
+                  initrd=img["initrd"], append=append, hint=o.hint)
+    src = Qemu(QemuConfig(name="src", trace_events_file=events_file, trace_file=trace_log,
+                          extra=_devices(img["path"], payload, ports["src"], o.hint) + o.extra_qemu, **common))
+    dst = Qemu(QemuConfig(name="dst", incoming=f"unix:{mig_sock}",
+                          extra=_devices(img["path"], payload, ports["dst"], o.hint) + o.extra_qemu, **common))
+    probe: HostProbe | None = None
+    writer: BundleWriter | None = None
+    summary: dict[str, Any] = {"bundle": str(bundle), "guest": "linux"}
+    timings: dict[str, float] = {"image": round(t_image, 2)}
+    end_reason = "error: interrupted"
+    diff = None
+    try:
+        t1 = time.monotonic()
+        await src.start()
+        await dst.start()
+        timings["boot_to_ready"] = round(await _wait_ready(src, ports["src"], o.boot_timeout_s), 2)
+        if use_probe:
+            probe = HostProbe(src.pid, bundle, trace_log, work / "probe.log")
+            t2 = time.monotonic()
+            await probe.start()
+            timings["host_probe_attach"] = round(time.monotonic() - t2, 2)
+        writer = BundleWriter(bundle, PRODUCER, append=use_probe)
+        if not use_probe:
+            writer.meta["vmm"] = {"pid": src.pid, "binary": qemu, "version": version}
+        writer.set_source("lab_qmp", "captured", interval_ms=o.poll_ms)
+        writer.meta["qemu_trace"] = {"file": "files/qemu-trace.log", "events": events, "pid": src.pid,
+                                     "clock": "CLOCK_REALTIME (-msg timestamp=on)", "vmm": "source"}
+        writer.meta["lab"] = summary
+        summary.update({
+            "hint": o.hint, "smp": o.smp, "mem_mb": o.mem_mb, "accel": "tcg", "qemu": qemu, "qemu_version": version,
+            "image": {k: img.get(k) for k in ("path", "hash", "image_bytes", "content_bytes", "build_s", "kver")},
+            "workload": {"fill_mb": o.fill_mb, "pressure_mb": o.pressure_mb, "writer_mb": o.writer_mb,
+                         "guest_probe": o.guest_probe},
+            "src_pid": src.pid, "dst_pid": dst.pid, "src_argv": src.cfg.argv(), "dst_argv": dst.cfg.argv(),
+            "probe": {"used": use_probe, "reason": probe_reason, "argv": probe.argv if probe else None},
+            "migration": {"uri": f"unix:{mig_sock}", "max_bandwidth": o.bandwidth_mb << 20,
+                          "downtime_limit_ms": o.downtime_ms},
+            "timings_s": timings,
+        })
+        writer.flush()
+        await asyncio.sleep(o.pre_ms / 1000)
+        t3 = time.monotonic()
+        rows = await drive_migration(src, f"unix:{mig_sock}", o)
+        timings["migrate_wall"] = round(time.monotonic() - t3, 2)
+        writer.append("qmp", pd.DataFrame(rows))
+        final = json.loads(rows[-1]["raw"])
+        summary["migration"].update({
+            "status": final.get("status"), "total_time_ms": final.get("total-time"),
+            "downtime_ms": final.get("downtime"), "setup_time_ms": final.get("setup-time"),
+            "ram": final.get("ram"), "polls": len(rows)})
+        writer.flush()
+        if final.get("status") != "completed":
+            raise HintscopeError(f"migration ended {final.get('status')}: {final.get('error-desc', 'no reason')}")
+        summary["states_after"] = {"src": await wait_status(src, {"postmigrate"}, 20),
+                                   "dst": await wait_status(dst, {"paused"}, 60)}
+        if o.memcheck:
+            t4 = time.monotonic()
+            diff = await memory_check(src, dst, o.mem_mb, work / "scratch")
+            mc = diff.summary()
+            mc["seconds"] = round(time.monotonic() - t4, 2)
+            mc["method"] = "pmemsave of paused source (postmigrate) and paused destination, from GPA 0"
+            writer.meta["memcheck"] = mc
+            timings["memcheck"] = mc["seconds"]
+        t_cont = time.monotonic()
+        await dst.cmd("cont")
+        summary["dst_status_after_health"] = await _watch_destination(dst, o.health_s)
+        timings["health_window"] = round(time.monotonic() - t_cont, 2)
+        end_reason = "target-exit"
+    except asyncio.CancelledError:
+        end_reason = "sigint"
+        raise
+    except HintscopeError as e:
+        end_reason = f"error: {e}"
+        raise
+    finally:
+        for name, path in (("src-serial.log", src.cfg.serial_path), ("dst-serial.log", dst.cfg.serial_path),
+                           ("src-guest-stream.log", ports["src"]), ("dst-guest-stream.log", ports["dst"])):
+            with contextlib.suppress(Exception):
+                shutil.copyfile(path, files / name)
+        if probe is not None:
+            summary["probe"]["exit"] = await probe.stop()
+            with contextlib.suppress(Exception):
+                shutil.copyfile(work / "probe.log", files / "probe.log")
+        for vm in (src, dst):
+            summary.setdefault("qemu_exit", {})[vm.cfg.name] = await vm.stop()
+        if writer is not None:
+            try:
+                _finish_guest(writer, summary, files, diff, o)
+            finally:
+                timings["total"] = round(time.monotonic() - t0, 2)
+                writer.close(end_reason=end_reason)
+        if o.keep_workdir:
+            summary["workdir"] = str(work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+def _finish_guest(writer: BundleWriter, summary: dict, files: Path, diff, o: LinuxOptions) -> None:
+    """Parse both guest stream files into the bundle, classify the memory diff, judge health."""
+    streams = [(files / "src-guest-stream.log", "src"), (files / "dst-guest-stream.log", "dst")]
+    try:
+        gs = guest_stream.parse_streams(streams)
+    except HintscopeError as e:
+        writer.set_source("guest_probe", "unavailable", reason=str(e))
+        summary["guest"] = {"error": str(e)}
+        return
+    guest_stream.write_to_bundle(writer, gs)
+    t = gs.tables
+    ev, rep = t["guest_events"], t["guest_reports"]
+    g: dict[str, Any] = {"problems": gs.problems[:20], "counts": gs.counts,
+                         "probe_points": gs.header.get("probes", {}), "load_ms": gs.header.get("load_ms")}
+    switch = None
+    if diff is not None:
+        cls, switch = classify_diffs(diff.differing, gs)
+        writer.append("guest_page_diffs", cls)
+        lost = diff.differing.copy()
+        lost["classification"] = cls["cls"].to_numpy(object) if len(cls) else lost["classification"]
+        writer.append("lost_pages", lost)
+        by = cls["cls"].value_counts().to_dict() if len(cls) else {}
+        g["page_diffs"] = {"total": int(len(cls)), **{k: int(v) for k, v in by.items()},
+                           "writer_pages": int(cls["writer_page"].sum()) if len(cls) else 0}
+    hints = t["guest_hints"]
+    before = hints[hints["guest_ns"] < switch] if switch is not None else hints
+    rets = t["guest_returns"]
+    g.update({
+        "hinted_blocks": int(len(hints)), "hinted_blocks_before_switch": int(len(before)),
+        "hint_runs": int(hints["run"].nunique()) if len(hints) else 0,
+        "returned_blocks": rets["reason"].value_counts().to_dict() if len(rets) else {},
+        "reuse_events": int(len(t["guest_reuse"])),
+        "cmd_ids": [int(x) for x in ev.loc[ev["event"] == "cmd_id", "a0"].tolist()[:50]],
+        "done_processed": bool(((ev["event"] == "return_exit") & (ev["a1"] == 1)).any()),
+        "switch_guest_ns": switch,
+    })
+    # health: destination console and heartbeats after the switch
+    dst_serial = _read(files / "dst-serial.log").decode("ascii", "replace")
+    oops = [m.group(0) for m in OOPS_RE.finditer(dst_serial)][:5]
+    beats = rep[(rep["word"] == "BEAT") & (rep["side"] == "dst")]
+    lostw = rep[rep["word"] == "LOSTW"]
+    health = {"status": summary.get("dst_status_after_health"), "oops": oops, "dst_heartbeats": int(len(beats)),
+              "lostw": int(len(lostw)), "done_processed": g["done_processed"],
+              "memfree_kb_last": int(beats["v0"].iloc[-1]) if len(beats) else None}
+    health["ok"] = (health["status"] == "running" and not oops and len(beats) >= 2 and not len(lostw)
+                    and (g["done_processed"] or not o.hint))
+    summary["guest_result"] = g
+    summary["dst_health"] = health
+    writer.meta["lab"] = summary
+
+
+def add_arguments(p) -> None:
+    """Options only the Linux guest uses (added to `hintscope lab migrate`)."""
+    g = p.add_argument_group("--guest linux")
+    g.add_argument("--smp", type=int, default=2, help="vCPUs (linux guest; default 2)")
+    g.add_argument("--fill", type=int, default=400, metavar="MB", help="MiB of random data filled and freed (400)")
+    g.add_argument("--pressure", type=int, default=0, metavar="MB",
+                   help="allocate this many MiB every 2 s so the balloon shrinker returns hinted blocks (0)")
+    g.add_argument("--writer", type=int, default=16, metavar="MB", help="stamped writer buffer in MiB (16)")
+    g.add_argument("--no-guest-probe", action="store_true", help="do not run the BCC probe inside the guest")
+    g.add_argument("--health", type=float, default=15.0, metavar="S", help="seconds to watch the destination (15)")
+
+
+def run(args) -> int:
+    mem = args.mem if args.mem != 256 else 1024  # 256 is the bare-metal guest's default
+    bw = args.bandwidth if args.bandwidth != 1000 else 128
+    o = LinuxOptions(bundle=Path(args.output), hint=args.hint == "on", smp=args.smp, mem_mb=mem, qemu=args.qemu,
+                     probe=args.probe, guest_probe=not args.no_guest_probe, fill_mb=args.fill,
+                     pressure_mb=args.pressure, writer_mb=args.writer, bandwidth_mb=bw,
+                     timeout_s=max(args.timeout, 120.0), memcheck=not args.no_memcheck,
+                     keep_workdir=args.keep_workdir, health_s=args.health)
+    s = asyncio.run(run_linux(o))
+    print_summary(s)
+    h = s.get("dst_health", {})
+    pd_ = s.get("guest_result", {}).get("page_diffs", {})
+    return 0 if h.get("ok") and not pd_.get("lost-write") and not pd_.get("hinted-returned") else 1
+
+
+def print_summary(s: dict) -> None:
+    m = s.get("migration", {})
+    ram = m.get("ram") or {}
+    g = s.get("guest_result", {})
+    h = s.get("dst_health", {})
+    print(f"migration {m.get('status')}: {m.get('total_time_ms')} ms, downtime {m.get('downtime_ms')} ms, "
+          f"transferred {ram.get('transferred')} B, normal {ram.get('normal')} pages, "
+          f"{ram.get('dirty-sync-count')} syncs")
+    print(f"guest: {g.get('hinted_blocks')} hinted blocks ({g.get('hinted_blocks_before_switch')} before switch), "
+          f"returned {g.get('returned_blocks')}, reuse events {g.get('reuse_events')}, "
+          f"DONE processed {g.get('done_processed')}")
+    print(f"memory check: {g.get('page_diffs')}")
+    print(f"destination: {'healthy' if h.get('ok') else 'NOT healthy'} {json.dumps(h)}")
+    print(f"bundle: {s.get('bundle')}")

@@ -1,0 +1,1 @@
+"""The report notebook (papermill-parameterised: bundle, baseline); see hintscope.report.render."""

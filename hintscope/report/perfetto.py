@@ -1,0 +1,271 @@
+"""``hintscope export perfetto``: a bundle as a Perfetto TrackEvent trace (open in ui.perfetto.dev).
+
+Each timeline lane (``report.timeline``) becomes a track under a "host" or "guest" parent;
+KVM ioctls get one track per VMM thread; slices that overlap within a lane are spread over
+numbered sub-tracks so that every track nests properly.  Findings are instants on their own
+track with a flow arrow from the hint apply they are about.  Timestamps are the bundle's
+host CLOCK_MONOTONIC ns, written as the trace's default clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from hintscope.bundle import read_bundle
+from hintscope.errors import HintscopeError
+from hintscope.report import timeline as tl
+
+SEQ_ID = 0x6873  # one writer sequence for the whole trace ("hs")
+_GROUP_NAMES = {"host": "host (QEMU + KVM)", "guest": "guest (virtio-balloon driver)", "finding": "hintscope findings"}
+
+
+@dataclass
+class ExportStats:
+    """What was written, for the CLI summary and for round-trip tests."""
+    slices: Counter = field(default_factory=Counter)       # slice name -> count
+    instants: Counter = field(default_factory=Counter)     # instant name -> count
+    tracks: list[str] = field(default_factory=list)        # track names in creation order
+    counters: dict[str, int] = field(default_factory=dict) # counter track -> samples
+    flows: int = 0
+    bytes: int = 0
+
+
+def _annotate(ev, args: dict[str, Any]) -> None:
+    for k, v in args.items():
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            continue
+        a = ev.debug_annotations.add()
+        a.name = str(k)
+        if isinstance(v, (bool, np.bool_)):
+            a.bool_value = bool(v)
+        elif isinstance(v, (int, np.integer)):
+            v = int(v)
+            if -(1 << 63) <= v < (1 << 63):
+                a.int_value = v
+            else:
+                a.uint_value = v
+        elif isinstance(v, (float, np.floating)):
+            a.double_value = float(v)
+        else:
+            a.string_value = str(v)[:4096]
+
+
+def _pack(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Sub-track index for each slice so that no two slices on a sub-track overlap."""
+    order = np.argsort(starts, kind="stable")
+    free_at: list[int] = []
+    out = np.zeros(len(starts), dtype=np.int64)
+    for i in order:
+        for j, t in enumerate(free_at):
+            if t <= starts[i]:
+                out[i] = j
+                free_at[j] = ends[i]
+                break
+        else:
+            out[i] = len(free_at)
+            free_at.append(ends[i])
+    return out
+
+
+class _Writer:
+    def __init__(self):
+        from perfetto.trace_builder.proto_builder import TraceProtoBuilder
+        from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import TrackEvent
+
+        self.TE = TrackEvent
+        self.builder = TraceProtoBuilder()
+        self._uuid = itertools.count(0x1000)
+        self._events: list[tuple[int, int, Any]] = []   # (ts, seq, fill function)
+        self._seq = itertools.count()
+        self.stats = ExportStats()
+        self._flow = itertools.count(1)
+
+    def track(self, name: str, parent: int | None = None, counter: bool = False, rank: int | None = None) -> int:
+        uuid = next(self._uuid)
+        p = self.builder.add_packet()
+        p.trusted_packet_sequence_id = SEQ_ID
+        d = p.track_descriptor
+        d.uuid = uuid
+        d.name = name
+        if parent is not None:
+            d.parent_uuid = parent
+        if counter:
+            d.counter.SetInParent()
+        if rank is not None:
+            d.sibling_order_rank = rank
+        self.stats.tracks.append(name)
+        return uuid
+
+    def _add(self, ts: int, fill) -> None:
+        self._events.append((int(ts), next(self._seq), fill))
+
+    def slice(self, track: int, name: str, start: int, end: int, args: dict, flow_out: list[int] | None = None,
+              flow_in: list[int] | None = None) -> None:
+        def begin(ev):
+            ev.type = self.TE.TYPE_SLICE_BEGIN
+            ev.track_uuid = track
+            ev.name = name
+            _annotate(ev, args)
+            if flow_out:
+                ev.flow_ids.extend(flow_out)
+            if flow_in:
+                ev.terminating_flow_ids.extend(flow_in)
+
+        def end_(ev):
+            ev.type = self.TE.TYPE_SLICE_END
+            ev.track_uuid = track
+        self._add(start, begin)
+        self._add(end, end_)
+        self.stats.slices[name] += 1
+
+    def instant(self, track: int, name: str, ts: int, args: dict, flow_in: list[int] | None = None) -> None:
+        def fill(ev):
+            ev.type = self.TE.TYPE_INSTANT
+            ev.track_uuid = track
+            ev.name = name
+            _annotate(ev, args)
+            if flow_in:
+                ev.terminating_flow_ids.extend(flow_in)
+        self._add(ts, fill)
+        self.stats.instants[name] += 1
+
+    def counter(self, track: int, ts: int, value: float) -> None:
+        def fill(ev):
+            ev.type = self.TE.TYPE_COUNTER
+            ev.track_uuid = track
+            ev.double_counter_value = float(value)
+        self._add(ts, fill)
+
+    def new_flow(self) -> int:
+        self.stats.flows += 1
+        return next(self._flow)
+
+    def serialize(self) -> bytes:
+        # Stable sort on time keeps each track's begin/end order (packed tracks never overlap).
+        for ts, _, fill in sorted(self._events, key=lambda e: (e[0], e[1])):
+            p = self.builder.add_packet()
+            p.timestamp = ts
+            p.trusted_packet_sequence_id = SEQ_ID
+            fill(p.track_event)
+        data = self.builder.serialize()
+        self.stats.bytes = len(data)
+        return data
+
+
+def _flows_for_findings(tw: _Writer, t: tl.Timeline) -> tuple[dict[int, list[int]], list[list[int]]]:
+    """Flow ids linking each finding to the latest hint apply that started at or before it."""
+    applies = t.lane("applies")
+    findings = t.lane("findings")
+    out: dict[int, list[int]] = {}
+    into: list[list[int]] = []
+    if applies.empty or findings.empty:
+        return out, [[] for _ in range(len(findings))]
+    starts = applies["start_ns"].to_numpy()
+    idx = np.searchsorted(starts, findings["start_ns"].to_numpy(), side="right") - 1
+    for i in idx:
+        if i < 0:
+            into.append([])
+            continue
+        f = tw.new_flow()
+        out.setdefault(int(applies.index[i]), []).append(f)
+        into.append([f])
+    return out, into
+
+
+def export(bundle_path: str | Path, out: str | Path, findings: pd.DataFrame | None = None) -> ExportStats:
+    b = read_bundle(bundle_path)
+    if findings is None:
+        from hintscope.report.model import load_findings
+        findings = load_findings(b)
+    t = tl.build(b, findings)
+    return write_timeline(t, out)
+
+
+def write_timeline(t: tl.Timeline, out: str | Path) -> ExportStats:
+    tw = _Writer()
+    groups: dict[str, int] = {}
+    flow_out, flow_in = _flows_for_findings(tw, t)
+    fin_pos = {idx: k for k, idx in enumerate(t.lane("findings").index)}
+    for rank, (lane, group, label) in enumerate(tl.LANES):
+        ev = t.lane(lane)
+        if ev.empty:
+            continue
+        if group not in groups:
+            groups[group] = tw.track(_GROUP_NAMES[group], rank=len(groups))
+        # ioctls: one sub-track per VMM thread, like the call stacks they come from.
+        keys = ev["args"].map(lambda a: a.get("tid", -1)) if lane in ("get", "clear") else pd.Series(-1, index=ev.index)
+        plan = []   # (name, rows, is_instant, sub-track index)
+        for (tid, depth), sub in ev.groupby([keys, ev["depth"]], sort=True):
+            base = label if depth == 0 else str(sub["name"].iloc[0])
+            if tid != -1:
+                base = f"{label}: tid {int(tid)}"
+            inst = sub[sub["end_ns"] == sub["start_ns"]]
+            sl = sub[sub["end_ns"] > sub["start_ns"]]
+            if not sl.empty:
+                packed = _pack(sl["start_ns"].to_numpy(), sl["end_ns"].to_numpy())
+                for j in range(int(packed.max()) + 1):
+                    plan.append((base if j == 0 else f"{base} #{j + 1}", sl[packed == j], False))
+            if not inst.empty:
+                plan.append((base if sl.empty else f"{base} (instants)", inst, True))
+        # A lane that needs one track is that track; otherwise its tracks hang under it.
+        if len(plan) == 1:
+            uuids = [tw.track(label, groups[group], rank=rank)]
+        else:
+            parent = tw.track(label, groups[group], rank=rank)
+            uuids = [tw.track(name, parent) for name, _, _ in plan]
+        for u, (_, rows, is_instant) in zip(uuids, plan):
+            for idx, r in rows.iterrows():
+                name, start, end, args = str(r["name"]), int(r["start_ns"]), int(r["end_ns"]), r["args"]
+                if not is_instant:
+                    tw.slice(u, name, start, end, args, flow_out=flow_out.get(int(idx)))
+                elif lane == "applies" and flow_out.get(int(idx)):
+                    # A zero-length apply still carries its flow: give it 1 ns.
+                    tw.slice(u, name, start, start + 1, args, flow_out=flow_out[int(idx)])
+                else:
+                    fin = flow_in[fin_pos[idx]] if lane == "findings" else None
+                    tw.instant(u, name, start, args, flow_in=fin)
+    if t.counters:
+        cparent = groups.get("host") or tw.track(_GROUP_NAMES["host"])
+        for name, c in t.counters.items():
+            u = tw.track(name, cparent, counter=True)
+            for ts, v in zip(c["ts_ns"].to_numpy(), c["value"].to_numpy()):
+                tw.counter(u, int(ts), float(v))
+            tw.stats.counters[name] = len(c)
+    data = tw.serialize()
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(out)
+    return tw.stats
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.format != "perfetto":
+        raise HintscopeError(f"unknown export format {args.format}")
+    out = Path(args.output)
+    if out.is_dir():
+        raise HintscopeError(f"{out}: is a directory; give a file name such as trace.pftrace")
+    st = export(args.bundle, out)
+    print(f"wrote {out} ({st.bytes} bytes): {sum(st.slices.values())} slices, {sum(st.instants.values())} instants, "
+          f"{len(st.tracks)} tracks, {st.flows} flows; open it at https://ui.perfetto.dev")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a bundle to another tool's format",
+                       description="Export a bundle to another tool's format.")
+    fmt = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    pp = fmt.add_parser("perfetto", help="Perfetto TrackEvent trace (ui.perfetto.dev)",
+                        description="Write the run's timeline as a Perfetto trace: syncs, epochs, KVM ioctls per "
+                                    "thread, hint applies, guest hinting, findings with flows to their applies.")
+    pp.add_argument("bundle", help="run bundle directory")
+    pp.add_argument("-o", "--output", required=True, help="output file (e.g. trace.pftrace)")
+    pp.set_defaults(func=_run)

@@ -1,0 +1,271 @@
+"""The report's one picture of a run: lanes of slices and instants on the host clock.
+
+Both the timeline figure (``plots.plot_timeline``) and the Perfetto export draw from the
+frame built here, so what a reader sees in the HTML and in ui.perfetto.dev is the same set
+of events.  Rows are intervals (``end_ns > start_ns``) or instants (``end_ns == start_ns``).
+Guest events are moved onto the host clock with the analysis' offset when it has one;
+otherwise the guest lanes are left out and ``Timeline.notes`` says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from hintscope.bundle import Bundle
+
+# QEMU 7.2 qapi MigrationStatus, in enum order (migrate_set_state passes the enum value).
+MIGRATION_STATES = [
+    "none", "setup", "cancelling", "cancelled", "active", "postcopy-active", "postcopy-paused",
+    "postcopy-recover", "completed", "failed", "colo", "pre-switchover", "device", "wait-unplug",
+]
+# device, completed, failed, cancelled: the VM is stopped or migration is over.
+STOPPED_STATES = [12, 8, 9, 3]
+RETURN_REASONS = {0: "other", 1: "done", 2: "shrinker", 3: "remove"}
+PRECOPY_REASONS = {0: "SETUP", 1: "BEFORE_BITMAP_SYNC", 2: "AFTER_BITMAP_SYNC", 3: "COMPLETE", 4: "CLEANUP"}
+CMD_ID_MIN = 0x80000000
+PAGE = 4096
+
+# (lane, group, label) top to bottom.  Host lanes first: the host clock is the reference.
+LANES: list[tuple[str, str, str]] = [
+    ("migration", "host", "migration state"),
+    ("epochs", "host", "hint epochs (cmd id)"),
+    ("syncs", "host", "bitmap syncs / fetch"),
+    ("get", "host", "KVM GET_DIRTY_LOG / ring reset"),
+    ("clear", "host", "KVM CLEAR_DIRTY_LOG (re-arm)"),
+    ("applies", "host", "hint applies (QEMU)"),
+    ("guest_cmd", "guest", "guest cmd id / start-stop"),
+    ("guest_hints", "guest", "guest hint batches"),
+    ("guest_reuse", "guest", "guest returns / reuse"),
+    ("findings", "finding", "findings"),
+]
+LANE_ORDER = {lane: i for i, (lane, _, _) in enumerate(LANES)}
+LANE_LABEL = {lane: label for lane, _, label in LANES}
+LANE_GROUP = {lane: group for lane, group, _ in LANES}
+
+COLUMNS = ["lane", "name", "start_ns", "end_ns", "depth", "args"]
+
+
+@dataclass
+class Timeline:
+    events: pd.DataFrame                     # COLUMNS; args holds a dict per row
+    counters: dict[str, pd.DataFrame] = field(default_factory=dict)   # name -> ts_ns, value
+    t0_ns: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def lane(self, name: str) -> pd.DataFrame:
+        return self.events[self.events["lane"] == name]
+
+
+def _frame(lane: str, name: Any, start: Any, end: Any = None, depth: int = 0,
+           args: list[dict] | None = None) -> pd.DataFrame:
+    start = np.asarray(start, dtype=np.int64)
+    end = start if end is None else np.asarray(end, dtype=np.int64)
+    n = len(start)
+    names = np.broadcast_to(np.asarray(name, dtype=object), (n,)) if n else np.array([], dtype=object)
+    return pd.DataFrame({
+        "lane": lane, "name": list(names), "start_ns": start, "end_ns": np.maximum(end, start),
+        "depth": depth, "args": args if args is not None else [{} for _ in range(n)],
+    }, columns=COLUMNS)
+
+
+def _records(df: pd.DataFrame, cols: list[str]) -> list[dict]:
+    cols = [c for c in cols if c in df.columns]
+    if not cols:
+        return [{} for _ in range(len(df))]
+    return df[cols].to_dict("records")
+
+
+def _pair(begin: pd.DataFrame, end: pd.DataFrame, by: str = "tid") -> pd.DataFrame:
+    """Each begin with the first end at or after it on the same thread (``end_ns``)."""
+    if begin.empty:
+        return begin.assign(end_ns=pd.Series(dtype="int64"))
+    b = begin.sort_values("ts_ns")
+    if end.empty:
+        return b.assign(end_ns=b["ts_ns"])
+    e = end[[by, "ts_ns"]].rename(columns={"ts_ns": "end_ns"}).sort_values("end_ns")
+    m = pd.merge_asof(b, e, left_on="ts_ns", right_on="end_ns", by=by, direction="forward")
+    m["end_ns"] = m["end_ns"].fillna(m["ts_ns"]).astype("int64")
+    return m
+
+
+def _first_in(sorted_ts: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """For each window [lo, hi): the first time in ``sorted_ts`` inside it, else -1."""
+    if len(sorted_ts) == 0:
+        return np.full(len(lo), -1, dtype=np.int64)
+    i = np.searchsorted(sorted_ts, lo, side="left")
+    v = sorted_ts[np.minimum(i, len(sorted_ts) - 1)]
+    return np.where((i < len(sorted_ts)) & (v < hi), v, -1).astype(np.int64)
+
+
+def host_syncs(qe: pd.DataFrame) -> pd.DataFrame:
+    """Sync d = BEFORE_d -> AFTER_d from the precopy notifier; fetch window from the sync uprobes.
+
+    Columns: sync (1-based), before_ns, after_ns (-1: the final sync has no AFTER),
+    fetch_start_ns, fetch_end_ns (-1 when not seen).
+    """
+    pn = qe[qe["event"] == "precopy_notify"]
+    before = np.sort(pn.loc[pn["a1"] == 1, "ts_ns"].to_numpy()).astype(np.int64)
+    after = np.sort(pn.loc[pn["a1"] == 2, "ts_ns"].to_numpy()).astype(np.int64)
+    nxt = np.r_[before[1:], np.iinfo(np.int64).max].astype(np.int64)
+    aft = _first_in(after, before, nxt)
+    fb = np.sort(qe.loc[qe["event"] == "sync_fetch_begin", "ts_ns"].to_numpy()).astype(np.int64)
+    fe = np.sort(qe.loc[qe["event"] == "sync_fetch_end", "ts_ns"].to_numpy()).astype(np.int64)
+    fs = _first_in(fb, before, nxt)
+    fend = np.where(fs >= 0, _first_in(fe, fs, nxt), -1)
+    # An AFTER once the VM is stopped (device state or later) sets DONE: it opens no epoch.
+    ms = qe[qe["event"] == "migrate_state"]
+    stop = ms.loc[ms["a2"].isin(STOPPED_STATES), "ts_ns"]
+    t_stop = int(stop.min()) if len(stop) else np.iinfo(np.int64).max
+    opens = (aft >= 0) & (before < t_stop)
+    return pd.DataFrame({
+        "sync": np.arange(1, len(before) + 1, dtype=np.int64),
+        "before_ns": before,
+        "after_ns": aft,
+        "fetch_start_ns": fs,
+        "fetch_end_ns": fend,
+        "epoch": np.where(opens, np.cumsum(opens), -1).astype(np.int64),
+    })
+
+
+def _migration_lane(b: Bundle, qe: pd.DataFrame, end_ns: int) -> pd.DataFrame:
+    ms = qe[qe["event"] == "migrate_state"].sort_values("ts_ns")
+    if ms.empty:
+        return _frame("migration", [], [])
+    new = ms["a2"].to_numpy().astype(np.int64)
+    names = [MIGRATION_STATES[s] if 0 <= s < len(MIGRATION_STATES) else f"state {s}" for s in new]
+    start = ms["ts_ns"].to_numpy()
+    end = np.r_[start[1:], max(end_ns, int(start[-1]))]
+    return _frame("migration", names, start, end, args=[{"state": n} for n in names])
+
+
+def build(b: Bundle, findings: pd.DataFrame | None = None,
+          guest_to_host: Callable[[np.ndarray], np.ndarray] | None = None) -> Timeline:
+    qe = b.table("qemu_events")
+    io = b.table("ioctls")
+    host_ts = pd.concat([qe["ts_ns"], io["ts_ns"]], ignore_index=True)
+    notes: list[str] = []
+    if host_ts.empty:
+        notes.append("no host events (qemu_events, ioctls) in this bundle")
+        t0 = t_end = 0
+    else:
+        t0, t_end = int(host_ts.min()), int(host_ts.max())
+    parts = [_migration_lane(b, qe, t_end)]
+
+    syncs = host_syncs(qe)
+    if not syncs.empty:
+        sync_end = np.where(syncs["after_ns"] >= 0, syncs["after_ns"],
+                            np.where(syncs["fetch_end_ns"] >= 0, syncs["fetch_end_ns"], syncs["before_ns"]))
+        parts.append(_frame("syncs", [f"sync {s}" for s in syncs["sync"]], syncs["before_ns"], sync_end,
+                            args=_records(syncs, ["sync", "fetch_start_ns", "fetch_end_ns"])))
+        f = syncs[syncs["fetch_start_ns"] >= 0]
+        fend = np.where(f["fetch_end_ns"] >= 0, f["fetch_end_ns"], f["fetch_start_ns"])
+        parts.append(_frame("syncs", "fetch", f["fetch_start_ns"], fend, depth=1,
+                            args=[{"sync": int(s)} for s in f["sync"]]))
+        # Epoch k runs from AFTER_k to BEFORE_{k+1}; the host id is MIN + k (wrap ignored: ids rise by 1 per epoch).
+        ep_start = syncs["after_ns"].to_numpy()
+        ep_end = np.r_[syncs["before_ns"].to_numpy()[1:], t_end]
+        real = syncs["epoch"].to_numpy() > 0
+        k = syncs["epoch"].to_numpy()[real]
+        ids = CMD_ID_MIN + k
+        parts.append(_frame("epochs", [f"epoch {i} id {hex(c)}" for i, c in zip(k, ids)], ep_start[real], ep_end[real],
+                            args=[{"epoch": int(i), "cmd_id": hex(int(c))} for i, c in zip(k, ids)]))
+
+    if not io.empty:
+        get = io[io["name"].isin(["GET_DIRTY_LOG", "RESET_DIRTY_RINGS"])]
+        parts.append(_frame("get", get["name"], get["enter_ns"], get["ts_ns"],
+                            args=_records(get, ["tid", "slot", "pages", "ret"])))
+        clr = io[io["name"] == "CLEAR_DIRTY_LOG"]
+        parts.append(_frame("clear", "CLEAR_DIRTY_LOG", clr["enter_ns"], clr["ts_ns"],
+                            args=_records(clr, ["tid", "slot", "first_page", "num_pages", "pages", "ret"])))
+
+    ap = _pair(qe[qe["event"] == "hint_apply"], qe[qe["event"] == "hint_apply_ret"])
+    if not ap.empty:
+        pages = (ap["a1"].to_numpy() // PAGE).astype(np.int64)
+        args = [{"hva": hex(int(h)), "bytes": int(n), "pages": int(p), "tid": int(t)}
+                for h, n, p, t in zip(ap["a0"], ap["a1"], pages, ap["tid"])]
+        parts.append(_frame("applies", "apply", ap["ts_ns"], ap["end_ns"], args=args))
+
+    counters = {}
+    sends = qe[qe["event"] == "page_send"]
+    if not sends.empty:
+        counters["pages sent"] = _rate(sends["ts_ns"].to_numpy(), (sends["a1"].to_numpy() // PAGE).astype(np.int64))
+
+    parts.extend(_guest_parts(b, guest_to_host, notes))
+    if findings is not None and not findings.empty:
+        parts.append(findings_lane(findings))
+    ev = pd.concat([p for p in parts if not p.empty], ignore_index=True) if any(not p.empty for p in parts) \
+        else pd.DataFrame(columns=COLUMNS)
+    ev["order"] = ev["lane"].map(LANE_ORDER)
+    ev = ev.sort_values(["order", "start_ns", "depth"], kind="stable").drop(columns="order").reset_index(drop=True)
+    return Timeline(ev, counters, t0, notes)
+
+
+def _rate(ts: np.ndarray, weight: np.ndarray, buckets: int = 200) -> pd.DataFrame:
+    lo, hi = int(ts.min()), int(ts.max())
+    edges = np.linspace(lo, max(hi, lo + 1), buckets + 1)
+    h, _ = np.histogram(ts, bins=edges, weights=weight)
+    return pd.DataFrame({"ts_ns": edges[:-1].astype(np.int64), "value": h})
+
+
+def _guest_parts(b: Bundle, to_host: Callable[[np.ndarray], np.ndarray] | None, notes: list[str]) -> list[pd.DataFrame]:
+    """Guest lanes on the host clock: hinting runs and cmd ids, hint batches, returns and reuse."""
+    ge, gh, gr, gu = (b.table(n) for n in ("guest_events", "guest_hints", "guest_returns", "guest_reuse"))
+    if ge.empty and gh.empty and gr.empty and gu.empty:
+        return []
+    if to_host is None:
+        notes.append("guest events present but no guest->host clock offset: guest lanes left out of the timeline")
+        return []
+    h = lambda s: np.asarray(to_host(np.asarray(s, dtype=np.int64)), dtype=np.int64)  # noqa: E731
+    parts = []
+    if not ge.empty:
+        ev = ge["event"].astype(str)
+        runs = _pair(ge[ev == "run_enter"].assign(ts_ns=lambda d: d["guest_ns"]),
+                     ge[ev == "run_exit"].assign(ts_ns=lambda d: d["guest_ns"]))
+        if not runs.empty:
+            parts.append(_frame("guest_cmd", "hinting run", h(runs["ts_ns"]), h(runs["end_ns"]),
+                                args=_records(runs, ["tid", "cpu", "side"])))
+        ids = ge[ev == "cmd_id"]
+        if not ids.empty:
+            v = ids["a0"].astype("uint64").to_numpy()
+            names = np.where(v == 0, "cmd id STOP", np.where(v == 1, "cmd id DONE",
+                                                             ["cmd id " + hex(int(i)) for i in v]))
+            parts.append(_frame("guest_cmd", names, h(ids["guest_ns"]), args=[{"cmd_id": hex(int(i))} for i in v]))
+        ret = _pair(ge[ev == "return_enter"].assign(ts_ns=lambda d: d["guest_ns"]),
+                    ge[ev == "return_exit"].assign(ts_ns=lambda d: d["guest_ns"]))
+        if not ret.empty:
+            reason = ret["a1"].astype("int64").map(RETURN_REASONS).fillna("other")
+            parts.append(_frame("guest_reuse", ("return (" + reason + ")").to_numpy(), h(ret["ts_ns"]),
+                                h(ret["end_ns"]), args=_records(ret.assign(reason=reason), ["reason", "tid"])))
+    if not gh.empty:
+        # One slice per hinting run: first to last block queued.
+        g = gh.groupby("run", sort=True).agg(start=("guest_ns", "min"), end=("guest_ns", "max"),
+                                             blocks=("pfn", "size"), cmd_id=("cmd_id", "max"))
+        names = [f"{n} blocks id {hex(int(c))}" for n, c in zip(g["blocks"], g["cmd_id"])]
+        args = [{"run": int(r), "blocks": int(n), "cmd_id": hex(int(c))}
+                for r, n, c in zip(g.index, g["blocks"], g["cmd_id"])]
+        parts.append(_frame("guest_hints", names, h(g["start"]), h(g["end"]), args=args))
+    if ge.empty and not gr.empty:
+        parts.append(_frame("guest_reuse", ("return (" + gr["reason"].astype(str) + ")").to_numpy(),
+                            h(gr["guest_ns"]), args=_records(gr, ["pfn", "order"])))
+    if not gu.empty:
+        args = [{"pfn": hex(int(p)), "block_pfn": hex(int(bp))} for p, bp in zip(gu["pfn"], gu["block_pfn"])]
+        parts.append(_frame("guest_reuse", "reuse", h(gu["guest_ns"]), args=args))
+    return parts
+
+
+def findings_lane(findings: pd.DataFrame) -> pd.DataFrame:
+    ts = None
+    for c in ("ts_ns", "t_ns", "host_ns", "apply_ns"):
+        if c in findings.columns:
+            ts = findings[c]
+            break
+    if ts is None:
+        return _frame("findings", [], [])
+    keep = ts.notna()
+    f = findings[keep]
+    args = _records(f, ["kind", "confidence", "sentence", "epoch", "sync"])
+    return _frame("findings", f["kind"].astype(str), ts[keep].astype("int64"), args=args)
