@@ -18,6 +18,7 @@ import os
 import platform
 import re
 import socket
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +27,15 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hintscope import __version__, schema
+from hintscope import __version__, limits, schema
 from hintscope.errors import BundleError
 
 META = "meta.json"
 # A meta file bigger than this is not something hintscope wrote.
-MAX_META_BYTES = 16 << 20
+MAX_META_BYTES = limits.MAX_META_BYTES
 _PART_RE = re.compile(r"^part-([A-Za-z0-9_.-]+)-(\d{5,})\.parquet$")
 
 
@@ -198,6 +200,51 @@ class BundleWriter:
         write_json_atomic(self.meta_path, self.meta)
 
 
+_I64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _is_int(v: Any, lo: int = _I64[0], hi: int = _I64[1]) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _sanitize_meta(meta: dict[str, Any], path: Path, problems: list[str]) -> None:
+    """Drop (and note) meta entries of the wrong shape in the keys this module and every reader rely on.
+
+    Meta is hostile input too; without this a wrong type surfaces later as an AttributeError.
+    """
+    def note(what: str) -> None:
+        problems.append(f"{path}: {what}, ignored")
+
+    for k in ("status", "producer", "end_reason"):
+        if k in meta and meta[k] is not None and not isinstance(meta[k], str):
+            note(f"{k} is a JSON {type(meta[k]).__name__}, expected a string")
+            meta[k] = "invalid" if k == "status" else str(meta[k])[:200]
+    for k, ok in (("sources", lambda v: isinstance(v, dict)), ("producers", lambda v: isinstance(v, dict)),
+                  ("lost", lambda v: _is_int(v, 0)), ("rows", lambda v: _is_int(v, 0))):
+        if k not in meta:
+            continue
+        d = meta[k]
+        if not isinstance(d, dict):
+            note(f"{k} is a JSON {type(d).__name__}, expected an object")
+            meta[k] = {}
+            continue
+        bad = [n for n, v in d.items() if not ok(v)]
+        if bad:
+            note(f"{len(bad)} malformed {k} entries (first {str(bad[0])[:60]!r})")
+            meta[k] = {n: v for n, v in d.items() if n not in bad}
+    if "clock_anchors" in meta:
+        a = meta["clock_anchors"]
+        if not isinstance(a, list):
+            note(f"clock_anchors is a JSON {type(a).__name__}, expected a list")
+            meta["clock_anchors"] = []
+        else:
+            good = [x for x in a if isinstance(x, dict) and _is_int(x.get("monotonic_ns"))
+                    and _is_int(x.get("realtime_ns"))]
+            if len(good) != len(a):
+                note(f"{len(a) - len(good)} malformed clock anchors")
+            meta["clock_anchors"] = good
+
+
 def _merge_meta(base: dict[str, Any], extra: dict[str, Any]) -> None:
     for k, v in extra.items():
         if k in ("sources", "lost") and isinstance(v, dict):
@@ -215,10 +262,12 @@ def _read_json(path: Path) -> dict[str, Any]:
         size = path.stat().st_size
         if size > MAX_META_BYTES:
             raise BundleError(f"{path}: {size} bytes, larger than any meta file hintscope writes")
-        obj = json.loads(path.read_bytes())
+        # NaN / Infinity are not JSON: read them as null.  ValueError also covers integers
+        # longer than Python's int-string limit.
+        obj = json.loads(path.read_bytes(), parse_constant=lambda _: None)
     except BundleError:
         raise
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise BundleError(f"{path}: unreadable meta ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise BundleError(f"{path}: meta is a JSON {type(obj).__name__}, expected an object")
@@ -260,16 +309,25 @@ class Bundle:
         parts = []
         d = self.path / name
         files = sorted(f for f in d.iterdir() if _PART_RE.match(f.name)) if d.is_dir() else []
+        if len(files) > limits.MAX_PARTS_PER_TABLE:
+            self.problems.append(f"{d}: {len(files)} parts, more than {limits.MAX_PARTS_PER_TABLE}; "
+                                 f"the last {len(files) - limits.MAX_PARTS_PER_TABLE} parts were not read")
+            files = files[: limits.MAX_PARTS_PER_TABLE]
+        total = 0
         for f in files:
             try:
-                at = pq.read_table(f)
+                at = self._read_part(t, f, limits.MAX_TABLE_ROWS - total)
                 at = self._conform(t, at, f)
+                at = self._drop_nulls(at, f)
             except BundleError as e:
                 self.problems.append(str(e))
                 continue
             except Exception as e:  # pyarrow raises many types on hostile bytes
-                self.problems.append(f"{f}: unreadable Parquet part ({type(e).__name__}: {str(e)[:160]}), skipped")
+                # One line: pyarrow messages carry newlines, and the text is attacker-shaped.
+                msg = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+                self.problems.append(f"{f}: unreadable Parquet part ({msg}), skipped")
                 continue
+            total += at.num_rows
             parts.append(at)
         at = pa.concat_tables(parts) if parts else t.arrow_schema.empty_table()
         df = at.to_pandas()
@@ -277,6 +335,53 @@ class Bundle:
             df = df.sort_values("ts_ns", kind="stable", ignore_index=True)
         self._cache[name] = df
         return df
+
+    @staticmethod
+    def _read_part(t: schema.Table, f: Path, rows_left: int) -> pa.Table:
+        """Read one part after checking, from its footer, that decoding it stays within the caps."""
+        st = f.lstat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block, a symlink may point anywhere
+            raise BundleError(f"{f}: not a regular file, skipped")
+        with open(f, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            md = pf.metadata
+            if md.num_rows > min(limits.MAX_PART_ROWS, rows_left):
+                raise BundleError(f"{f}: declares {md.num_rows} rows, more than the cap "
+                                  f"({min(limits.MAX_PART_ROWS, rows_left)} left for this table); part skipped")
+            size = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
+            if size > limits.MAX_PART_UNCOMPRESSED:
+                raise BundleError(f"{f}: declares {size} uncompressed bytes, more than the cap "
+                                  f"({limits.MAX_PART_UNCOMPRESSED}); part skipped")
+            strings = [c.name for c in t.cols if c.dtype == "string" and c.name in pf.schema_arrow.names]
+            # Strings stay dictionary-encoded until their decoded size is known (a repeated
+            # long value is a compression bomb that the footer does not reveal).
+            if strings:
+                pf = pq.ParquetFile(fh, metadata=md, read_dictionary=strings)
+            at = pf.read()
+        for c in strings:
+            col = at.column(c)
+            if pa.types.is_dictionary(col.type):
+                n = 0
+                for ch in col.chunks:
+                    lens = pc.binary_length(ch.dictionary).fill_null(0)
+                    n += pc.sum(pc.take(lens, ch.indices.fill_null(0))).as_py() or 0
+                if n > limits.MAX_PART_UNCOMPRESSED:
+                    raise BundleError(f"{f}: column {c} decodes to {n} bytes, more than the cap "
+                                      f"({limits.MAX_PART_UNCOMPRESSED}); part skipped")
+        return at
+
+    def _drop_nulls(self, at: pa.Table, f: Path) -> pa.Table:
+        """hintscope writes no nulls; rows with one are dropped (and counted), the rest kept."""
+        if not any(c.null_count for c in at.columns):
+            return at
+        ok = None
+        for c in at.columns:
+            if c.null_count:
+                v = pc.is_valid(c)
+                ok = v if ok is None else pc.and_(ok, v)
+        kept = at.filter(ok)
+        self.problems.append(f"{f}: {at.num_rows - kept.num_rows} rows with missing values dropped")
+        return kept
 
     @staticmethod
     def _conform(t: schema.Table, at: pa.Table, f: Path) -> pa.Table:
@@ -313,11 +418,19 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
         raise BundleError(f"{p / META}: schema version {version[:20]!r} is not supported "
                           f"(this hintscope reads {schema.SCHEMA_MAJOR}.x)")
     b = Bundle(p, meta)
+    _sanitize_meta(meta, p / META, b.problems)
+    meta.pop("producers", None)  # only merging below creates it; a foreign one would mask their status
     for extra in sorted(p.glob("meta-*.json")):
         try:
-            _merge_meta(meta, _read_json(extra))
+            em = _read_json(extra)
         except BundleError as e:
             b.problems.append(str(e))
+            continue
+        _sanitize_meta(em, extra, b.problems)
+        em.pop("producers", None)
+        if not isinstance(em.get("producer"), str):
+            em["producer"] = extra.stem.removeprefix("meta-")
+        _merge_meta(meta, em)
     if not b.complete:
         b.problems.append(f"{p}: capture did not finish (a producer never closed the bundle)")
     return b

@@ -31,14 +31,14 @@ def test_compare_groups_from_meta(runs, tmp_path, capsys):
     assert sorted(df["group"].unique()) == ["hint=off", "hint=on"]
     on = df[df["group"] == "hint=on"].sort_values("run")
     # Applies per run as written: (4+i) + 2 applies of 4 MiB = 1024 pages each.
-    assert on["hint_applies"].tolist() == [6, 7, 8]
-    assert on["hinted_pages"].tolist() == [6144, 7168, 8192]
-    assert (df.loc[df["group"] == "hint=off", "hint_applies"] == 0).all()
+    assert on["hints.applies"].tolist() == [6, 7, 8]
+    assert on["hints.applied_pages"].tolist() == [6144, 7168, 8192]
+    assert (df.loc[df["group"] == "hint=off", "hints.applies"] == 0).all()
     g = pd.read_csv(tmp_path / "out" / "groups.csv")
-    row = g[(g["metric"] == "hinted_pages") & (g["group"] == "hint=on")].iloc[0]
+    row = g[(g["metric"] == "hints.applied_pages") & (g["group"] == "hint=on")].iloc[0]
     assert (row["runs"], row["median"], row["min"], row["max"]) == (3, 7168, 6144, 8192)
     for ext in ("png", "svg"):
-        assert (tmp_path / "out" / f"hinted_pages.{ext}").stat().st_size > 1000
+        assert (tmp_path / "out" / f"hints.applied_pages.{ext}").stat().st_size > 1000
 
 
 def test_label_option_overrides_meta(runs, tmp_path):

@@ -144,3 +144,27 @@ def test_round_trip_trace_processor(tmp_path):
     assert got == st.slices
     assert Counter(df.loc[df["dur"] == 0, "name"]) == st.instants
     assert flows == st.flows == 2
+
+
+def test_simulated_run_has_guest_lanes_and_findings(tmp_path):
+    """A simulator bundle: guest tracks on the host clock, one instant per detector finding."""
+    from collections import Counter as C
+
+    from hintscope.report import model
+    from hintscope.sim.write import simulate, write_bundle
+
+    write_bundle(simulate("filter-after-sync", 1), tmp_path / "b")
+    st = perfetto.export(tmp_path / "b", tmp_path / "t.pftrace")
+    got = decode(tmp_path / "t.pftrace")
+    tracks = set(got["tracks"].values())
+    assert {"guest (virtio-balloon driver)", "guest hint batches", "hintscope findings"} <= tracks
+    d = model.load(read_bundle(tmp_path / "b"))
+    timed = d.timeline.lane("findings")
+    assert len(d.findings) > 0 and len(timed) == len(d.findings)
+    assert C({k: got["instants"][k] for k in set(d.findings["kind"])}) == C(d.findings["kind"])
+    # Guest hint batches: one slice or instant per hinting run the guest reported.
+    runs = read_bundle(tmp_path / "b").table("guest_hints")["run"].nunique()
+    batches = sum(1 for _, name, *_ in got["slices"] if " blocks id " in name) + \
+        sum(v for k, v in got["instants"].items() if " blocks id " in k)
+    assert batches == runs
+    assert st.flows >= 1

@@ -99,12 +99,12 @@ def test_baseline_comparison(tmp_path):
     write_host_bundle(tmp_path / "off", applies_per_epoch=(0, 0))
     page = render(tmp_path / "on", tmp_path / "ab.html", baseline=tmp_path / "off", progress=False).read_text()
     cells = _cells(page)
-    on = model.host_summary(read_bundle(tmp_path / "on"))
-    off = model.host_summary(read_bundle(tmp_path / "off"))
-    assert on["hint_applies"] == 9 and off["hint_applies"] == 0
+    on = model.flatten(model.load_summary(read_bundle(tmp_path / "on")))
+    off = model.flatten(model.load_summary(read_bundle(tmp_path / "off")))
+    assert on["hints.applies"] == 9 and off["hints.applies"] == 0
     assert ">baseline<" in page and ">change<" in page
     assert "9" in cells and "new" in cells      # applies: 9 vs 0 -> "new"
-    assert f"{on['hinted_pages']:,}" in cells
+    assert f"{on['hints.applied_pages']:,}" in cells
 
 
 def test_cli_report_errors_are_one_line(tmp_path, capsys):

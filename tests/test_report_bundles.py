@@ -19,6 +19,7 @@ MS = 1_000_000
 MIG_TID, IO_TID = 1001, 1002
 HVA0 = 0x7F0000000000
 PAGE = 4096
+SLOT_BYTES = 256 << 20
 
 
 def _qe(ts, tid, event, a0=0, a1=0, a2=0, ret=0):
@@ -26,7 +27,7 @@ def _qe(ts, tid, event, a0=0, a1=0, a2=0, ret=0):
 
 
 def _io(ts, enter, tid, seq, name, slot=0, pages=-1, first_page=0, num_pages=0):
-    cmd = {"GET_DIRTY_LOG": 0x4010AE42, "CLEAR_DIRTY_LOG": 0xC018AEC0}[name]
+    cmd = {"GET_DIRTY_LOG": 0x4010AE42, "CLEAR_DIRTY_LOG": 0xC018AEC0, "SET_USER_MEMORY_REGION": 0x4020AE46}[name]
     return {"ts_ns": ts, "enter_ns": enter, "tid": tid, "seq": seq, "fd": 12, "cmd": cmd, "name": name,
             "slot": slot, "ret": 0, "first_page": first_page, "num_pages": num_pages, "pages": pages,
             "cap": -1, "arg0": 0}
@@ -42,6 +43,14 @@ def write_host_bundle(path: Path, applies_per_epoch=(6, 3), t0: int = 10_000 * M
     qe, io = [], []
     seq = 0
     t = t0
+    # Two memslots of 256 MiB each, both dirty-logged, mapping HVA0.. to GPA 0..
+    ms = []
+    for slot in (0, 1):
+        seq += 1
+        ts = t0 - 5 * MS + slot * MS
+        io.append(_io(ts, ts - MS // 10, MIG_TID, seq, "SET_USER_MEMORY_REGION", slot=slot))
+        ms.append({"ts_ns": ts, "tid": MIG_TID, "seq": seq, "slot": slot, "as_id": 0, "flags": 1,
+                   "gpa": slot * SLOT_BYTES, "size": SLOT_BYTES, "hva": HVA0 + slot * SLOT_BYTES, "ret": 0})
     qe.append(_qe(t, MIG_TID, "migrate_state", a1=0, a2=1))               # none -> setup
     sync_starts = [t0 + 1 * MS, t0 + 40 * MS, t0 + 70 * MS]
     n_get = n_clear = 0
@@ -81,6 +90,8 @@ def write_host_bundle(path: Path, applies_per_epoch=(6, 3), t0: int = 10_000 * M
         qdf[c] = qdf[c].astype(np.uint64)
     w.append("qemu_events", qdf)
     w.append("ioctls", pd.DataFrame(io))
+    mdf = pd.DataFrame(ms)
+    w.append("memslots", mdf.astype({"flags": np.uint32, "gpa": np.uint64, "size": np.uint64, "hva": np.uint64}))
     w.close("target-exit")
     return {"syncs": len(sync_starts), "epochs": len(sync_starts) - 1, "applies": applies,
             "get": n_get, "clear": n_clear, "sends": sends}
@@ -92,4 +103,5 @@ def test_host_bundle_reads_back(tmp_path):
     qe = b.table("qemu_events")
     assert (qe["event"] == "hint_apply").sum() == counts["applies"] == 9
     assert (b.table("ioctls")["name"] == "GET_DIRTY_LOG").sum() == counts["get"]
+    assert len(b.table("memslots")) == 2
     assert b.problems == []

@@ -113,7 +113,7 @@ def render(res: dict[str, Any]) -> None:
                            f"{m.get('downtime_ms', '?')} ms, transferred {_n(m.get('transferred'))} B, normal pages "
                            f"{_n(m.get('normal'))}, zero pages {_n(m.get('duplicate'))} ({m.get('source')})")
     t.add_row("syncs / epochs", f"{summ['syncs']} / {summ['epochs']}  (QMP dirty-sync-count "
-                                f"{m.get('dirty_sync_count', '?')})")
+                                f"{m.get('dirty_sync_count', '?')}); dirty logging: {summ['dirty_mode']}")
     d = summ["data"]
     t.add_row("capture", f"{'complete' if d['complete'] else 'INCOMPLETE'} ({d.get('end_reason')}); memslots from "
                          f"{d['memslot_source']}; sends from {d['send_source']}")

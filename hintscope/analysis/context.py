@@ -22,6 +22,10 @@ MIGRATION_STATES = ["none", "setup", "cancelling", "cancelled", "active", "postc
                     "postcopy-recover", "completed", "failed", "colo", "pre-switchover", "device", "wait-unplug"]
 FINAL_STATES = {"completed", "failed", "cancelled"}
 
+# Page-level expansion of hint applies (4 KiB rows) stops here: 2**26 pages = 256 GiB of hints,
+# beyond any guest this runs on; a hostile length cannot make the analysis allocate without bound.
+MAX_EXPANDED_PAGES = 1 << 26
+
 SEND_SOURCES = {
     "page_send": "uprobe buffer_is_zero on the migration thread: every page QEMU sent, zero pages included "
                  "(not the compression or RDMA paths)",
@@ -40,6 +44,10 @@ class Context:
 
     def __post_init__(self):
         self.problems.extend(self.bundle.problems)
+        # Producers may leave one-line notes (e.g. malformed trace lines) in meta["problems"].
+        extra = self.bundle.meta.get("problems")
+        if isinstance(extra, list):
+            self.problems.extend(" ".join(str(x).split())[:500] for x in extra[:100])
 
     # -- raw tables --------------------------------------------------------------------
     @cached_property
@@ -73,7 +81,10 @@ class Context:
     @cached_property
     def _slots(self) -> tuple[pd.DataFrame, str]:
         ev, src = ms.slot_events(self.bundle.table("memslots"), self.trace)
-        return ms.intervals(ev), src
+        iv = ms.intervals(ev)
+        if p := ms.intervals_problem(iv):
+            self.problems.append(p)
+        return iv, src
 
     @property
     def iv(self) -> pd.DataFrame:
@@ -118,6 +129,12 @@ class Context:
     def hint_pages(self) -> pd.DataFrame:
         """One row per 4 KiB page of each apply: apply (row of hint_applies), ts_ns, tid, hva, gpa, gfn."""
         a = self.hint_applies
+        npages = (a["len"].to_numpy(np.int64) + 2 * ms.PAGE - 1) // ms.PAGE
+        keep = np.cumsum(npages) <= MAX_EXPANDED_PAGES
+        if not keep.all():
+            self.problems.append(f"hint applies cover more than {MAX_EXPANDED_PAGES} pages in all; only the first "
+                                 f"{int(keep.sum())} of {len(a)} applies are expanded to pages")
+            a = a[keep]
         idx, hva = ms.expand_ranges(a["hva"].to_numpy(), a["len"].to_numpy())
         ts = a["ts_ns"].to_numpy(np.int64)[idx]
         gpa, _ = ms.hva_to_gpa(hva, ts, self.iv)
@@ -137,6 +154,10 @@ class Context:
             ts, hva = s["ts_ns"].to_numpy(np.int64), s["a0"].to_numpy().astype(np.int64)
             ln = s["a1"].to_numpy().astype(np.int64)
             ln = np.where((ln > 0) & (ln <= (1 << 21)), ln, ms.PAGE)
+            keep = np.cumsum((ln + ms.PAGE - 1) // ms.PAGE) <= 4 * MAX_EXPANDED_PAGES
+            if not keep.all():
+                self.problems.append(f"page sends cover more than {4 * MAX_EXPANDED_PAGES} pages; later sends ignored")
+                ts, hva, ln = ts[keep], hva[keep], ln[keep]
             idx, hva = ms.expand_ranges(hva, ln)
             ts = ts[idx]
         else:
@@ -156,6 +177,27 @@ class Context:
     @property
     def send_source(self) -> str:
         return self._sends[1]
+
+    @cached_property
+    def dirty_mode(self) -> str:
+        """manual (GET + CLEAR, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2), get (legacy: GET re-arms), ring, or unknown."""
+        io = self.ioctls
+        names = set(io["name"].unique()) if len(io) else set()
+        caps = set(io.loc[io["name"] == "ENABLE_CAP", "cap"].tolist()) if len(io) else set()
+        if self.bundle.has("ring_push") or "RESET_DIRTY_RINGS" in names or 192 in caps:
+            return "ring"
+        if "CLEAR_DIRTY_LOG" in names or 168 in caps:
+            return "manual"
+        if "GET_DIRTY_LOG" in names:
+            return "get"
+        t = self.trace
+        if len(t):
+            ev = set(t["event"].unique())
+            if any(e.startswith("kvm_dirty_ring") for e in ev):
+                return "ring"
+            if "kvm_clear_dirty_log" in ev:
+                return "manual"
+        return "unknown"
 
     # -- migration -------------------------------------------------------------------------
     @cached_property

@@ -63,8 +63,12 @@ def page_rows(c: Context, ep: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     hp = hp[hp["gfn"] >= 0].reset_index(drop=True)
     t = hp["ts_ns"].to_numpy(np.int64)
     e = _epoch_of(t, ep)
-    ep_start = pd.Series(ep["start_ns"].to_numpy(np.int64), index=ep["epoch"].to_numpy(np.int64))
-    start_of = ep_start.reindex(e).fillna(_BIG).to_numpy(np.int64)
+    ep_ids = ep["epoch"].to_numpy(np.int64)
+    pos = np.searchsorted(ep_ids, e)  # epochs are ascending
+    found = (pos < len(ep_ids)) & (ep_ids[np.minimum(pos, max(len(ep_ids) - 1, 0))] == e) if len(ep_ids) else \
+        np.zeros(len(e), bool)
+    start_of = np.where(found, ep["start_ns"].to_numpy(np.int64)[np.minimum(pos, max(len(ep_ids) - 1, 0))]
+                        if len(ep_ids) else _BIG, _BIG)
     src = c.send_source
     if src == "none":
         # Estimate: a later harvest means the page went out again later.

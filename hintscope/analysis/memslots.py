@@ -62,16 +62,27 @@ def intervals(events: pd.DataFrame) -> pd.DataFrame:
 def hva_to_gpa(hva: np.ndarray, ts_ns: np.ndarray, iv: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """GPA and slot id for each (HVA, time); -1 where no address-space-0 slot maps that HVA then.
 
-    Loops over the (few) slot intervals, vectorised over the addresses.
+    One step per slot interval; each step touches only the addresses inside the interval's HVA
+    range (binary search over the sorted addresses), so the cost is the number of (address, slot
+    version) pairs, not addresses x intervals.
     """
     hva = np.asarray(hva, dtype=np.int64)
     ts = np.asarray(ts_ns, dtype=np.int64)
     gpa = np.full(hva.shape, -1, dtype=np.int64)
     slot = np.full(hva.shape, -1, dtype=np.int32)
-    for r in iv[iv["as_id"] == 0].itertuples(index=False):
-        m = (gpa < 0) & (ts >= r.start_ns) & (ts < r.end_ns) & (hva >= r.hva) & (hva < r.hva + r.size)
-        gpa[m] = hva[m] - r.hva + r.gpa
-        slot[m] = r.slot
+    order = np.argsort(hva, kind="stable")
+    sh = hva[order]
+    iv0 = _capped(iv[iv["as_id"] == 0])
+    lo = np.searchsorted(sh, iv0["hva"].to_numpy(np.int64), side="left")
+    hi = np.searchsorted(sh, (iv0["hva"] + iv0["size"]).to_numpy(np.int64), side="left")
+    for r, a, b in zip(iv0.itertuples(index=False), lo, hi):
+        if a == b:
+            continue
+        i = order[a:b]
+        m = (gpa[i] < 0) & (ts[i] >= r.start_ns) & (ts[i] < r.end_ns)
+        i = i[m]
+        gpa[i] = hva[i] - r.hva + r.gpa
+        slot[i] = r.slot
     return gpa, slot
 
 
@@ -80,13 +91,37 @@ def slot_page_to_gfn(slot_field: np.ndarray, page: np.ndarray, ts_ns: np.ndarray
     sf = np.asarray(slot_field, dtype=np.int64)
     page = np.asarray(page, dtype=np.int64)
     ts = np.asarray(ts_ns, dtype=np.int64)
-    as_id, sid = sf >> 16, sf & 0xFFFF
     gfn = np.full(page.shape, -1, dtype=np.int64)
-    for r in iv.itertuples(index=False):
-        m = ((gfn < 0) & (as_id == r.as_id) & (sid == r.slot) & (ts >= r.start_ns) & (ts < r.end_ns)
-             & (page >= 0) & (page < (r.size >> PAGE_SHIFT)))
-        gfn[m] = (r.gpa >> PAGE_SHIFT) + page[m]
+    order = np.argsort(sf, kind="stable")
+    ss = sf[order]
+    iv = _capped(iv)
+    key = (iv["as_id"].to_numpy(np.int64) << 16) | iv["slot"].to_numpy(np.int64)
+    lo = np.searchsorted(ss, key, side="left")
+    hi = np.searchsorted(ss, key, side="right")
+    for r, a, b in zip(iv.itertuples(index=False), lo, hi):
+        if a == b:
+            continue
+        i = order[a:b]
+        m = (gfn[i] < 0) & (ts[i] >= r.start_ns) & (ts[i] < r.end_ns) & (page[i] >= 0) & \
+            (page[i] < (r.size >> PAGE_SHIFT))
+        i = i[m]
+        gfn[i] = (r.gpa >> PAGE_SHIFT) + page[i]
     return gfn
+
+
+# QEMU registers tens of slots and re-registers them a handful of times; a table with more
+# intervals than this is not a real capture, and the rest are ignored (see intervals_problem).
+MAX_INTERVALS = 100_000
+
+
+def _capped(iv: pd.DataFrame) -> pd.DataFrame:
+    return iv if len(iv) <= MAX_INTERVALS else iv.iloc[:MAX_INTERVALS]
+
+
+def intervals_problem(iv: pd.DataFrame) -> str | None:
+    if len(iv) > MAX_INTERVALS:
+        return f"{len(iv)} memslot mappings, more than any real VMM makes: only the first {MAX_INTERVALS} are used"
+    return None
 
 
 def expand_ranges(start: np.ndarray, length: np.ndarray, page: int = PAGE) -> tuple[np.ndarray, np.ndarray]:

@@ -141,6 +141,7 @@ def summarize(b: Bundle | Context, syncs: pd.DataFrame | None = None, acct: dict
         "migration": migration(c),
         "syncs": int(len(s)),
         "sync_source": str(s["source"].iloc[0]) if len(s) else "none",
+        "dirty_mode": c.dirty_mode,
         "epochs": int((s["epoch"] > 0).sum()) if len(s) else 0,
         "harvested_pages": int(s.loc[s["harvested"] > 0, "harvested"].sum()) if len(s) else 0,
         "hints": {**a["totals"], "send_source": a["source"]},

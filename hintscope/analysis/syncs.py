@@ -7,8 +7,8 @@ Sync boundaries, best source first (column ``source``):
 * ``fetch``: ``sync_fetch_begin`` / ``_end`` only;
 * ``qemu_trace``: QEMU's ``migration_bitmap_sync_start`` / ``_end`` (the window then also covers
   the OR into the migration bitmap);
-* ``get_groups``: KVM_GET_DIRTY_LOG ioctls grouped by time gaps (> ``GET_GAP_NS`` starts a sync), or
-  RESET_DIRTY_RINGS ioctls in dirty-ring mode.
+* ``get_groups``: KVM_GET_DIRTY_LOG ioctls grouped into rounds (the first repeat of a slot, or a gap
+  > ``GET_GAP_NS``, starts the next sync), or one sync per RESET_DIRTY_RINGS in dirty-ring mode.
 
 Harvest: pages GET returned inside the window (``bitmap_words`` op=get popcount, else the
 ioctl's ``pages``), per slot and in total; in ring mode the ring pushes since the previous
@@ -85,15 +85,16 @@ def _boundaries(c: Context) -> tuple[pd.DataFrame, str]:
     if not len(get):
         get = io[io["name"] == "RESET_DIRTY_RINGS"]
     if len(get):
-        s = get["enter_ns"].to_numpy(np.int64)
-        e = get["ts_ns"].to_numpy(np.int64)
-        o = np.argsort(s, kind="stable")
-        s, e = s[o], e[o]
-        new = np.r_[True, np.diff(s) > GET_GAP_NS]
-        g = np.cumsum(new) - 1
+        g = get.sort_values("enter_ns", kind="stable")
+        s = g["enter_ns"].to_numpy(np.int64)
+        e = g["ts_ns"].to_numpy(np.int64)
+        # A sync GETs every logging slot once: the first repeat of a slot starts the next sync
+        # (RESET_DIRTY_RINGS has no slot: every call is its own sync); so does a long gap.
+        occ = g.groupby("slot").cumcount().to_numpy()
+        runmax = np.maximum.accumulate(occ)
+        new = np.r_[True, (runmax[1:] > runmax[:-1]) | (np.diff(s) > GET_GAP_NS)]
         start = s[new]
         end = np.maximum.reduceat(e, np.flatnonzero(new))
-        del g
         return pd.DataFrame({"before_ns": -1, "after_ns": -1, "fetch_start_ns": start, "fetch_end_ns": end}), \
             "get_groups"
     return pd.DataFrame({c: pd.Series(dtype="int64") for c in
@@ -196,13 +197,23 @@ def _qemu_new(s: pd.DataFrame, tr: pd.DataFrame) -> tuple[np.ndarray, list[str]]
 def _est_new(c: Context, s: pd.DataFrame, sync_of_get: np.ndarray) -> np.ndarray:
     """Harvested pages whose migration-bitmap bit was clear at the sync (vectorised state replay per gfn)."""
     gp = c.get_pages
-    if not len(gp) or c.send_source == "none":
+    if c.send_source == "none":
         return np.full(len(s), -1, np.int64)
-    seq2sync = pd.Series(sync_of_get[1], index=sync_of_get[0])
-    d = seq2sync.reindex(gp["seq"].to_numpy()).fillna(-1).to_numpy(np.int64)
+    if len(gp):
+        seq2sync = pd.Series(sync_of_get[1], index=sync_of_get[0])
+        d = seq2sync.reindex(gp["seq"].to_numpy()).fillna(-1).to_numpy(np.int64)
+        t = gp["ts_ns"].to_numpy(np.int64)
+    elif len(c.ring_pages) and len(s):
+        # A ring push reaches the migration bitmap at the sync that collects it (end of its window).
+        gp = c.ring_pages
+        _, end = windows(s)
+        d = np.searchsorted(end, gp["ts_ns"].to_numpy(np.int64), side="left")
+        t = end[np.minimum(d, len(end) - 1)]
+        d = np.where(d < len(s), d, -1)
+    else:
+        return np.full(len(s), -1, np.int64)
     keep = (d >= 0) & (gp["gfn"].to_numpy() >= 0)
-    sets = pd.DataFrame({"gfn": gp["gfn"].to_numpy()[keep], "ts_ns": gp["ts_ns"].to_numpy()[keep],
-                         "kind": 1, "sync": d[keep]})
+    sets = pd.DataFrame({"gfn": gp["gfn"].to_numpy()[keep], "ts_ns": t[keep], "kind": 1, "sync": d[keep]})
     hp = c.hint_pages
     clears = pd.concat([c.sends[["gfn", "ts_ns"]], hp.loc[hp["gfn"] >= 0, ["gfn", "ts_ns"]]], ignore_index=True)
     clears = clears.assign(kind=0, sync=-1)
@@ -240,8 +251,9 @@ def sync_table(b: Bundle | Context) -> pd.DataFrame:
     start, end = windows(s)
 
     # Epochs: AFTER_k opens epoch k unless the VM is stopped (final sync of a completed migration).
+    # Without notifier probes, AFTER is inferred: QEMU runs it right after every sync.
     final = (np.arange(n) == n - 1) & (c.outcome == "completed")
-    opens = (s["after_ns"].to_numpy() >= 0) & ~final
+    opens = ((s["after_ns"].to_numpy() >= 0) | (source != "notify")) & ~final
     s["epoch"] = np.where(opens, s["sync"], -1).astype(np.int64)
 
     io = c.ioctls
@@ -286,10 +298,29 @@ def sync_table(b: Bundle | Context) -> pd.DataFrame:
         s["clear_calls"] = np.bincount(cd[okc], minlength=n)[:n].astype(np.int64)
         s["rearmed"] = np.bincount(cd[okc], weights=cpages[okc], minlength=n)[:n].astype(np.int64)
         s["rearmed_by_hint"] = np.bincount(cd[okc & by_hint], weights=cpages[okc & by_hint], minlength=n)[:n].astype(np.int64)
+    elif not len(io) and len(c.trace) and (c.trace["event"] == "kvm_clear_dirty_log").any():
+        tc = c.trace[c.trace["event"] == "kvm_clear_dirty_log"]
+        cd = _between(tc["ts_ns"].to_numpy(np.int64), start, end, c.end_ns)
+        okc = cd >= 0
+        s["clear_calls"] = np.bincount(cd[okc], minlength=n)[:n].astype(np.int64)
+        s["rearmed"] = np.bincount(cd[okc], weights=tc["num_pages"].to_numpy(np.int64)[okc], minlength=n)[:n] \
+            .astype(np.int64)
+        s["rearmed_by_hint"] = np.int64(-1)
+        if okc.any():
+            c.problems.append("re-armed pages come from QEMU's kvm_clear_dirty_log trace: range sizes, an upper "
+                              "bound on the pages actually re-armed (no ioctl probe)")
     else:
         s["clear_calls"] = np.int64(0 if len(io) else -1)
         s["rearmed"] = np.int64(-1)
         s["rearmed_by_hint"] = np.int64(-1)
+
+    mode = c.dirty_mode
+    if mode == "get":
+        # Legacy dirty logging: KVM_GET_DIRTY_LOG itself re-arms every page it returns.
+        s["rearmed"] = s["harvested"]
+    elif mode == "ring" and len(rp):
+        # KVM_RESET_DIRTY_RINGS at the sync re-arms the pages collected from the rings.
+        s["rearmed"] = s["ring_pages"]
 
     qn, notes = _qemu_new(s, c.trace)
     s["qemu_new_pages"] = qn
@@ -299,8 +330,10 @@ def sync_table(b: Bundle | Context) -> pd.DataFrame:
 
 
 def _explain(s: pd.DataFrame, d: int, base: str) -> str:
-    r = s.iloc[d]
+    r = s.iloc[d].copy()
     out = [base] if base else []
+    if r["harvested"] < 0:
+        r["harvested"] = r["ring_pages"]
     if r["qemu_new_pages"] < 0 or r["harvested"] < 0:
         return "; ".join(out)
     if d == 0 and r["qemu_new_pages"] == 0 and r["harvested"] > 0:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -37,7 +38,7 @@ import pandas as pd
 from hintscope.bundle import BundleWriter
 from hintscope.errors import HintscopeError
 from hintscope.lab import image as lab_image
-from hintscope.lab.migrate import (HostProbe, drive_migration, memory_check, probe_unavailable_reason, qmp_row,
+from hintscope.lab.migrate import (HostProbe, LabOptions, drive_migration, memory_check, probe_unavailable_reason, qmp_row,
                                    wait_status)  # noqa: F401
 from hintscope.lab.qemu import (TRACE_EVENTS, Qemu, QemuConfig, available_trace_events, find_qemu,
                                 qemu_version)
@@ -108,6 +109,28 @@ def _devices(root_img: str, payload: Path, port_file: Path, hint: bool) -> list[
         # same guest (balloon driver loaded, device present) with hinting off
         a += ["-device", "virtio-balloon-pci,id=balloon0,free-page-hint=off"]
     return a
+
+
+def unpacked_qemu_args(qemu: str) -> tuple[list[str], dict[str, str]]:
+    """-L firmware dirs and module dir for a QEMU unpacked with `dpkg -x` under a prefix.
+
+    Such a binary (e.g. /opt/hintscope/qemu-bpo/usr/bin/qemu-system-x86_64 from
+    bookworm-backports) still has /usr/share/qemu compiled in, which holds the system QEMU's
+    firmware; point it at its own and keep it off the system's modules.
+    """
+    exe = Path(qemu).resolve()
+    if exe.parent.name != "bin" or exe.parent.parent.name != "usr" or exe.parent.parent.parent == Path("/"):
+        return [], {}
+    usr = exe.parent.parent
+    args: list[str] = []
+    for d in (usr / "share/qemu", usr / "share/seabios", usr / "lib/ipxe/qemu"):
+        if d.is_dir():
+            args += ["-L", str(d)]
+    env = {}
+    mod = usr / "lib/x86_64-linux-gnu/qemu"
+    if mod.is_dir():
+        env["QEMU_MODULE_DIR"] = str(mod)
+    return args, env
 
 
 def _read(path: Path, limit: int = 64 << 20) -> bytes:
@@ -202,6 +225,8 @@ async def run_linux(o: LinuxOptions) -> dict[str, Any]:
     t0 = time.monotonic()
     img = await asyncio.to_thread(lab_image.build, False, lambda *_: None)
     t_image = time.monotonic() - t0
+    fw_args, fw_env = unpacked_qemu_args(qemu)
+    os.environ.update(fw_env)  # inherited by the QEMU processes
     version = qemu_version(qemu)
     known = available_trace_events(qemu)
     events = [e for e in TRACE_EVENTS + EXTRA_TRACE if e in known]
@@ -221,12 +246,15 @@ async def run_linux(o: LinuxOptions) -> dict[str, Any]:
     common = dict(workdir=work, qemu=qemu, accel="tcg", mem_mb=o.mem_mb, smp=o.smp, kernel=img["kernel"],
                   initrd=img["initrd"], append=append, hint=o.hint)
     src = Qemu(QemuConfig(name="src", trace_events_file=events_file, trace_file=trace_log,
-                          extra=_devices(img["path"], payload, ports["src"], o.hint) + o.extra_qemu, **common))
+                          extra=fw_args + _devices(img["path"], payload, ports["src"], o.hint) + o.extra_qemu,
+                          **common))
     dst = Qemu(QemuConfig(name="dst", incoming=f"unix:{mig_sock}",
-                          extra=_devices(img["path"], payload, ports["dst"], o.hint) + o.extra_qemu, **common))
+                          extra=fw_args + _devices(img["path"], payload, ports["dst"], o.hint) + o.extra_qemu,
+                          **common))
     probe: HostProbe | None = None
     writer: BundleWriter | None = None
-    summary: dict[str, Any] = {"bundle": str(bundle), "guest": "linux"}
+    summary: dict[str, Any] = {"bundle": str(bundle), "guest": "linux",
+                               "probe": {"used": use_probe, "reason": probe_reason, "argv": None}}
     timings: dict[str, float] = {"image": round(t_image, 2)}
     end_reason = "error: interrupted"
     diff = None
@@ -240,6 +268,7 @@ async def run_linux(o: LinuxOptions) -> dict[str, Any]:
             t2 = time.monotonic()
             await probe.start()
             timings["host_probe_attach"] = round(time.monotonic() - t2, 2)
+            summary["probe"]["argv"] = probe.argv
         writer = BundleWriter(bundle, PRODUCER, append=use_probe)
         if not use_probe:
             writer.meta["vmm"] = {"pid": src.pid, "binary": qemu, "version": version}
@@ -253,7 +282,6 @@ async def run_linux(o: LinuxOptions) -> dict[str, Any]:
             "workload": {"fill_mb": o.fill_mb, "pressure_mb": o.pressure_mb, "writer_mb": o.writer_mb,
                          "guest_probe": o.guest_probe},
             "src_pid": src.pid, "dst_pid": dst.pid, "src_argv": src.cfg.argv(), "dst_argv": dst.cfg.argv(),
-            "probe": {"used": use_probe, "reason": probe_reason, "argv": probe.argv if probe else None},
             "migration": {"uri": f"unix:{mig_sock}", "max_bandwidth": o.bandwidth_mb << 20,
                           "downtime_limit_ms": o.downtime_ms},
             "timings_s": timings,
@@ -261,7 +289,10 @@ async def run_linux(o: LinuxOptions) -> dict[str, Any]:
         writer.flush()
         await asyncio.sleep(o.pre_ms / 1000)
         t3 = time.monotonic()
-        rows = await drive_migration(src, f"unix:{mig_sock}", o)
+        # the lab's own options type, so fields it adds later keep their defaults
+        mig_opts = LabOptions(bundle=bundle, mem_mb=o.mem_mb, hint=o.hint, bandwidth_mb=o.bandwidth_mb,
+                              downtime_ms=o.downtime_ms, timeout_s=o.timeout_s, poll_ms=o.poll_ms)
+        rows = await drive_migration(src, f"unix:{mig_sock}", mig_opts)
         timings["migrate_wall"] = round(time.monotonic() - t3, 2)
         writer.append("qmp", pd.DataFrame(rows))
         final = json.loads(rows[-1]["raw"])
@@ -299,11 +330,17 @@ async def run_linux(o: LinuxOptions) -> dict[str, Any]:
             with contextlib.suppress(Exception):
                 shutil.copyfile(path, files / name)
         if probe is not None:
-            summary["probe"]["exit"] = await probe.stop()
+            try:
+                summary["probe"]["exit"] = await probe.stop()
+            except Exception as e:  # never leave QEMU running because a probe misbehaved
+                summary["probe"]["stop_error"] = str(e)[:200]
             with contextlib.suppress(Exception):
                 shutil.copyfile(work / "probe.log", files / "probe.log")
         for vm in (src, dst):
-            summary.setdefault("qemu_exit", {})[vm.cfg.name] = await vm.stop()
+            try:
+                summary.setdefault("qemu_exit", {})[vm.cfg.name] = await vm.stop()
+            except Exception as e:
+                summary.setdefault("qemu_exit", {})[vm.cfg.name] = f"stop failed: {e}"[:200]
         if writer is not None:
             try:
                 _finish_guest(writer, summary, files, diff, o)
@@ -371,13 +408,18 @@ def _finish_guest(writer: BundleWriter, summary: dict, files: Path, diff, o: Lin
 def add_arguments(p) -> None:
     """Options only the Linux guest uses (added to `hintscope lab migrate`)."""
     g = p.add_argument_group("--guest linux")
-    g.add_argument("--smp", type=int, default=2, help="vCPUs (linux guest; default 2)")
-    g.add_argument("--fill", type=int, default=400, metavar="MB", help="MiB of random data filled and freed (400)")
-    g.add_argument("--pressure", type=int, default=0, metavar="MB",
-                   help="allocate this many MiB every 2 s so the balloon shrinker returns hinted blocks (0)")
-    g.add_argument("--writer", type=int, default=16, metavar="MB", help="stamped writer buffer in MiB (16)")
-    g.add_argument("--no-guest-probe", action="store_true", help="do not run the BCC probe inside the guest")
-    g.add_argument("--health", type=float, default=15.0, metavar="S", help="seconds to watch the destination (15)")
+    opts = [
+        ("--smp", dict(type=int, default=2, help="vCPUs (linux guest; default 2)")),
+        ("--fill", dict(type=int, default=400, metavar="MB", help="MiB of random data filled and freed (400)")),
+        ("--pressure", dict(type=int, default=0, metavar="MB",
+                            help="allocate this many MiB every 2 s so the balloon shrinker returns hinted blocks")),
+        ("--writer", dict(type=int, default=16, metavar="MB", help="stamped writer buffer in MiB (16)")),
+        ("--no-guest-probe", dict(action="store_true", help="do not run the BCC probe inside the guest")),
+        ("--health", dict(type=float, default=15.0, metavar="S", help="seconds to watch the destination (15)")),
+    ]
+    for flag, kw in opts:
+        if flag not in p._option_string_actions:  # the shared parser may grow the same option
+            g.add_argument(flag, **kw)
 
 
 def run(args) -> int:
@@ -387,6 +429,7 @@ def run(args) -> int:
                      probe=args.probe, guest_probe=not args.no_guest_probe, fill_mb=args.fill,
                      pressure_mb=args.pressure, writer_mb=args.writer, bandwidth_mb=bw,
                      timeout_s=max(args.timeout, 120.0), memcheck=not args.no_memcheck,
+                     downtime_ms=getattr(args, "downtime", 300),
                      keep_workdir=args.keep_workdir, health_s=args.health)
     s = asyncio.run(run_linux(o))
     print_summary(s)

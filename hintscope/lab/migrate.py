@@ -192,7 +192,10 @@ class HostProbe:
 
     async def start(self, timeout: float = 120.0) -> None:
         argv = [sys.executable, "-m", "hintscope", "probe", "host", "--pid", str(self.pid), "-o", str(self.bundle)]
-        if self.trace_log is not None and "--qemu-trace-log" in await self._help():
+        # A log outside the bundle is copied in by the probe at stop; the lab's own log is already
+        # at files/qemu-trace.log (copying it onto itself would fail).
+        if (self.trace_log is not None and self.bundle.resolve() not in self.trace_log.resolve().parents
+                and "--qemu-trace-log" in await self._help()):
             argv += ["--qemu-trace-log", str(self.trace_log)]
         self.argv = argv
         self._log = open(self.log_path, "ab")
@@ -274,12 +277,15 @@ def qmp_row(ts_ns: int, wall_ns: int, info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def drive_migration(src: Qemu, uri: str, o: LabOptions) -> list[dict[str, Any]]:
+async def drive_migration(src: Qemu, uri: str, o: LabOptions,
+                          rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Start the migration and poll it to a final state; snapshots go to ``rows`` as they arrive
+    (so a caller keeps them when this raises)."""
     await src.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
     await src.cmd("migrate-set-parameters", {"max-bandwidth": o.bandwidth_mb << 20,
                                              "downtime-limit": o.downtime_ms})
     await src.cmd("migrate", {"uri": uri})
-    rows: list[dict[str, Any]] = []
+    rows = [] if rows is None else rows
     deadline = time.monotonic() + o.timeout_s
     while True:
         info = await src.cmd("query-migrate")
@@ -326,13 +332,15 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _truth_frame(ranges: list[tuple[int, int]], ready: dict[str, str]) -> pd.DataFrame:
+def _truth_frame(ranges: list[tuple[int, int]], fill_mb: int, ready: dict[str, str]) -> pd.DataFrame:
     rows = [(a, b, "target") for a, b in ranges]
-    fill = int(ready.get("fill_mb", "0") or 0)
-    if fill:
-        rows.append((FILL_AT, FILL_AT + fill * 256 - 1, "fill"))
-    if m := re.fullmatch(r"(0x[0-9a-f]+)-(0x[0-9a-f]+)", ready.get("bss", "")):
-        rows.append((int(m.group(1), 16), int(m.group(2), 16), "image"))
+    if fill_mb:
+        rows.append((FILL_AT, FILL_AT + fill_mb * 256 - 1, "fill"))
+    # The guest's own bss/stack pages, as it reports them (guest text: validated, bounded).
+    if m := re.fullmatch(r"(0x[0-9a-f]{1,8})-(0x[0-9a-f]{1,8})", ready.get("bss", "")):
+        a, b = int(m.group(1), 16), int(m.group(2), 16)
+        if 0x100 <= a <= b < a + 256:
+            rows.append((a, b, "image"))
     return pd.DataFrame({"first_gfn": np.array([r[0] for r in rows], dtype=np.uint64),
                          "last_gfn": np.array([r[1] for r in rows], dtype=np.uint64),
                          "role": [r[2] for r in rows]})
@@ -348,7 +356,12 @@ async def run_lab(o: LabOptions) -> dict[str, Any]:
     bundle = Path(o.bundle)
     if (bundle / "meta.json").exists():
         raise HintscopeError(f"{bundle}: a bundle already exists there (choose another -o)")
-    probe_reason = probe_unavailable_reason() if o.probe != "off" else "--probe off"
+    if o.probe == "off":
+        probe_reason = "--probe off"
+    elif accel != "kvm" and o.probe == "auto":
+        probe_reason = "the host probe traces KVM users; this run uses TCG"
+    else:
+        probe_reason = probe_unavailable_reason()
     if o.probe == "on" and probe_reason:
         raise HintscopeError(f"--probe on: {probe_reason}")
     use_probe = probe_reason is None
@@ -376,7 +389,7 @@ async def run_lab(o: LabOptions) -> dict[str, Any]:
     probe: HostProbe | None = None
     counter: IoctlCounter | None = None
     writer: BundleWriter | None = None
-    summary: dict[str, Any] = {"bundle": str(bundle)}
+    summary: dict[str, Any] = {"bundle": str(bundle), "probe": {"used": use_probe, "reason": probe_reason}}
     end_reason = "error: interrupted"
     try:
         t1 = time.monotonic()
@@ -384,7 +397,7 @@ async def run_lab(o: LabOptions) -> dict[str, Any]:
         await dst.start()
         ready_m = await wait_serial(src.cfg.serial_path, READY_RE, 30, "'DIRTIER ready' line",
                                     fail=re.compile(r"DIRTIER error: [^\n]*"))
-        ready = _kv(ready_m.group(1))
+        ready = _kv(ready_m.group(1)[:2000])  # guest text: bounded
         t_boot = time.monotonic() - t1
 
         if use_probe:
@@ -399,6 +412,7 @@ async def run_lab(o: LabOptions) -> dict[str, Any]:
         if not use_probe:
             writer.meta["vmm"] = {"pid": src.pid, "binary": qemu, "version": version}
         writer.set_source("lab_qmp", "captured", interval_ms=o.poll_ms)
+        writer.set_source("qemu_trace", "captured", None, file="files/qemu-trace.log", events=events)
         writer.meta["qemu_trace"] = {"file": "files/qemu-trace.log", "events": events, "pid": src.pid,
                                      "clock": "CLOCK_REALTIME (-msg timestamp=on)", "vmm": "source"}
         writer.meta["lab"] = summary
@@ -411,19 +425,24 @@ async def run_lab(o: LabOptions) -> dict[str, Any]:
             "src_pid": src.pid, "dst_pid": dst.pid,
             "src_argv": src.cfg.argv(), "dst_argv": dst.cfg.argv(),
             "probe": {"used": use_probe, "reason": probe_reason, "argv": probe.argv if probe else None},
+            "crosscheck": None,
             "migration": {"uri": f"unix:{mig_sock}", "max_bandwidth": o.bandwidth_mb << 20,
                           "downtime_limit_ms": o.downtime_ms},
             "timings_s": {"build": round(t_build, 3), "boot_to_ready": round(t_boot, 3)},
         })
-        writer.append("guest_truth_pages", _truth_frame(ranges, ready))
+        writer.append("guest_truth_pages", _truth_frame(ranges, o.fill_mb, ready))
         writer.flush()
 
         await asyncio.sleep(o.pre_ms / 1000)
         src_hb_before = last_heartbeat(read_serial(src.cfg.serial_path))
+        rows: list[dict[str, Any]] = []
         t3 = time.monotonic()
-        rows = await drive_migration(src, f"unix:{mig_sock}", o)
+        try:
+            await drive_migration(src, f"unix:{mig_sock}", o, rows)
+        finally:
+            if rows:
+                writer.append("qmp", pd.DataFrame(rows))
         t_mig = time.monotonic() - t3
-        writer.append("qmp", pd.DataFrame(rows))
         final = json.loads(rows[-1]["raw"])
         summary["migration"].update({
             "status": final.get("status"), "total_time_ms": final.get("total-time"),
@@ -447,7 +466,7 @@ async def run_lab(o: LabOptions) -> dict[str, Any]:
             mc = diff.summary()
             mc["seconds"] = round(time.monotonic() - t4, 3)
             mc["method"] = "pmemsave of paused source (postmigrate) and paused destination, from GPA 0"
-            writer.meta["memcheck"] = mc
+            writer.meta["memcheck"] = summary["memcheck"] = mc
             writer.append("lost_pages", diff.differing)
             summary["timings_s"]["memcheck"] = mc["seconds"]
 
@@ -501,10 +520,16 @@ async def destination_health(dst: Qemu, src_hb: dict[str, int] | None, timeout: 
         await asyncio.sleep(0.1)
 
 
+SAMPLE_DEFAULTS = dict(mem_mb=256, pages="0x400-0x47f", rate=20000, pre_ms=300, fill_mb=4, bandwidth_mb=32,
+                       downtime_ms=1)
+
+
 def make_sample(path: str | os.PathLike, **kw: Any) -> dict[str, Any]:
-    """Record a small committed-sample bundle: 256 MiB dirtier guest, a few seconds of data."""
-    o = LabOptions(bundle=Path(path), mem_mb=kw.pop("mem_mb", 256), pages=kw.pop("pages", "0x400-0x47f"),
-                   rate=kw.pop("rate", 20000), pre_ms=kw.pop("pre_ms", 300), **kw)
+    """Record a small sample bundle (~0.2-0.5 MB): 256 MiB dirtier guest writing 128 pages, 4 MiB
+    prefill at 32 MiB/s and a 1 ms downtime limit, so the migration takes a few hundred ms with
+    about 5 syncs. Keyword arguments override any :class:`LabOptions` field, e.g.
+    ``make_sample("samples/lab-ring", dirty_ring=4096)``."""
+    o = LabOptions(bundle=Path(path), **(SAMPLE_DEFAULTS | kw))
     return asyncio.run(run_lab(o))
 
 
@@ -528,7 +553,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--hint", default="on", choices=["on", "off"], help="virtio-balloon free-page-hint device")
     p.add_argument("--probe", default="auto", choices=["auto", "on", "off"], help="attach the host probe")
     p.add_argument("--bandwidth", type=int, default=1000, metavar="MIBPS", help="migration max-bandwidth")
-    p.add_argument("--downtime", type=int, default=300, metavar="MS", help="migration downtime-limit")
+    p.add_argument("--downtime", type=int, default=300, metavar="MS",
+                   help="migration downtime-limit (1 keeps QEMU iterating and syncing longer)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds the migration may take")
     p.add_argument("--crosscheck", action="store_true",
                    help="also count the source's dirty-log ioctls with bpftrace (meta lab.crosscheck)")
@@ -558,8 +584,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"migration {m.get('status')}: {m.get('total_time_ms')} ms, downtime {m.get('downtime_ms')} ms, "
           f"{ram.get('transferred')} bytes, {ram.get('normal')} normal pages, "
           f"{ram.get('dirty-sync-count')} syncs")
-    bundle_meta = json.loads((o.bundle / ("meta-lab_migrate.json" if s["probe"]["used"] else "meta.json")).read_text())
-    mc = bundle_meta.get("memcheck")
+    mc = s.get("memcheck")
     if mc:
         print(f"memcheck: {mc['pages_differing']} of {mc['pages_compared']} pages differ, "
               f"{mc['lost_writes']} lost writes ({mc['kvmclock_pages']} kvmclock pages rewritten by KVM)")

@@ -9,6 +9,10 @@ it writes a few bytes of code into page 0 that store one byte into every listed 
   GET returned (QEMU's mode without a dirty ring);
 * ``ring``: KVM_ENABLE_CAP(DIRTY_LOG_RING), reap the vCPU's mmapped ring, KVM_RESET_DIRTY_RINGS.
 
+``--clear-pattern N`` (manual mode) ends with one KVM_CLEAR_DIRTY_LOG over the whole slot whose
+mask has N pseudo-random pages set (always including the slot's last page): with a large
+``--mem-pages`` it exercises the probe's bitmap walk over long bitmaps.
+
 Its own harvest is printed as one JSON line per round, so a test can compare it with what the
 probe recorded.  It opens /dev/kvm first and then waits for a go signal (a line on stdin, or
 ``--go-file`` appearing) before creating the VM, so a probe attached in between sees every
@@ -43,6 +47,7 @@ MAX_PAGE = 255
 CODE_PAGE = 0
 MEMSLOT = 0
 DIRTY_RING_ENTRIES = 4096
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Python < 3.13 lacks the name (x86 Linux value)
 
 
 def guest_code(pages: list[int], value: int) -> bytes:
@@ -100,7 +105,8 @@ class MiniVM:
             cap["cap"] = K.CAP_DIRTY_LOG_RING
             cap["args"][0, 0] = DIRTY_RING_ENTRIES * K.DIRTY_GFN.itemsize
             _ioctl(self.vm, K.ENABLE_CAP_IOCTL, bytearray(cap.tobytes()), "ENABLE_CAP(DIRTY_LOG_RING)")
-        self.mem = mmap.mmap(-1, mem_pages * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # NORESERVE: a large slot costs nothing until the guest touches it (it touches < 1 MiB).
+        self.mem = mmap.mmap(-1, mem_pages * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
         region = np.zeros(1, K.USERSPACE_MEMORY_REGION)
         region["slot"] = MEMSLOT
         region["flags"] = K.MEM_LOG_DIRTY_PAGES
@@ -167,6 +173,24 @@ class MiniVM:
         del buf
         return [int(p) for p in pages]
 
+    def clear_pattern(self, n: int, seed: int) -> list[int]:
+        """CLEAR_DIRTY_LOG over the whole slot with n pseudo-random pages set; returns them."""
+        rng = np.random.default_rng(seed)
+        pages = np.unique(np.append(rng.choice(self.mem_pages, size=min(n, self.mem_pages) - 1, replace=False),
+                                    self.mem_pages - 1)) if n > 0 else np.empty(0, np.int64)
+        bits = np.zeros(len(self.bitmap) * 8, np.uint8)
+        bits[pages] = 1
+        mask = bytearray(np.packbits(bits, bitorder="little").tobytes())
+        buf = (ctypes.c_char * len(mask)).from_buffer(mask)
+        clr = np.zeros(1, K.CLEAR_DIRTY_LOG)
+        clr["slot"] = MEMSLOT
+        clr["first_page"] = 0
+        clr["num_pages"] = self.mem_pages
+        clr["dirty_bitmap"] = ctypes.addressof(buf)
+        _ioctl(self.vm, K.CLEAR_DIRTY_LOG_IOCTL, bytearray(clr.tobytes()), "KVM_CLEAR_DIRTY_LOG")
+        del buf
+        return [int(p) for p in pages]
+
     def _harvest_ring(self) -> list[int]:
         ring = np.frombuffer(self.ring, K.DIRTY_GFN)
         got = []
@@ -209,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pages", required=True, help="pages to write per round: '2,5,8;3,4' (1..255)")
     ap.add_argument("--mode", choices=("bitmap", "manual", "ring"), default="bitmap")
     ap.add_argument("--mem-pages", type=int, default=256, help="memslot size in 4 KiB pages (default 256)")
+    ap.add_argument("--clear-pattern", type=int, default=0, metavar="N",
+                    help="manual mode: finally CLEAR the whole slot with N pseudo-random pages set")
+    ap.add_argument("--seed", type=int, default=1, help="seed for --clear-pattern")
+    ap.add_argument("--loop", type=float, default=0.0, metavar="S",
+                    help="repeat the rounds every S seconds until killed (a VMM that keeps dirtying)")
     ap.add_argument("--go-file", help="wait for this file to exist instead of a line on stdin")
     ap.add_argument("--no-wait", action="store_true", help="start at once")
     ap.add_argument("--timeout", type=float, default=120.0, help="give up waiting for the go signal after S s")
@@ -224,11 +253,23 @@ def main(argv: list[str] | None = None) -> int:
             wait_go(a.go_file, a.timeout)
         vm = MiniVM(kvm, a.mem_pages, a.mode)
         try:
-            for i, pages in enumerate(rounds):
+            i = 0
+            while True:
+                pages = rounds[i % len(rounds)]
                 vm.run_round(pages, value=0x40 + i)
                 got = vm.harvest()
                 print(json.dumps({"round": i, "mode": a.mode, "slot": MEMSLOT, "written": pages, "harvest": got}),
                       flush=True)
+                i += 1
+                if i >= len(rounds):
+                    if not a.loop:
+                        break
+                    time.sleep(a.loop)
+            if a.clear_pattern:
+                if a.mode != "manual":
+                    raise HintscopeError("minivmm: --clear-pattern needs --mode manual")
+                cleared = vm.clear_pattern(a.clear_pattern, a.seed)
+                print(json.dumps({"clear_pattern": cleared, "slot": MEMSLOT, "mem_pages": a.mem_pages}), flush=True)
         finally:
             vm.close()
             os.close(kvm)

@@ -12,8 +12,11 @@ file, and ``-msg timestamp=on`` stamps messages in UTC.  Those become event ``me
 
 The log is untrusted input.  Limits (both documented in docs/analysis.md):
 
-* ``MAX_LINE`` bytes per line: a longer line is malformed (never handed to a regex);
-* ``MAX_BYTES`` per file: only that prefix is read and the truncation is reported.
+* ``hintscope.limits.MAX_LINE`` characters per line: a longer line is malformed (never handed to a regex);
+* ``hintscope.limits.MAX_TRACE_BYTES`` per file: only that prefix is read and the truncation is reported.
+
+The file is parsed in chunks of ``CHUNK_BYTES`` (whole lines), so the intermediate string frames stay
+bounded whatever the file size.
 
 Malformed lines are counted; :attr:`TraceParse.problem` is one line naming the file, the count
 and the first bad line number.  Every valid line is kept.  Parsing is vectorised (one regex
@@ -34,8 +37,10 @@ import pandas as pd
 from hintscope import schema
 from hintscope.errors import HintscopeError
 
-MAX_LINE = 4096
-MAX_BYTES = 1 << 30
+from hintscope import limits
+
+# Bytes parsed at once: bounds the intermediate (string) frames, not the result.
+CHUNK_BYTES = 32 << 20
 
 TABLE = "qemu_trace"
 
@@ -105,7 +110,7 @@ class TraceParse:
             parts.append(f"{self.bad} of {self.lines} lines malformed and skipped "
                          f"(first: line {self.first_bad}: {self.first_bad_reason})")
         if self.truncated_at is not None:
-            parts.append(f"read only the first {self.truncated_at} bytes (cap {MAX_BYTES})")
+            parts.append(f"read only the first {self.truncated_at} bytes (cap)")
         if not parts:
             return None
         return f"{self.path}: " + "; ".join(parts) + f"; kept {len(self.frame)} events"
@@ -135,7 +140,29 @@ def _empty() -> pd.DataFrame:
 
 
 def parse_bytes(data: bytes, path: str = "<trace>") -> TraceParse:
-    """Parse the bytes of a trace log (see module docstring)."""
+    """Parse the bytes of a trace log (see module docstring), chunk by chunk."""
+    frames, lines, bad, first, why = [], 0, 0, None, None
+    pos = 0
+    while pos < len(data) or not frames:
+        end = len(data) if len(data) - pos <= CHUNK_BYTES else data.rfind(b"\n", pos, pos + CHUNK_BYTES) + 1
+        if end <= pos:  # no newline in a whole chunk: that is one (malformed) over-long line
+            nl = data.find(b"\n", pos)
+            end = len(data) if nl < 0 else nl + 1
+        r = _parse_chunk(data[pos:end], path)
+        if r.first_bad is not None and first is None:
+            first, why = r.first_bad + lines, r.first_bad_reason
+        r.frame["line"] += lines
+        frames.append(r.frame)
+        lines += r.lines
+        bad += r.bad
+        pos = end
+        if not data:
+            break
+    f = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    return TraceParse(f, path, lines, bad, first, why)
+
+
+def _parse_chunk(data: bytes, path: str) -> TraceParse:
     text = data.decode("utf-8", errors="replace")
     lines = text.split("\n")
     if lines and lines[-1] == "":
@@ -144,7 +171,8 @@ def parse_bytes(data: bytes, path: str = "<trace>") -> TraceParse:
     if n == 0:
         return TraceParse(_empty(), path, 0, 0, None, None)
     s = pd.Series(lines, dtype="string")
-    too_long = (s.str.len() > MAX_LINE).to_numpy()
+    max_line = limits.MAX_LINE
+    too_long = (s.str.len() > max_line).to_numpy()
     # Regexes never see an over-long line: it stays malformed.
     s_checked = s.where(~too_long, "")
     m = s_checked.str.extract(_LINE)
@@ -155,7 +183,7 @@ def parse_bytes(data: bytes, path: str = "<trace>") -> TraceParse:
     # A blank line is harmless (QEMU writes none, but editors do): neither kept nor counted bad.
     reason = np.full(n, "", dtype=object)
     reason[~valid & ~blank] = "not a `TID@SEC.USEC:event` or timestamped message line"
-    reason[too_long] = f"longer than {MAX_LINE} characters"
+    reason[too_long] = f"longer than {max_line} characters"
 
     df = pd.DataFrame({"line": np.arange(1, n + 1, dtype=np.int64)})
     tid = pd.to_numeric(m["tid"], errors="coerce").fillna(-1).astype(np.int64).to_numpy()
@@ -243,9 +271,10 @@ def parse_bytes(data: bytes, path: str = "<trace>") -> TraceParse:
 
 
 def parse_file(path: str | os.PathLike, meta: Mapping[str, Any] | None = None,
-               max_bytes: int = MAX_BYTES) -> TraceParse:
+               max_bytes: int | None = None) -> TraceParse:
     """Parse a log file; with ``meta`` (a bundle's meta) fill ``ts_ns`` from the clock anchors."""
     p = Path(path)
+    max_bytes = limits.MAX_TRACE_BYTES if max_bytes is None else max_bytes
     try:
         with open(p, "rb") as f:
             data = f.read(max_bytes + 1)

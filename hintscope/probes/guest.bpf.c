@@ -32,7 +32,7 @@
 #define EV_SHRINKER_ENTER 10    // virtio_balloon_shrinker_scan
 #define EV_SHRINKER_EXIT  11    // a0 = pages freed
 #define EV_REUSE          12    // mm_page_alloc overlapping a returned block: a0 = pfn, a1 = order, a2 = gfp
-#define EV_FREE_REPORT    13    // virtballoon_free_page_report: a0 = nents
+#define EV_FREE_PAGE_REPORT 13    // virtballoon_free_page_report: a0 = nents
 #define EV_REMOVE         14    // remove_common entry
 #define EV_HINT_FREED     15    // mm_page_free order HINT_ORDER inside a run (block not queued): a0 = pfn
 
@@ -295,7 +295,7 @@ int on_remove_exit(struct pt_regs *ctx)
 
 int on_free_page_report(struct pt_regs *ctx)
 {
-    emit(EV_FREE_REPORT, PT_REGS_PARM3(ctx), 0, 0);
+    emit(EV_FREE_PAGE_REPORT, PT_REGS_PARM3(ctx), 0, 0);
     return 0;
 }
 #endif /* HS_KPROBES */

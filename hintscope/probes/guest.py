@@ -155,7 +155,7 @@ def run(out_fd: int, tracepoints_only: bool, attached_file: str | None, stats_in
     t0 = time.monotonic_ns()
     with open(BPF_C) as f:
         text = f.read()
-    b = bpf_class(text=text, cflags=cflags)
+    b = bpf_class(text=text.encode(), cflags=cflags)
     t_load = time.monotonic_ns()
     if not tracepoints_only:
         for sym, how, fn, why, _ in PROBES:
@@ -183,7 +183,7 @@ def run(out_fd: int, tracepoints_only: bool, attached_file: str | None, stats_in
         e = ct.cast(data, ct.POINTER(Event)).contents
         st.add("E", f"{e.ts} {e.cpu} {e.tid} {e.kind} {e.a0} {e.a1} {e.a2}")
 
-    b["events"].open_ring_buffer(on_event)
+    b[b"events"].open_ring_buffer(on_event)
     st.add("A", f"{time.monotonic_ns()} ATTACHED")
     st.flush()
     if attached_file:
@@ -193,7 +193,7 @@ def run(out_fd: int, tracepoints_only: bool, attached_file: str | None, stats_in
         ready_cb(b)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    counters = b["counters"]
+    counters = b[b"counters"]
     end = time.monotonic() + duration if duration > 0 else float("inf")
     next_stats = time.monotonic()
     try:

@@ -25,9 +25,9 @@ from hintscope.report import model
 
 # Metrics drawn when present (summary keys after flattening), in this order; others stay in the CSV.
 PLOT_METRICS = [
-    "duration_s", "total_time_ms", "migration.total_time_ms", "transferred_bytes", "bytes", "migration.transferred",
-    "syncs", "epochs", "hinted_pages", "skipped_pages", "resent_pages", "late_pages", "bytes_saved", "findings",
-    "pages_sent", "dirty_pages_harvested",
+    "migration.total_time_ms", "migration.downtime_ms", "migration.transferred", "migration.normal",
+    "syncs", "epochs", "harvested_pages", "hints.applies", "hints.applied_pages", "hints.skipped_pages",
+    "hints.late_pages", "hints.resent_pages", "hints.bytes_saved_upper_bound", "findings",
 ]
 _LABEL_RE = re.compile(r"^(?:(?P<bundle>.+):)?(?P<key>[A-Za-z0-9_.-]+)=(?P<value>.*)$")
 

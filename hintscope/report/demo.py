@@ -84,11 +84,13 @@ def run(out: Path, samples: Path) -> dict:
             files["regression"] = compare.write(df, out / "regression")
 
     t = Table(title=f"hintscope demo: {source}")
-    keys = ["outcome", "duration_s", "syncs", "epochs", "hinted_pages", "skipped_pages", "resent_pages"]
+    keys = {"migration.outcome": "outcome", "migration.total_time_ms": "ms", "syncs": "syncs", "epochs": "epochs",
+            "hints.applied_pages": "hinted", "hints.skipped_pages": "skipped", "hints.resent_pages": "resent"}
     shown = [k for k in keys if any(k in s for _, s, _ in rows)]
     t.add_column("run")
-    for k in shown + ["findings"]:
-        t.add_column(k, justify="right")
+    for k in shown:
+        t.add_column(keys[k], justify="right")
+    t.add_column("findings", justify="right")
     for name, s, nf in rows:
         t.add_row(name, *[_cell(s.get(k)) for k in shown], str(nf))
     console.print(t)

@@ -40,7 +40,10 @@ class ReportData:
     findings: pd.DataFrame
     syncs: pd.DataFrame
     timeline: tl.Timeline
+    epochs: pd.DataFrame = field(default_factory=pd.DataFrame)   # per-epoch accounting (analysis)
+    clock: dict[str, Any] = field(default_factory=dict)           # guest->host offset band summary
     notes: list[str] = field(default_factory=list)
+    analysed: bool = False                                         # numbers come from hintscope.analysis
 
 
 def load_findings(b: Bundle, notes: list[str] | None = None) -> pd.DataFrame:
@@ -54,7 +57,7 @@ def load_findings(b: Bundle, notes: list[str] | None = None) -> pd.DataFrame:
     except Exception as e:  # noqa: BLE001 - the report must still render; the note names the failure
         notes.append(f"detector failed on this bundle: {type(e).__name__}: {e}")
         return pd.DataFrame(columns=FINDING_COLUMNS)
-    return f if f is not None else pd.DataFrame(columns=FINDING_COLUMNS)
+    return f if isinstance(f, pd.DataFrame) else pd.DataFrame(columns=FINDING_COLUMNS)
 
 
 def load_summary(b: Bundle, notes: list[str] | None = None) -> dict[str, Any]:
@@ -70,51 +73,111 @@ def load_summary(b: Bundle, notes: list[str] | None = None) -> dict[str, Any]:
     return host_summary(b)
 
 
-def load_syncs(b: Bundle, notes: list[str] | None = None) -> pd.DataFrame:
-    notes = notes if notes is not None else []
-    fn = _optional("hintscope.analysis.syncs", "sync_table")
-    if fn is not None:
-        try:
-            return fn(b)
-        except Exception as e:  # noqa: BLE001
-            notes.append(f"per-sync table failed: {type(e).__name__}: {e}; notifier-only syncs shown")
-    return tl.host_syncs(b.table("qemu_events"))
+def _analyse(b: Bundle, notes: list[str]) -> dict[str, Any] | None:
+    """The analysis package's sync table, accounting, findings and summary, computed once."""
+    if _optional("hintscope.analysis.summary", "summarize") is None:
+        notes.append("analysis package not available: host-only numbers computed by the report")
+        return None
+    from hintscope.analysis import hints as hm
+    from hintscope.analysis import summary as sm
+    from hintscope.analysis.context import Context
+    from hintscope.analysis.syncs import sync_table
+
+    try:
+        c = Context(b)
+        s = sync_table(c)
+        a = hm.accounting(c, s)
+    except Exception as e:  # noqa: BLE001 - render what the host tables give, and say why
+        notes.append(f"analysis failed on this bundle: {type(e).__name__}: {e}; host-only numbers shown")
+        return None
+    try:
+        f = sm.findings(b)
+    except Exception as e:  # noqa: BLE001
+        notes.append(f"detector failed on this bundle: {type(e).__name__}: {e}")
+        f = {"available": False, "verdict": f"detector failed ({type(e).__name__})", "by_kind": {}, "findings": []}
+    if not f.get("available"):
+        notes.append(f"findings: {f.get('verdict')}")
+    summ = sm.summarize(c, s, a, f)
+    raw = f.get("_raw")
+    return {"context": c, "syncs": s, "accounting": a, "summary": summ,
+            "findings": raw if isinstance(raw, pd.DataFrame) else pd.DataFrame(columns=FINDING_COLUMNS)}
+
+
+def _clock(c: Any, notes: list[str]) -> tuple[dict[str, Any], Callable | None]:
+    """Guest->host offset band (analysis.clock_align) and the mapping the timeline uses (band middle)."""
+    est = _optional("hintscope.analysis.clock_align", "estimate")
+    b = c.bundle
+    ge, gh = b.table("guest_events"), b.table("guest_hints")
+    if est is None or (ge.empty and gh.empty):
+        return {}, None
+    try:
+        hp = c.hint_pages
+        first = hp.groupby("apply")["gfn"].first() if len(hp) else pd.Series(dtype="int64")
+        gfn0 = first.reindex(range(len(c.hint_applies))).fillna(-1).to_numpy(np.int64)
+        band = est(c.qe, ge, c.hint_applies, gh, gfn0)
+    except Exception as e:  # noqa: BLE001
+        notes.append(f"clock alignment failed: {type(e).__name__}: {e}")
+        return {}, None
+    info = band.summary()
+    if not band.known:
+        notes.append("guest->host clock band unknown: " + "; ".join(band.notes))
+        return info, None
+
+    def to_host(g: np.ndarray) -> np.ndarray:
+        lo, hi = band.to_host(g)
+        return ((lo + hi) / 2).astype(np.int64)
+    return info, to_host
 
 
 def load(b: Bundle) -> ReportData:
     notes: list[str] = list(b.problems)
-    summary = load_summary(b, notes)
-    findings = load_findings(b, notes)
-    syncs = load_syncs(b, notes)
-    t = tl.build(b, findings)
+    an = _analyse(b, notes)
+    if an is None:
+        summary = host_summary(b)
+        findings = load_findings(b, notes) if _optional("hintscope.analysis.detector", "detect") else \
+            pd.DataFrame(columns=FINDING_COLUMNS)
+        syncs = tl.host_syncs(b.table("qemu_events"))
+        t = tl.build(b, findings)
+        d = ReportData(b, summary, findings, syncs, t, notes=notes)
+    else:
+        c = an["context"]
+        clock, to_host = _clock(c, notes)
+        t = tl.build(b, an["findings"], guest_to_host=to_host, syncs=an["syncs"], states=c.states)
+        d = ReportData(b, an["summary"], an["findings"], an["syncs"], t, epochs=an["accounting"]["per_epoch"],
+                       clock=clock, notes=notes, analysed=True)
+        notes.extend(f"analysis: {p}" for p in c.problems if f"analysis: {p}" not in notes)
     notes.extend(t.notes)
-    return ReportData(b, summary, findings, syncs, t, notes)
+    return d
 
 
 def host_summary(b: Bundle) -> dict[str, Any]:
-    """Numbers that need only the host tables (used when the analysis package is absent)."""
+    """Numbers that need only the host uprobe/ioctl tables, in the analysis summary's layout.
+
+    Used when the analysis package is absent; hinted pages are apply lengths / 4 KiB (no
+    memslot mapping, so no skipped/resent accounting).
+    """
     qe = b.table("qemu_events")
     io = b.table("ioctls")
     syncs = tl.host_syncs(qe)
-    ms = qe[qe["event"] == "migrate_state"].sort_values("ts_ns")
-    states = ms["a2"].astype("int64").to_numpy()
-    outcome = tl.MIGRATION_STATES[states[-1]] if len(states) and 0 <= states[-1] < len(tl.MIGRATION_STATES) \
-        else "unknown"
-    t_setup = ms.loc[ms["a2"] == 1, "ts_ns"]
-    t_end = ms.loc[ms["a2"].isin([8, 9, 3]), "ts_ns"]
-    duration = (int(t_end.iloc[-1]) - int(t_setup.iloc[0])) / 1e9 if len(t_setup) and len(t_end) else None
+    st = tl._migration_states(qe)
+    outcome = str(st["state"].iloc[-1]) if len(st) else "unknown"
+    mig: dict[str, Any] = {"outcome": outcome, "source": "state events" if len(st) else "none"}
+    t0 = st.loc[st["state"] == "setup", "ts_ns"]
+    t1 = st.loc[st["state"].isin(["completed", "failed", "cancelled"]), "ts_ns"]
+    if len(t0) and len(t1):
+        mig["total_time_ms"] = int((int(t1.iloc[-1]) - int(t0.iloc[0])) // 1_000_000)
     applies = qe[qe["event"] == "hint_apply"]
     get = io[io["name"] == "GET_DIRTY_LOG"]
+    length = applies["a1"].astype("int64")
     return {
-        "outcome": outcome,
-        "duration_s": duration,
+        "bundle": str(b.path),
+        "migration": mig,
         "syncs": int(len(syncs)),
+        "sync_source": "notify" if len(syncs) else "none",
         "epochs": int((syncs["epoch"] > 0).sum()),
-        "hint_applies": int(len(applies)),
-        "hinted_pages": int((applies["a1"].astype("int64") // tl.PAGE).sum()),
-        "dirty_pages_harvested": int(get.loc[get["pages"] > 0, "pages"].sum()),
-        "clear_dirty_log_calls": int((io["name"] == "CLEAR_DIRTY_LOG").sum()),
-        "pages_sent": int((qe.loc[qe["event"] == "page_send", "a1"].astype("int64") // tl.PAGE).sum()),
+        "harvested_pages": int(get.loc[get["pages"] > 0, "pages"].sum()),
+        "hints": {"applies": int(len(applies)), "applied_bytes": int(length.sum()),
+                  "applied_pages": int((length // tl.PAGE).sum())},
     }
 
 

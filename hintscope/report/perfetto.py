@@ -181,11 +181,18 @@ def _flows_for_findings(tw: _Writer, t: tl.Timeline) -> tuple[dict[int, list[int
 
 
 def export(bundle_path: str | Path, out: str | Path, findings: pd.DataFrame | None = None) -> ExportStats:
+    """The report's timeline (analysis syncs, guest lanes on the host clock, findings) as a trace.
+
+    ``findings`` replaces the detector's findings (tests, or findings computed elsewhere).
+    """
+    from hintscope.report import model
+
     b = read_bundle(bundle_path)
-    if findings is None:
-        from hintscope.report.model import load_findings
-        findings = load_findings(b)
-    t = tl.build(b, findings)
+    d = model.load(b)
+    t = d.timeline
+    if findings is not None:
+        ev = t.events[t.events["lane"] != "findings"]
+        t.events = pd.concat([ev, tl.findings_lane(findings)], ignore_index=True)
     return write_timeline(t, out)
 
 

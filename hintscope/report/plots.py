@@ -34,8 +34,12 @@ def _unit(span_ns: float) -> tuple[float, str]:
     return (1e9, "s") if span_ns > 20e9 else (1e6, "ms")
 
 
-def plot_timeline(t: tl.Timeline, title: str = "", width: float = 14.0) -> plt.Figure:
-    """Host and guest lanes on one time axis; syncs shaded across all lanes, findings as red lines."""
+def plot_timeline(t: tl.Timeline, title: str = "", width: float = 14.0,
+                  window: tuple[int, int] | None = None) -> plt.Figure:
+    """Host and guest lanes on one time axis; syncs shaded across all lanes, findings as red lines.
+
+    ``window`` (host ns) zooms in; the axis keeps the run's origin so times match the full view.
+    """
     ev = t.events
     lanes = [(lane, label, group) for lane, group, label in tl.LANES if (ev["lane"] == lane).any()]
     has_counter = bool(t.counters)
@@ -44,11 +48,13 @@ def plot_timeline(t: tl.Timeline, title: str = "", width: float = 14.0) -> plt.F
         ax.text(0.5, 0.5, "no timeline events in this bundle", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
         return fig
-    lo = int(min(ev["start_ns"].min(), t.t0_ns or ev["start_ns"].min()))
-    hi = int(ev["end_ns"].max())
-    span = max(hi - lo, 1)
-    div, unit = _unit(span)
-    x = lambda ns: (np.asarray(ns, dtype=np.float64) - lo) / div  # noqa: E731
+    origin = int(min(ev["start_ns"].min(), t.t0_ns or ev["start_ns"].min()))
+    view = (origin, int(ev["end_ns"].max())) if window is None else (int(window[0]), int(window[1]))
+    if window is not None:
+        ev = ev[(ev["end_ns"] >= view[0]) & (ev["start_ns"] <= view[1])]
+    span = max(view[1] - view[0], 1)
+    div, unit = _unit(max(view[1] - origin, 1))
+    x = lambda ns: (np.asarray(ns, dtype=np.float64) - origin) / div  # noqa: E731
     min_w = span / div * 0.0012   # narrower than this is invisible at report width
 
     heights = ([1.2] if has_counter else []) + [max(0.45 * len(lanes), 1.5)]
@@ -76,8 +82,9 @@ def plot_timeline(t: tl.Timeline, title: str = "", width: float = 14.0) -> plt.F
                 s, e = float(x(r["start_ns"])), float(x(r["end_ns"]))
                 ax.broken_barh([(s, max(e - s, min_w))], (y - 0.4, 0.8),
                                facecolor=STATE_C.get(r["name"], "#eeeeec"), edgecolor="#888a85", lw=0.5)
-                if e - s > span / div * 0.04:
-                    ax.text((s + e) / 2, y, r["name"], ha="center", va="center", fontsize=8, clip_on=True)
+                cs, ce = max(s, float(x(view[0]))), min(e, float(x(view[1])))
+                if ce - cs > span / div * 0.04:
+                    ax.text((cs + ce) / 2, y, r["name"], ha="center", va="center", fontsize=8, clip_on=True)
             continue
         if lane == "epochs":
             for i, (_, r) in enumerate(rows.iterrows()):
@@ -86,8 +93,9 @@ def plot_timeline(t: tl.Timeline, title: str = "", width: float = 14.0) -> plt.F
                                edgecolor="#3465a4", lw=0.5)
                 a = r["args"]
                 txt = f"e{a.get('epoch', i + 1)} {a.get('cmd_id', '')}"
-                if e - s > span / div * 0.05:
-                    ax.text((s + e) / 2, y, txt, ha="center", va="center", fontsize=7.5, clip_on=True)
+                cs, ce = max(s, float(x(view[0]))), min(e, float(x(view[1])))
+                if ce - cs > span / div * 0.05:
+                    ax.text((cs + ce) / 2, y, txt, ha="center", va="center", fontsize=7.5, clip_on=True)
             continue
         sl = rows[rows["end_ns"] > rows["start_ns"]]
         inst = rows[rows["end_ns"] == rows["start_ns"]]
@@ -112,12 +120,25 @@ def plot_timeline(t: tl.Timeline, title: str = "", width: float = 14.0) -> plt.F
             if lane == "findings":
                 xs = x(inst["start_ns"])
                 for a in axes:
-                    a.vlines(xs, *a.get_ylim() if a is not ax else (-0.5, len(lanes) - 0.5), color=FIND_C,
-                             lw=0.8, alpha=0.5, zorder=5)
-                ax.scatter(xs, np.full(len(xs), y), marker="v", s=40, color=FIND_C, zorder=6)
-                for kind, grp in inst.groupby("name"):
-                    ax.text(float(x(grp["start_ns"].iloc[0])), y - 0.45, f"{kind} ×{len(grp)}", fontsize=7.5,
-                            color=FIND_C, va="top", ha="left", clip_on=True)
+                    lo_y, hi_y = (-0.5, len(lanes) - 0.5) if a is ax else a.get_ylim()
+                    a.vlines(xs, lo_y, hi_y, color=FIND_C, lw=0.8, alpha=0.5, zorder=5)
+                ax.scatter(xs, np.full(len(xs), y + 0.2), marker="v", s=40, color=FIND_C, zorder=6)
+                # Numbered like the findings table; close labels are staggered over three levels.
+                order = np.argsort(xs, kind="stable")
+                last, level = -np.inf, 0
+                xs_sorted = xs[order]
+                for j, i in enumerate(order):
+                    xi = float(xs[i])
+                    level = (level + 1) % 3 if xi - last < span / div * 0.03 else 0
+                    last = xi
+                    gap = (xs_sorted[j + 1] - xi) if j + 1 < len(order) else np.inf
+                    a_ = inst["args"].iloc[i]
+                    label = str(a_.get("id", ""))
+                    if gap > span / div * 0.15:
+                        label += f" {inst['name'].iloc[i]}"
+                    right = xi > float(x(view[1])) - span / div * 0.12   # keep labels inside the axes
+                    ax.text(xi, y - 0.05 - 0.28 * level, label, fontsize=7.5, color=FIND_C, va="top",
+                            ha="right" if right else "left", clip_on=True)
             else:
                 ax.vlines(x(inst["start_ns"]), y - 0.35, y + 0.35, color=COLORS.get(lane, HOST_C), lw=1.0)
 
@@ -126,7 +147,7 @@ def plot_timeline(t: tl.Timeline, title: str = "", width: float = 14.0) -> plt.F
     for lab, (_, _, g) in zip(ax.get_yticklabels(), lanes):
         lab.set_color(GUEST_C if g == "guest" else (FIND_C if g == "finding" else "#2e3436"))
     ax.set_ylim(-0.6, len(lanes) - 0.4)
-    ax.set_xlim(-span / div * 0.01, span / div * 1.01)
+    ax.set_xlim(x(view[0]) - span / div * 0.01, x(view[1]) + span / div * 0.01)
     ax.set_xlabel(f"host time since first event ({unit})")
     ax.grid(axis="x", color="#d3d7cf", lw=0.5)
     if has_counter:
@@ -151,7 +172,8 @@ def plot_timeline(t: tl.Timeline, title: str = "", width: float = 14.0) -> plt.F
 
 def plot_epoch_pages(epochs: pd.DataFrame, title: str = "pages per hint epoch") -> plt.Figure:
     """Grouped bars per epoch: every numeric column except ``epoch`` (e.g. hinted, skipped, resent)."""
-    cols = [c for c in epochs.columns if c != "epoch" and pd.api.types.is_numeric_dtype(epochs[c])]
+    cols = [c for c in epochs.columns
+            if c not in ("epoch", "applies") and pd.api.types.is_numeric_dtype(epochs[c])]
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(epochs) + 3), 3.2))
     if epochs.empty or not cols:
         ax.text(0.5, 0.5, "no hint epochs", ha="center", va="center", transform=ax.transAxes)

@@ -16,9 +16,6 @@ from hintscope.bundle import Bundle, read_bundle
 from hintscope.report import model, plots
 from hintscope.report import timeline as tl
 
-# Summary keys shown first, in this order, when the analysis provides them.
-KEY_ORDER = ["outcome", "status", "duration_s", "total_time_ms", "transferred_bytes", "bytes", "syncs", "epochs",
-             "hint_applies", "hinted_pages", "skipped_pages", "resent_pages", "bytes_saved"]
 
 
 def table(df: pd.DataFrame, precision: int = 3, wrap: list[str] | None = None):
@@ -55,6 +52,27 @@ def load(bundle: str, baseline: str | None = None) -> tuple[model.ReportData, mo
     return d, base
 
 
+HEADLINE = [("migration.outcome", "outcome"), ("migration.total_time_ms", "time (ms)"),
+            ("migration.transferred", "bytes sent"), ("syncs", "syncs"), ("epochs", "epochs"),
+            ("hints.applied_pages", "hinted pages"), ("hints.skipped_pages", "skipped"),
+            ("hints.resent_pages", "resent"), ("findings.verdict", "verdict")]
+
+
+def headline(d: model.ReportData, base: model.ReportData | None = None) -> pd.DataFrame:
+    """One row per run (and baseline): the numbers a reader looks at first."""
+    rows = []
+    for name, x in (("this run", d), ("baseline", base)):
+        if x is None:
+            continue
+        flat = model.flatten(x.summary)
+        row = {"run": name}
+        row.update({label: _fmt(flat.get(k)) for k, label in HEADLINE if any(k in model.flatten(y.summary)
+                                                                          for y in (d, base) if y is not None)})
+        row["findings"] = len(x.findings)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def run_facts(b: Bundle) -> pd.DataFrame:
     """Who/what/when of the run, from meta (escaped by :func:`table`)."""
     m = b.meta
@@ -68,18 +86,56 @@ def run_facts(b: Bundle) -> pd.DataFrame:
     ]
     for k in ("guest", "labels", "lab", "sim"):
         if isinstance(m.get(k), dict):
-            rows.append((k, "; ".join(f"{a}={v}" for a, v in m[k].items())))
+            # Scalars only: nested configs (argv, knobs) belong to the bundle, not the headline.
+            flat = {a: v for a, v in m[k].items() if not isinstance(v, (dict, list))}
+            rows.append((k, "; ".join(f"{a}={v}" for a, v in flat.items())))
+    rows = [(k, v if len(str(v)) <= 400 else str(v)[:400] + " …") for k, v in rows]
     return pd.DataFrame(rows, columns=["run", "value"])
 
 
+# Summary rows: (flattened key, label).  Keys absent from a bundle's summary are left out.
+SUMMARY_ROWS = [
+    ("migration.outcome", "migration outcome"), ("migration.total_time_ms", "total time (ms)"),
+    ("migration.downtime_ms", "downtime (ms)"), ("migration.transferred", "bytes transferred"),
+    ("migration.normal", "normal pages sent"), ("migration.duplicate", "zero pages sent"),
+    ("migration.dirty_sync_count", "QEMU dirty-sync-count"), ("migration.source", "migration numbers from"),
+    ("syncs", "syncs"), ("sync_source", "sync boundaries from"), ("epochs", "hint epochs"),
+    ("harvested_pages", "dirty pages harvested"), ("hints.applies", "hint applies"),
+    ("hints.applied_pages", "hinted pages"),
+    ("hints.skipped_pages", "skipped pages (never sent after the hint)"),
+    ("hints.late_pages", "late hints (page already sent this epoch)"),
+    ("hints.resent_pages", "resent pages (sent again after the hint)"),
+    ("hints.bytes_saved_upper_bound", "bytes saved (upper bound)"),
+    ("hints.applies_outside_epochs", "applies outside any epoch"), ("hints.send_source", "page sends from"),
+    ("findings.verdict", "verdict"),
+]
+
+
 def summary_table(d: model.ReportData, base: model.ReportData | None = None) -> pd.DataFrame:
+    """The headline numbers, labelled; with a baseline, its values and the relative change."""
     flat = model.flatten(d.summary)
-    keys = [k for k in KEY_ORDER if k in flat] + [k for k in flat if k not in KEY_ORDER]
-    df = pd.DataFrame({"metric": keys, "value": [_fmt(flat[k]) for k in keys]})
+    bflat = model.flatten(base.summary) if base is not None else {}
+    rows = []
+    for key, label in SUMMARY_ROWS:
+        if key in flat or key in bflat:
+            rows.append((label, key, flat.get(key), bflat.get(key)))
+    for k in sorted(x for x in set(flat) | set(bflat) if x.startswith("findings.by_kind.")):
+        rows.append((f"findings: {k.rsplit('.', 1)[1]}", k, flat.get(k, 0), bflat.get(k, 0)))
+    if d.clock:
+        c = d.clock
+        w = c.get("width_ns")
+        rows.append(("guest clock band (host - guest)",
+                     "clock", f"[{_fmt(c.get('delta_lo_ns'))}, {_fmt(c.get('delta_hi_ns'))}] ns, width "
+                              f"{_fmt(w / 1e3) + ' µs' if w is not None else 'unknown'}", None))
+    shown = {r[1] for r in rows}
+    known = {k for k, _ in SUMMARY_ROWS}
+    # Anything else the analysis reports (not the data-completeness section, shown on its own).
+    for k in [x for x in flat if x not in shown and x not in known and not x.startswith(("data.", "findings.", "bundle"))]:
+        rows.append((k, k, flat[k], bflat.get(k)))
+    df = pd.DataFrame({"metric": [r[0] for r in rows], "value": [_fmt(r[2]) for r in rows]})
     if base is not None:
-        bflat = model.flatten(base.summary)
-        df["baseline"] = [_fmt(bflat.get(k)) for k in keys]
-        df["change"] = [_delta(flat.get(k), bflat.get(k)) for k in keys]
+        df["baseline"] = [_fmt(r[3]) for r in rows]
+        df["change"] = [_delta(r[2], r[3]) for r in rows]
     return df
 
 
@@ -101,6 +157,20 @@ def _delta(a: Any, b: Any) -> str:
     return "" if a == b else "differs"
 
 
+def capture_facts(d: model.ReportData) -> pd.DataFrame:
+    """Whether the capture finished, and where the analysis took memslots and page sends from."""
+    data = d.summary.get("data", {}) if isinstance(d.summary.get("data"), dict) else {}
+    rows = [("bundle complete", "yes" if d.bundle.complete else "no (a producer never closed it)"),
+            ("end reason", str(d.bundle.meta.get("end_reason", "?")))]
+    for k, label in (("memslot_source", "memslots from"), ("send_source", "page sends from")):
+        if k in data:
+            rows.append((label, str(data[k])))
+    if isinstance(data.get("tables"), dict):
+        rows.append(("tables present", ", ".join(k for k, v in data["tables"].items() if v) or "none"))
+        rows.append(("tables absent", ", ".join(k for k, v in data["tables"].items() if not v) or "none"))
+    return pd.DataFrame(rows, columns=["capture", "value"])
+
+
 def findings_by_kind(d: model.ReportData) -> pd.DataFrame:
     f = d.findings
     if f.empty or "kind" not in f.columns:
@@ -109,28 +179,26 @@ def findings_by_kind(d: model.ReportData) -> pd.DataFrame:
 
 
 def findings_table(d: model.ReportData, limit: int = 200) -> pd.DataFrame:
-    """Findings with their evidence chains (one line per step), strongest first."""
+    """Findings with their evidence chains (one timed step per line, ms on the timeline's axis)."""
     f = d.findings
     if f.empty:
         return f
-    cols = [c for c in ["kind", "confidence", "sentence", "evidence", "gfns"] if c in f.columns]
-    extra = [c for c in ("epoch", "sync", "ts_ns") if c in f.columns]
-    out = f[cols + extra].copy()
+    cols = [c for c in ["kind", "confidence", "severity", "sentence", "evidence", "gfn_count", "gfns"]
+            if c in f.columns]
+    out = f[cols].copy()
+    out.insert(0, "id", [f"F{i + 1}" for i in range(len(out))])
+    t0 = d.timeline.t0_ns
     if "evidence" in out:
-        out["evidence"] = out["evidence"].map(_chain)
+        out["evidence"] = out["evidence"].map(lambda e: _chain(e, t0))
     if "gfns" in out:
         out["gfns"] = out["gfns"].map(_gfns)
-    if "confidence" in out and pd.api.types.is_numeric_dtype(out["confidence"]):
-        out = out.sort_values("confidence", ascending=False, kind="stable")
     return out.head(limit).reset_index(drop=True)
 
 
-def _chain(ev: Any) -> str:
-    if isinstance(ev, (list, tuple, np.ndarray)):
-        return "\n".join(f"{i + 1}. {_text(x) if isinstance(x, dict) else x}" for i, x in enumerate(ev))
-    if isinstance(ev, dict):
-        return "\n".join(f"{k}: {v}" for k, v in ev.items())
-    return str(ev)
+def _chain(ev: Any, t0: int = 0) -> str:
+    steps = tl.evidence_steps(ev)
+    return "\n".join(f"{i + 1}. " + (f"{(t - t0) / 1e6:.3f} ms " if t >= 0 else "") + (f"[{side}] " if side else "")
+                     + text for i, (t, side, text) in enumerate(steps))
 
 
 def _gfns(v: Any, show: int = 6) -> str:
@@ -142,43 +210,51 @@ def _gfns(v: Any, show: int = 6) -> str:
 
 
 def epoch_pages(d: model.ReportData) -> pd.DataFrame:
-    """Per epoch: hinted / skipped / resent pages (analysis accounting when present, else hinted only)."""
-    fn = model._optional("hintscope.analysis.hints", "epoch_table")
-    if fn is not None:
-        try:
-            e = fn(d.bundle)
-            keep = ["epoch"] + [c for c in ("hinted_pages", "skipped_pages", "resent_pages", "late_pages")
-                                if c in e.columns]
-            if len(keep) > 1:
-                return e[keep].rename(columns=lambda c: c.replace("_pages", ""))
-        except Exception as ex:  # noqa: BLE001
-            d.notes.append(f"hint accounting per epoch failed: {type(ex).__name__}: {ex}")
+    """Per epoch: hinted (applied) / skipped / late / resent pages - the analysis' accounting.
+
+    Without the analysis package only hinted pages (from the apply lengths) can be shown.
+    """
+    e = d.epochs
+    if d.analysed and len(e):
+        cols = {"applied_pages": "hinted", "skipped_pages": "skipped", "late_pages": "late",
+                "resent_pages": "resent"}
+        out = e[["epoch", "applies"] + list(cols)].rename(columns=cols)
+        out = out.assign(epoch=out["epoch"].map(lambda k: "outside" if k < 0 else str(k)))
+        if (out["late"] < 0).all():   # the send source cannot tell late hints
+            out = out.drop(columns="late")
+        return out.reset_index(drop=True)
     ep = d.timeline.lane("epochs")
     ap = d.timeline.lane("applies")
     if ep.empty:
-        return pd.DataFrame(columns=["epoch", "hinted"])
+        return pd.DataFrame(columns=["epoch", "applies", "hinted"])
     starts = ep["start_ns"].to_numpy()
     k = np.searchsorted(starts, ap["start_ns"].to_numpy(), side="right") - 1
     pages = np.array([a.get("pages", 0) for a in ap["args"]], dtype=np.int64)
     ok = k >= 0
     hinted = np.bincount(k[ok], weights=pages[ok], minlength=len(ep)).astype(np.int64)
-    return pd.DataFrame({"epoch": [a.get("epoch") for a in ep["args"]], "hinted": hinted})
+    applies = np.bincount(k[ok], minlength=len(ep)).astype(np.int64)
+    return pd.DataFrame({"epoch": [str(a.get("epoch")) for a in ep["args"]], "applies": applies, "hinted": hinted})
 
 
 def dirty_per_sync(d: model.ReportData) -> pd.DataFrame:
-    """Pages harvested by each sync's GET_DIRTY_LOG / ring reset, and the rate since the previous sync."""
-    s = tl.host_syncs(d.bundle.table("qemu_events"))
-    io = d.bundle.table("ioctls")
-    get = io[io["name"].isin(["GET_DIRTY_LOG", "RESET_DIRTY_RINGS"]) & (io["pages"] >= 0)]
+    """Pages each sync harvested (the analysis' sync table when present) and the rate since the previous sync."""
+    s = d.syncs
     if s.empty:
         return pd.DataFrame(columns=["sync", "pages", "mib_s"])
-    before = s["before_ns"].to_numpy()
-    k = np.searchsorted(before, get["ts_ns"].to_numpy(), side="right") - 1
-    ok = k >= 0
-    pages = np.bincount(k[ok], weights=get["pages"].to_numpy()[ok], minlength=len(s)).astype(np.int64)
-    gap = np.diff(before, prepend=np.nan) / 1e9
-    rate = pages * tl.PAGE / (1 << 20) / gap
-    return pd.DataFrame({"sync": s["sync"], "pages": pages, "mib_s": rate})
+    start, _, _, _ = tl.sync_windows(s)
+    if "harvested" in s.columns:
+        pages = s["harvested"].to_numpy(np.int64)
+        extra = {c: s[c].to_numpy() for c in ("rearmed", "rearmed_by_hint") if c in s.columns}
+    else:
+        io = d.bundle.table("ioctls")
+        get = io[io["name"].isin(["GET_DIRTY_LOG", "RESET_DIRTY_RINGS"]) & (io["pages"] >= 0)]
+        k = np.searchsorted(start, get["ts_ns"].to_numpy(), side="right") - 1
+        ok = k >= 0
+        pages = np.bincount(k[ok], weights=get["pages"].to_numpy()[ok], minlength=len(s)).astype(np.int64)
+        extra = {}
+    gap = np.diff(start.astype(np.float64), prepend=np.nan) / 1e9
+    rate = np.where(pages >= 0, np.maximum(pages, 0) * tl.PAGE / (1 << 20) / gap, np.nan)
+    return pd.DataFrame({"sync": s["sync"].to_numpy(), "pages": pages, "mib_s": rate, **extra})
 
 
 def guest_reports(b: Bundle, limit: int = 50) -> pd.DataFrame:
@@ -205,6 +281,29 @@ def show(fig, alt: str = "figure", dpi: int = 100):
 
 def timeline_figure(d: model.ReportData, title: str = ""):
     return plots.plot_timeline(d.timeline, title=title)
+
+
+def zoom_window(d: model.ReportData) -> tuple[int, int] | None:
+    """Host-time window around the findings when they sit in a small part of the run."""
+    f = d.timeline.lane("findings")
+    ev = d.timeline.events
+    if f.empty or ev.empty:
+        return None
+    lo, hi = int(ev["start_ns"].min()), int(ev["end_ns"].max())
+    span = max(hi - lo, 1)
+    a, b = int(f["start_ns"].min()), int(f["start_ns"].max())
+    margin = max((b - a) // 4, span // 40)
+    a, b = max(lo, a - margin), min(hi, b + margin)
+    return (a, b) if (b - a) < 0.6 * span else None
+
+
+def zoom_figure(d: model.ReportData):
+    w = zoom_window(d)
+    if w is None:
+        return None
+    t0 = d.timeline.t0_ns
+    return plots.plot_timeline(d.timeline, window=w,
+                               title=f"zoom on the findings: {(w[0] - t0) / 1e6:.3f} – {(w[1] - t0) / 1e6:.3f} ms")
 
 
 def notes_table(d: model.ReportData) -> pd.DataFrame:

@@ -131,47 +131,74 @@ def host_syncs(qe: pd.DataFrame) -> pd.DataFrame:
     })
 
 
-def _migration_lane(b: Bundle, qe: pd.DataFrame, end_ns: int) -> pd.DataFrame:
+def _migration_states(qe: pd.DataFrame) -> pd.DataFrame:
     ms = qe[qe["event"] == "migrate_state"].sort_values("ts_ns")
-    if ms.empty:
-        return _frame("migration", [], [])
     new = ms["a2"].to_numpy().astype(np.int64)
-    names = [MIGRATION_STATES[s] if 0 <= s < len(MIGRATION_STATES) else f"state {s}" for s in new]
-    start = ms["ts_ns"].to_numpy()
+    return pd.DataFrame({"ts_ns": ms["ts_ns"].to_numpy(np.int64),
+                         "state": [MIGRATION_STATES[s] if 0 <= s < len(MIGRATION_STATES) else f"state {s}"
+                                   for s in new]})
+
+
+def _migration_lane(states: pd.DataFrame, end_ns: int) -> pd.DataFrame:
+    st = states[states["ts_ns"] >= 0].sort_values("ts_ns")
+    if st.empty:
+        return _frame("migration", [], [])
+    names = st["state"].astype(str).tolist()
+    start = st["ts_ns"].to_numpy(np.int64)
     end = np.r_[start[1:], max(end_ns, int(start[-1]))]
     return _frame("migration", names, start, end, args=[{"state": n} for n in names])
 
 
+def sync_windows(s: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(sync start, sync end, fetch start, fetch end) for a sync table; fetch -1 when unknown.
+
+    The sync spans BEFORE -> AFTER when the notifier was probed, else the best window known
+    (fetch uprobes, QEMU trace), the same fallbacks as the analysis uses.
+    """
+    fs, fe = s["fetch_start_ns"].to_numpy(np.int64), s["fetch_end_ns"].to_numpy(np.int64)
+    b, a = s["before_ns"].to_numpy(np.int64), s["after_ns"].to_numpy(np.int64)
+    ts = s["trace_start_ns"].to_numpy(np.int64) if "trace_start_ns" in s else np.full(len(s), -1, np.int64)
+    te = s["trace_end_ns"].to_numpy(np.int64) if "trace_end_ns" in s else np.full(len(s), -1, np.int64)
+    start = np.where(b >= 0, b, np.where(fs >= 0, fs, ts))
+    end = np.where(a >= 0, a, np.where(fe >= 0, fe, np.where(te >= 0, te, start)))
+    return start, np.maximum(end, start), fs, np.where(fs >= 0, np.maximum(fe, fs), -1)
+
+
 def build(b: Bundle, findings: pd.DataFrame | None = None,
-          guest_to_host: Callable[[np.ndarray], np.ndarray] | None = None) -> Timeline:
+          guest_to_host: Callable[[np.ndarray], np.ndarray] | None = None,
+          syncs: pd.DataFrame | None = None, states: pd.DataFrame | None = None) -> Timeline:
+    """The run's lanes.  ``syncs``/``states``: the analysis' sync table and migration states
+    (which also cover QEMU-trace-only bundles); without them, from the uprobe events alone."""
     qe = b.table("qemu_events")
     io = b.table("ioctls")
-    host_ts = pd.concat([qe["ts_ns"], io["ts_ns"]], ignore_index=True)
+    syncs = host_syncs(qe) if syncs is None else syncs
+    states = _migration_states(qe) if states is None else states
+    host_ts = pd.concat([qe["ts_ns"], io["ts_ns"], states["ts_ns"][states["ts_ns"] >= 0]], ignore_index=True)
     notes: list[str] = []
     if host_ts.empty:
         notes.append("no host events (qemu_events, ioctls) in this bundle")
         t0 = t_end = 0
     else:
         t0, t_end = int(host_ts.min()), int(host_ts.max())
-    parts = [_migration_lane(b, qe, t_end)]
+    parts = [_migration_lane(states, t_end)]
 
-    syncs = host_syncs(qe)
-    if not syncs.empty:
-        sync_end = np.where(syncs["after_ns"] >= 0, syncs["after_ns"],
-                            np.where(syncs["fetch_end_ns"] >= 0, syncs["fetch_end_ns"], syncs["before_ns"]))
-        parts.append(_frame("syncs", [f"sync {s}" for s in syncs["sync"]], syncs["before_ns"], sync_end,
-                            args=_records(syncs, ["sync", "fetch_start_ns", "fetch_end_ns"])))
-        f = syncs[syncs["fetch_start_ns"] >= 0]
-        fend = np.where(f["fetch_end_ns"] >= 0, f["fetch_end_ns"], f["fetch_start_ns"])
-        parts.append(_frame("syncs", "fetch", f["fetch_start_ns"], fend, depth=1,
-                            args=[{"sync": int(s)} for s in f["sync"]]))
-        # Epoch k runs from AFTER_k to BEFORE_{k+1}; the host id is MIN + k (wrap ignored: ids rise by 1 per epoch).
-        ep_start = syncs["after_ns"].to_numpy()
-        ep_end = np.r_[syncs["before_ns"].to_numpy()[1:], t_end]
-        real = syncs["epoch"].to_numpy() > 0
-        k = syncs["epoch"].to_numpy()[real]
+    if len(syncs):
+        s0, s1, f0, f1 = sync_windows(syncs)
+        ok = s0 >= 0
+        parts.append(_frame("syncs", [f"sync {int(k)}" for k in syncs["sync"][ok]], s0[ok], s1[ok],
+                            args=_records(syncs[ok], ["sync", "source", "harvested", "rearmed", "get_calls"])))
+        fo = f0 >= 0
+        parts.append(_frame("syncs", "fetch", f0[fo], f1[fo], depth=1,
+                            args=[{"sync": int(k)} for k in syncs["sync"][fo]]))
+        # Epoch k runs from AFTER_k (else the end of sync k) to the start of sync k+1; host id MIN + k.
+        ep = syncs["epoch"].to_numpy(np.int64)
+        real = (ep > 0) & ok
+        ep_start = s1[real]
+        nxt = np.r_[s0[1:], t_end][real]
+        k = ep[real]
         ids = CMD_ID_MIN + k
-        parts.append(_frame("epochs", [f"epoch {i} id {hex(c)}" for i, c in zip(k, ids)], ep_start[real], ep_end[real],
+        parts.append(_frame("epochs", [f"epoch {i} id {hex(c)}" for i, c in zip(k, ids)], ep_start,
+                            np.maximum(nxt, ep_start),
                             args=[{"epoch": int(i), "cmd_id": hex(int(c))} for i, c in zip(k, ids)]))
 
     if not io.empty:
@@ -257,15 +284,38 @@ def _guest_parts(b: Bundle, to_host: Callable[[np.ndarray], np.ndarray] | None, 
     return parts
 
 
+def evidence_steps(ev: Any) -> list[tuple[int, str, str]]:
+    """A finding's evidence as (host ns, side, text) steps; steps without a time get -1."""
+    if not isinstance(ev, (list, tuple, np.ndarray)):
+        return [(-1, "", str(ev))] if ev is not None else []
+    out = []
+    for x in ev:
+        if isinstance(x, (list, tuple)) and len(x) >= 3 and isinstance(x[0], (int, np.integer)):
+            out.append((int(x[0]), str(x[1]), str(x[2])))
+        elif isinstance(x, dict):
+            t = x.get("ts_ns", x.get("t_ns", -1))
+            out.append((int(t) if isinstance(t, (int, np.integer)) else -1, str(x.get("side", "")),
+                        str(x.get("text", x))))
+        else:
+            out.append((-1, "", str(x)))
+    return out
+
+
 def findings_lane(findings: pd.DataFrame) -> pd.DataFrame:
-    ts = None
-    for c in ("ts_ns", "t_ns", "host_ns", "apply_ns"):
-        if c in findings.columns:
-            ts = findings[c]
-            break
-    if ts is None:
+    """One instant per finding at its last timed evidence step (when the hazard is complete)."""
+    if "ts_ns" in findings.columns:
+        ts = findings["ts_ns"].fillna(-1).astype("int64").to_numpy()
+    elif "evidence" in findings.columns:
+        ts = np.array([max((t for t, _, _ in evidence_steps(e) if t >= 0), default=-1)
+                       for e in findings["evidence"]], dtype=np.int64)
+    else:
         return _frame("findings", [], [])
-    keep = ts.notna()
+    keep = ts >= 0
     f = findings[keep]
-    args = _records(f, ["kind", "confidence", "sentence", "epoch", "sync"])
-    return _frame("findings", f["kind"].astype(str), ts[keep].astype("int64"), args=args)
+    args = _records(f, ["kind", "confidence", "severity", "sentence", "gfn_count"])
+    for a, i in zip(args, np.flatnonzero(keep)):
+        a["id"] = f"F{i + 1}"        # the same id as the report's findings table
+    if "evidence" in f.columns:
+        for a, e in zip(args, f["evidence"]):
+            a["evidence"] = " -> ".join(f"{side}: {text}" for _, side, text in evidence_steps(e))
+    return _frame("findings", f["kind"].astype(str).to_numpy(), ts[keep], args=args)

@@ -104,3 +104,21 @@ HINTGUEST_PAGES = register(Table(
     clock="none (state after migration)",
     area=AREA,
 ))
+
+HINTGUEST_QEMU_TRACE = register(Table(
+    "hintguest_qemu_trace",
+    "The source QEMU's own trace log (-trace, log backend), reduced to what the hintguest timeline needs: "
+    "kind send (ram_save_page of a page in the hint pool: a non-zero page put on the wire), sync_start / "
+    "sync_end (migration_bitmap_sync_*), clear_chunk (migration_bitmap_clear_dirty: the migration thread "
+    "clearing a clear_bmap chunk before sending a page in it).",
+    [
+        Col("ts_ns", "int64", "ns", "host CLOCK_MONOTONIC, mapped from wall_ns through the run's clock anchor"),
+        Col("wall_ns", "int64", "ns", "CLOCK_REALTIME as QEMU printed it (microsecond resolution)"),
+        Col("tid", "int32", "", "QEMU thread id"),
+        Col("kind", "string", "", "send, sync_start, sync_end or clear_chunk"),
+        Col("gfn", "int64", "gfn", "send: page sent; clear_chunk: first page of the cleared range; else -1"),
+        Col("npages", "int64", "count", "clear_chunk: pages in the range; sync_end: dirty pages; else -1"),
+    ],
+    clock="host CLOCK_MONOTONIC (ts_ns) from QEMU's wall-clock log (wall_ns kept)",
+    area=AREA,
+))

@@ -24,11 +24,15 @@ IOCTLS = register(Table(
         Col("slot", "int32", "", "memslot id as passed (as_id << 16 | id); -1 when not applicable"),
         Col("ret", "int64", "", "syscall return value (negative errno on failure)"),
         Col("first_page", "int64", "gfn offset", "CLEAR_DIRTY_LOG: first page of the range, relative to the slot"),
-        Col("num_pages", "int64", "count", "CLEAR_DIRTY_LOG: pages in the range"),
+        Col("num_pages", "int64", "count", "CLEAR_DIRTY_LOG: pages in the range; GET_DIRTY_LOG: pages in the slot "
+            "(the bitmap length the probe read), -1 when the probe never saw the slot's SET_USER_MEMORY_REGION"),
         Col("pages", "int64", "count", "pages whose bit was set (GET: harvested dirty; CLEAR: re-armed); "
-            "RESET_DIRTY_RINGS: entries reset; -1 when unknown"),
-        Col("cap", "int64", "", "ENABLE_CAP: capability number; -1 otherwise"),
-        Col("arg0", "uint64", "", "ENABLE_CAP: args[0] (e.g. ring bytes, manual-protect flags); 0 otherwise"),
+            "RESET_DIRTY_RINGS: entries reset (the return value); -1 when unknown (failed ioctl, unknown slot size, "
+            "bitmap not readable)"),
+        Col("cap", "int64", "", "ENABLE_CAP: capability number (168 MANUAL_DIRTY_LOG_PROTECT2, 192 DIRTY_LOG_RING, "
+            "223 DIRTY_LOG_RING_ACQ_REL, 225 DIRTY_LOG_RING_WITH_BITMAP); -1 otherwise"),
+        Col("arg0", "uint64", "", "ENABLE_CAP: args[0] (ring bytes; manual-protect flags 1 ENABLE | 2 INITIALLY_SET); "
+            "0 otherwise"),
     ],
     area=AREA,
 ))

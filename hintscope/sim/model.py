@@ -40,6 +40,7 @@ TID_MAIN, TID_MIG, TID_IO, TID_VCPU0 = 4000, 4001, 4002, 4010
 SLOT1_GPA = 0x1_0000_0000  # second memslot above 4 GiB, like x86 pc.ram
 HVA_BASE = 0x7F00_0000_0000
 MODES = ("get", "manual", "ring")
+T0 = 5_000_000_000_000  # host CLOCK_MONOTONIC at VM start (the host has been up for a while)
 
 
 @dataclass
@@ -140,7 +141,7 @@ class Sim:
         self.g_run_hinted = 0
         self.stop_msg_popped_after = -1
         # migration
-        self.now = 0
+        self.now = T0
         self.seq = 0
         self.heap: list = []
         self._hseq = 0
@@ -207,15 +208,15 @@ class Sim:
     def _vm_start(self) -> None:
         c = self.cfg
         if c.mode == "manual":
-            self._ioctl("ENABLE_CAP", TID_MAIN, 40_000, 41_000, cap=168, arg0=3)
+            self._ioctl("ENABLE_CAP", TID_MAIN, T0 + 40_000, T0 + 41_000, cap=168, arg0=3)
         elif c.mode == "ring":
-            self._ioctl("ENABLE_CAP", TID_MAIN, 40_000, 41_000, cap=192, arg0=4096 * 16)
-        self._register_slots(100_000, flags=0)
-        self.at(1_000_000, self._mig_start)
-        self.at(200_000, self._guest_write)
-        self.at(300_000, self._guest_churn)
+            self._ioctl("ENABLE_CAP", TID_MAIN, T0 + 40_000, T0 + 41_000, cap=192, arg0=4096 * 16)
+        self._register_slots(T0 + 100_000, flags=0)
+        self.at(T0 + 1_000_000, self._mig_start)
+        self.at(T0 + 200_000, self._guest_write)
+        self.at(T0 + 300_000, self._guest_churn)
         if self.k.shrink_period_ns:
-            self.at(400_000 + self.rng.exponential(self.k.shrink_period_ns), self._guest_shrink)
+            self.at(T0 + 400_000 + self.rng.exponential(self.k.shrink_period_ns), self._guest_shrink)
 
     def _register_slots(self, t: int, flags: int) -> None:
         for slot, (gpa, p0, np_) in enumerate([(0, 0, self.half), (SLOT1_GPA, self.half, self.n - self.half)]):
@@ -459,7 +460,8 @@ class Sim:
         self.vq.append(elem)
         if not self.io_busy:
             self.io_busy = True
-            self.at(self.now + self.k.apply_latency_ns, self._consume)
+            # bottom-half scheduling on the iothread: anywhere from 10 us to the variant's latency
+            self.at(self.now + int(self.rng.integers(10_000, max(self.k.apply_latency_ns, 10_001))), self._consume)
 
     def _consume(self) -> None:
         if not self.vq:
@@ -598,7 +600,6 @@ class Sim:
     def _read_cmd_id(self) -> int:
         self.g_cfg_changed = False
         val = {S_REQUESTED: self.cmd_id, S_STOP: CMD_STOP, S_DONE: CMD_DONE}.get(self.status, 0)
-        self.q("config_read", TID_VCPU0, 8, 0, 0, ret=val, t=self.now + 1_000)
         self.now += 3_000
         self.g("cmd_id", val)
         return val
@@ -650,7 +651,7 @@ class Sim:
         self._vq_add(("hint", b))
         if self.k.targeted_reuse_prob and self.rng.random() < self.k.targeted_reuse_prob:
             self.at(self.now + int(self.rng.integers(2_000, 8_000)), self._return_blocks, 1, "shrinker")
-        self.at(self.now + self.cfg.hint_alloc_ns, self._guest_hint_step)
+        self.at(self.now + (self.k.hint_alloc_ns or self.cfg.hint_alloc_ns), self._guest_hint_step)
 
     def _guest_end_run(self) -> None:
         if self.k.send_cmd_id:
@@ -664,7 +665,7 @@ class Sim:
     def guest_ns(self, host_ts: np.ndarray) -> np.ndarray:
         host_ts = np.asarray(host_ts, np.int64)
         jit = self.rng.integers(-self.cfg.guest_jitter_ns, self.cfg.guest_jitter_ns + 1, len(host_ts))
-        return host_ts - (self.delta0 + (host_ts * self.drift).astype(np.int64)) + jit
+        return host_ts - (self.delta0 + ((host_ts - T0) * self.drift).astype(np.int64)) + jit
 
     def ground_truth(self):
         import pandas as pd

@@ -27,7 +27,8 @@ class Knobs:
     shrink_period_ns: float = 0.0       # mean time between shrinker scans (0 = no pressure)
     shrink_blocks: int = 2              # blocks returned per scan (LIFO)
     targeted_reuse_prob: float = 0.0    # right after a hint add, return that block and reuse it
-    apply_latency_ns: int = 30_000      # guest add -> host pop
+    apply_latency_ns: int = 30_000      # guest add -> host pop (upper end; the lower end is 10 us)
+    hint_alloc_ns: int = 0              # guest time per hinted block (0 = SimConfig default)
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("sync-in-io-handler", "the host does not stop hinting before a sync: the iothread keeps applying "
             "while the migration thread fetches; the guest shrinker reuses blocks",
             Knobs(stop_before_sync=False, slow_fetch=True, merge_per_slot=True, shrink_period_ns=1.5e6,
-                  apply_latency_ns=200_000), safe=False, hint_hazards=True),
+                  apply_latency_ns=200_000, hint_alloc_ns=400_000), safe=False, hint_hazards=True),
     Variant("flush-before-sync", "BEFORE applies every hint still queued and then stops: all applies precede "
             "the fetch, so the sync captures every later write",
             Knobs(flush_before_sync=True)),

@@ -17,7 +17,7 @@ import pandas as pd
 
 from hintscope import schema
 from hintscope.bundle import BundleWriter, to_arrow
-from hintscope.sim.model import SimConfig, Sim
+from hintscope.sim.model import T0, SimConfig, Sim
 
 GUEST_TID = 300
 
@@ -27,7 +27,7 @@ def _guest_ns(sim: Sim, host_ts) -> np.ndarray:
     ts = np.asarray(host_ts, np.int64)
     j = sim.cfg.guest_jitter_ns
     jit = ((ts.astype(np.uint64) * np.uint64(2654435761) + np.uint64(sim.seed)) % np.uint64(2 * j + 1)).astype(np.int64) - j
-    return ts - (sim.delta0 + (ts * sim.drift).astype(np.int64)) + jit
+    return ts - (sim.delta0 + ((ts - T0) * sim.drift).astype(np.int64)) + jit
 
 
 def _df(rows, cols) -> pd.DataFrame:
@@ -119,6 +119,9 @@ class MemoryBundle:
     @property
     def complete(self) -> bool:
         return self.meta.get("status") == "complete"
+
+    def file(self, name: str):
+        return None
 
     def has(self, name: str) -> bool:
         return name in self._tables and len(self._tables[name]) > 0

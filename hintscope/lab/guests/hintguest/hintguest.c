@@ -19,8 +19,8 @@
  *   fill_mb=N      non-zero fill of N MiB from gfn 0x1000 at boot (default 64): round 1 then
  *                  spends time in the first chunk before it reaches the pool.
  *   bg=A-B         gfn range the background writer keeps dirtying (default 0x1000-0x4fff).
- *   rounds=N       the background writer stops once N cmd ids were seen (default 3), so the
- *                  migration converges; 0 = never stop.
+ *   rounds=N       hint for the first N cmd ids only, then stop the background writer (log
+ *                  `bg_stop`) so the migration can converge (default 3); 0 = forever.
  *   log_ms=N       heartbeat period (default 250).
  *
  * Every pool block is "used" (each page stamped 'HGUS') before it is hinted: at boot for the
@@ -87,6 +87,22 @@ static u64 udiv64(u64 n, u32 d, u32 *rem)
 	return ((u64)qhi << 32) | qlo;
 }
 
+/* ---- background writer (keeps later rounds coming; see bg_tick) ---- */
+static u64 bg_first = 0x1000, bg_last = 0x4fff, bg_g = 0x1000, bg_pass;
+static int bg_on = 1;
+static void stamp(u64 gfn, u32 magic, u32 round, u32 id);
+/* Called from the slow paths (printing, using blocks) too: a pause in dirtying would let the
+ * migration converge in the middle of a round and cut the guest's log short. */
+static void bg_tick(u32 n)
+{
+	if (!bg_on)
+		return;
+	for (u32 i = 0; i < n; i++) {
+		stamp(bg_g, MAGIC_BG, (u32)bg_pass, 0);
+		if (++bg_g > bg_last) { bg_g = bg_first; bg_pass++; }
+	}
+}
+
 /* ---- serial ---- */
 static void serial_init(void)
 {
@@ -103,6 +119,8 @@ static void putc(char c)
 	for (u32 i = 0; i < 100000 && !(inb(COM1 + 5) & 0x20); i++)
 		;
 	outb(COM1, (u8)c);
+	if (c == ' ' || c == '\n')
+		bg_tick(4);
 }
 static void puts(const char *s) { while (*s) putc(*s++); }
 static void putdec(u64 v)
@@ -132,7 +150,6 @@ enum { POLITE, EARLY, LATE };
 static const char *bnames[] = {"polite", "early-reuse", "late-reuse"};
 static int behaviour = POLITE;
 static u64 pool = 0x40000, pool_blocks = 64, nblocks = 8, reuse = 4, fill_mb = 64, rounds = 3, log_ms = 250;
-static u64 bg_first = 0x1000, bg_last = 0x4fff;
 static char cmdline[1024];
 
 static int parse_num(const char **p, u64 *out)
@@ -335,8 +352,11 @@ static void use_blocks(u64 b0, u64 n, u32 round)
 {
 	u64 t0 = rdtsc();
 	for (u64 b = b0; b < b0 + n && b < pool_blocks; b++)
-		for (u64 g = pool + b * BLOCK_PAGES; g < pool + (b + 1) * BLOCK_PAGES; g++)
+		for (u64 g = pool + b * BLOCK_PAGES; g < pool + (b + 1) * BLOCK_PAGES; g++) {
 			stamp(g, MAGIC_USE, round, 0);
+			if (!(g & 7))
+				bg_tick(1);
+		}
 	u64 t1 = rdtsc();
 	if (b0 >= pool_blocks) return;
 	ev(t0, "use"); kx("gfn", pool + b0 * BLOCK_PAGES); kv("npages", (n > pool_blocks - b0 ? pool_blocks - b0 : n) * BLOCK_PAGES);
@@ -455,6 +475,8 @@ void hintguest_main(u32 magic, u32 *mbi)
 	}
 	if (err) { ev(rdtsc(), "error"); puts(" msg=\""); puts(err); puts("\"\n"); return; }
 	calibrate_tsc();
+	bg_g = bg_first;
+	bg_on = 0; /* not during boot-time fill/use: nothing migrates yet */
 	ev(rdtsc(), "boot"); ks("behaviour", bnames[behaviour]); kx("pool", pool); kv("pool_blocks", pool_blocks);
 	kv("nblocks", nblocks); kv("reuse", reuse); kv("fill_mb", fill_mb); kx("bg_first", bg_first);
 	kx("bg_last", bg_last); kv("rounds", rounds); kv("mem_pages", mem_pages);
@@ -469,18 +491,14 @@ void hintguest_main(u32 magic, u32 *mbi)
 	ev(t0, "fill"); kx("gfn", 0x1000); kv("npages", fill_mb * 256); kv("t_end", rdtsc()); eol();
 	if ((err = balloon_init())) { ev(rdtsc(), "error"); puts(" msg=\""); puts(err); puts("\"\n"); return; }
 	use_blocks(0, nblocks, 1);
+	bg_on = 1;
 	ev(rdtsc(), "ready"); eol();
 
-	u32 last_id = cfg_cmd_id(), ids_seen = 0, bg_on = 1;
-	u64 g = bg_first, bg_pass = 0, per_log = udiv64(tsc_hz, 1000, 0) * log_ms, next_log = rdtsc() + per_log, hb = 0;
+	u32 last_id = cfg_cmd_id(), ids_seen = 0;
+	u64 per_log = udiv64(tsc_hz, 1000, 0) * log_ms, next_log = rdtsc() + per_log, hb = 0;
 	ev(rdtsc(), "cfg"); kx("id", last_id); eol();
 	for (;;) {
-		if (bg_on) {
-			for (u32 i = 0; i < 64; i++) {
-				stamp(g, MAGIC_BG, (u32)bg_pass, 0);
-				if (++g > bg_last) { g = bg_first; bg_pass++; }
-			}
-		}
+		bg_tick(64);
 		u32 id = cfg_cmd_id();
 		if (id != last_id) {
 			u64 t = rdtsc();
@@ -488,7 +506,10 @@ void hintguest_main(u32 magic, u32 *mbi)
 			last_id = id;
 			if (id >= CMD_ID_MIN) {
 				ids_seen++;
-				hint_round_run(id);
+				/* Exactly `rounds` hinting rounds: the lab then lets the migration converge,
+				 * and no round is cut short by the final stop. */
+				if (!rounds || ids_seen <= rounds)
+					hint_round_run(id);
 				if (bg_on && rounds && ids_seen >= rounds) {
 					bg_on = 0;
 					ev(rdtsc(), "bg_stop"); kv("pass", bg_pass); kv("seq", seq); eol();

@@ -1,0 +1,380 @@
+"""Host probe: a VMM's KVM dirty-log ioctls, dirty-ring tracepoints and QEMU uprobes -> a bundle.
+
+``hintscope probe host --pid PID -o BUNDLE`` (root) traces one VMM process (all its threads):
+
+* ``syscalls:sys_enter/exit_ioctl`` for KVM_GET_DIRTY_LOG, KVM_CLEAR_DIRTY_LOG,
+  KVM_SET_USER_MEMORY_REGION(2), KVM_RESET_DIRTY_RINGS and KVM_ENABLE_CAP -> ``ioctls``,
+  ``memslots``, and the bitmaps GET returned / CLEAR passed, read in the kernel at syscall exit
+  and emitted as nonzero 64-bit words -> ``bitmap_words``;
+* ``kvm:kvm_dirty_ring_push`` / ``kvm_dirty_ring_reset`` -> ``ring_push``, ``ring_reset``;
+* when the target is QEMU, uprobes on its dynamic symbols -> ``qemu_events`` (qemu_uprobes.py).
+
+Records travel through one BPF ring buffer that :class:`hintscope.probes.decode.RingConsumer`
+reads in bulk; the bundle is flushed every ``--flush-interval`` seconds so that a SIGKILL keeps
+what was flushed.  It stops on SIGINT/SIGTERM, after ``--duration``, or when the target exits,
+and prints ``ATTACHED`` on stdout once every probe is attached (the lab waits for that line).
+See docs/probes.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes as ct
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hintscope.bundle import BundleWriter, clock_anchor
+from hintscope.errors import HintscopeError
+from hintscope.probes import bcc_env, qemu_uprobes
+from hintscope.probes.decode import LOST_BITMAP_TRUNC, LOST_INDEX, LOST_SLOT_UNKNOWN, STRIDE, RingConsumer, decode
+
+BPF_C = Path(__file__).with_name("host.bpf.c")
+PRODUCER = "probe host"
+DEFAULT_RING_MB = 16
+# Keep in step with host.bpf.c: chunks of 8 words per bounded loop, 1 + 32 tail calls.
+CHUNKS_PER_CALL = 256
+MAX_SLOT_PAGES = 33 * CHUNKS_PER_CALL * 8 * 64
+POLL_INTERVAL_S = 0.05
+
+
+@dataclass
+class Target:
+    pid: int
+    exe: str
+    starttime: int
+    kvm_fds: list[str]
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # comm may hold spaces and parentheses: the fields after it start after the last ')'.
+    return raw[raw.rindex(")") + 2:].split()
+
+
+def inspect_target(pid: int) -> Target:
+    """Check that ``pid`` is a live KVM user; one-line HintscopeError otherwise."""
+    if pid <= 0:
+        raise HintscopeError(f"pid {pid}: not a valid process id")
+    st = _stat_fields(pid)
+    if st is None or st[0] in "ZX":
+        raise HintscopeError(f"pid {pid}: no such process")
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except PermissionError:
+        raise HintscopeError(f"pid {pid}: cannot read /proc/{pid}/fd (run as root)") from None
+    except FileNotFoundError:
+        raise HintscopeError(f"pid {pid}: no such process") from None
+    kvm = []
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link == "/dev/kvm" or link.startswith("anon_inode:kvm-vm"):
+            kvm.append(link)
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        exe = "?"
+    if not kvm:
+        raise HintscopeError(f"pid {pid} ({os.path.basename(exe)}): not a KVM user "
+                             "(no /dev/kvm or kvm-vm file descriptor in /proc/PID/fd)")
+    return Target(pid=pid, exe=exe, starttime=int(st[19]), kvm_fds=sorted(set(kvm)))
+
+
+def read_pidfile(path: str) -> int:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as e:
+        raise HintscopeError(f"{path}: cannot read pid file ({e.strerror})") from None
+    if not text.isdigit():
+        raise HintscopeError(f"{path}: not a pid file (expected a number, got {text[:40]!r})")
+    return int(text)
+
+
+def vmm_version(exe: str) -> str | None:
+    """First line of ``<exe> --version``; None when it cannot be run."""
+    if exe.endswith(" (deleted)") or not os.access(exe, os.X_OK):
+        return None
+    try:
+        r = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10,
+                           stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = (r.stdout or r.stderr).strip().splitlines()
+    return lines[0][:200] if lines else None
+
+
+class HostProbe:
+    """In-process API: ``start()``, then ``poll()`` periodically, then ``stop(reason)``."""
+
+    def __init__(self, pid: int, out: str | os.PathLike, *, qemu: str = "auto", page_sends: bool = False,
+                 ring_mb: int = DEFAULT_RING_MB, flush_interval: float = 1.0, qemu_trace_log: str | None = None,
+                 append: bool = False):
+        if ring_mb <= 0 or ring_mb & (ring_mb - 1):
+            raise HintscopeError(f"--ring-mb {ring_mb}: must be a power of two")
+        self.pid = pid
+        self.out = Path(out)
+        self.qemu = qemu
+        self.page_sends = page_sends
+        self.ring_bytes = ring_mb << 20
+        self.flush_interval = flush_interval
+        self.qemu_trace_log = qemu_trace_log
+        self.append = append
+        self.target: Target | None = None
+        self.w: BundleWriter | None = None
+        self.b = None
+        self.ring: RingConsumer | None = None
+        self.events = 0
+        self.bad = 0
+        self.decode_s = 0.0
+        self._lost_seen: dict[int, int] = {}
+        self._last_flush = 0.0
+        self._stopped = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self.target = inspect_target(self.pid)
+        reason = bcc_env.bpf_unavailable_reason()
+        if reason:
+            raise HintscopeError(reason)
+        BPF = bcc_env.load_bcc()
+        self.w = BundleWriter(self.out, producer=PRODUCER, append=self.append)
+        try:
+            self._start_bpf(BPF)
+        except BaseException as e:
+            self._abort(e)
+            raise
+
+    def _start_bpf(self, BPF) -> None:
+        t0 = time.monotonic()
+        want_qemu = self.qemu == "on" or (self.qemu == "auto" and qemu_uprobes.is_qemu(self.target.exe))
+        text = BPF_C.read_text() + ("\n" + qemu_uprobes.bpf_text() if want_qemu else "")
+        cflags = [f"-DTARGET_TGID={self.pid}", f"-DRB_PAGES={self.ring_bytes // 4096}",
+                  f"-DCHUNKS_PER_CALL={CHUNKS_PER_CALL}", "-Wno-macro-redefined"]
+        try:
+            self.b = BPF(text=text, cflags=cflags)
+            walk = self.b.load_func("bitmap_walk", BPF.TRACEPOINT)
+            self.b["tail"][ct.c_int(0)] = ct.c_int(walk.fd)
+        except Exception as e:
+            raise bcc_env.compile_error(e) from None
+        w = self.w
+        w.set_source("host_ioctl", "captured", None, tracepoints=["syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl"])
+        w.set_source("host_dirty_ring", "captured", None,
+                     tracepoints=["kvm:kvm_dirty_ring_push", "kvm:kvm_dirty_ring_reset"])
+        if want_qemu:
+            exe = self.target.exe
+            if exe.endswith(" (deleted)"):
+                exe = f"/proc/{self.pid}/exe"
+            q = qemu_uprobes.attach(self.b, exe, self.pid, page_sends=self.page_sends)
+            w.set_source("qemu_uprobes", q.pop("status"), q.pop("reason"), **q)
+        else:
+            why = "disabled (--qemu off)" if self.qemu == "off" else f"target is not QEMU ({self.target.exe})"
+            w.set_source("qemu_uprobes", "unavailable", why)
+        self.ring = RingConsumer(self.b["events"].map_fd, self.ring_bytes)
+        w.meta["vmm"] = {
+            "pid": self.pid, "exe": self.target.exe, "version": vmm_version(self.target.exe),
+            "cmdline": self._cmdline(), "kvm_fds": self.target.kvm_fds,
+            "kind": "qemu" if qemu_uprobes.is_qemu(self.target.exe) else "other",
+        }
+        w.meta["host_probe"] = {
+            "ring_bytes": self.ring_bytes, "record_bytes": STRIDE, "max_slot_pages_read": MAX_SLOT_PAGES,
+            "attach_s": round(time.monotonic() - t0, 3), "page_sends": self.page_sends,
+        }
+        w.meta.setdefault("clock_anchors", []).append(clock_anchor("attached"))
+        self._last_flush = time.monotonic()
+        w.flush()
+
+    def _cmdline(self) -> str:
+        try:
+            raw = Path(f"/proc/{self.pid}/cmdline").read_bytes()
+        except OSError:
+            return ""
+        return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:4096]
+
+    def target_alive(self) -> bool:
+        st = _stat_fields(self.pid)
+        return st is not None and st[0] not in "ZX" and int(st[19]) == self.target.starttime
+
+    def poll(self) -> int:
+        """Move every committed record into the bundle; flush when due. Returns records taken."""
+        n = 0
+        while True:
+            data = self.ring.read()
+            if not data:
+                break
+            t = time.perf_counter()
+            d = decode(data)
+            for table, cols in d.tables.items():
+                self.w.append(table, cols)
+            self.decode_s += time.perf_counter() - t
+            n += d.records
+            self.bad += d.bad
+        self.events += n
+        self._collect_lost()
+        if time.monotonic() - self._last_flush >= self.flush_interval:
+            self._update_meta()
+            self.w.flush()
+            self._last_flush = time.monotonic()
+        return n
+
+    def stop(self, reason: str) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            self._detach()    # no new records; the maps stay open for the last drain
+            self.poll()
+            self._copy_trace_log()
+            self._update_meta()
+        finally:
+            if self.ring:
+                self.ring.close()
+            try:
+                self.b.cleanup()
+            finally:
+                self.w.close(end_reason=reason)
+
+    def _detach(self) -> None:
+        b = self.b
+        for k in list(b.uprobe_fds):
+            b.detach_uprobe_event(k)
+        for k in list(b.tracepoint_fds):
+            b.detach_tracepoint(k)
+
+    def _abort(self, e: BaseException) -> None:
+        if self.b is not None:
+            try:
+                self.b.cleanup()
+            except Exception:
+                pass
+        if self.w is not None:
+            self.w.close(end_reason=f"error: {e}")
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def _collect_lost(self) -> None:
+        table = self.b["lost"]
+        for idx, (source, _) in LOST_INDEX.items():
+            total = sum(int(v) for v in table[ct.c_int(idx)])
+            delta = total - self._lost_seen.get(idx, 0)
+            if delta:
+                self._lost_seen[idx] = total
+                if source:
+                    self.w.add_lost(source, delta)
+
+    def _update_meta(self) -> None:
+        hp = self.w.meta["host_probe"]
+        hp["records"] = self.events
+        hp["bad_records"] = self.bad
+        hp["decode_s"] = round(self.decode_s, 4)
+        hp["decode_rate_per_s"] = int(self.events / self.decode_s) if self.decode_s > 0 else None
+        hp["ring_consumed"] = self.ring.consumed if self.ring else 0
+        unknown = self._lost_seen.get(LOST_SLOT_UNKNOWN, 0)
+        trunc = self._lost_seen.get(LOST_BITMAP_TRUNC, 0)
+        hp["get_unknown_slot"] = unknown
+        hp["bitmap_truncated"] = trunc
+        if unknown or trunc:
+            why = []
+            if unknown:
+                why.append(f"{unknown} GET_DIRTY_LOG on slots created before the probe attached (bitmap not read)")
+            if trunc:
+                why.append(f"{trunc} bitmaps longer than {MAX_SLOT_PAGES} pages truncated")
+            self.w.set_source("host_ioctl", "partial", "; ".join(why))
+
+    def _copy_trace_log(self) -> None:
+        if not self.qemu_trace_log:
+            return
+        src = Path(self.qemu_trace_log)
+        if not src.is_file():
+            self.w.set_source("qemu_trace", "unavailable", f"{src}: no such file at the end of the capture")
+            return
+        dst = self.w.attach_file("qemu-trace.log")
+        shutil.copyfile(src, dst)
+        self.w.set_source("qemu_trace", "captured", None, source=str(src), file=f"files/{dst.name}",
+                          bytes=dst.stat().st_size)
+
+
+# -- command line -------------------------------------------------------------------------------
+def _default_out(pid: int) -> str:
+    return f"hintscope-host-{pid}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run(args) -> int:
+    stop_sig: list[str] = []
+
+    def on_signal(signum, _frame):
+        stop_sig.append("sigint" if signum == signal.SIGINT else "sigterm")
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        pid = args.pid if args.pid is not None else read_pidfile(args.pidfile)
+        probe = HostProbe(pid, args.output or _default_out(pid), qemu=args.qemu, page_sends=args.page_sends,
+                          ring_mb=args.ring_mb, flush_interval=args.flush_interval,
+                          qemu_trace_log=args.qemu_trace_log, append=args.append)
+        probe.start()
+        print("ATTACHED", flush=True)
+        deadline = time.monotonic() + args.duration if args.duration else None
+        reason = None
+        try:
+            while reason is None:
+                probe.poll()
+                if stop_sig:
+                    reason = stop_sig[0]
+                elif deadline is not None and time.monotonic() >= deadline:
+                    reason = "duration"
+                elif not probe.target_alive():
+                    reason = "target-exit"
+                else:
+                    time.sleep(POLL_INTERVAL_S)
+        except BaseException as e:
+            probe.stop(f"error: {type(e).__name__}: {e}")
+            raise
+        probe.stop(reason)
+        lost = probe.w.meta.get("lost", {})
+        print(f"hintscope: probe host: {probe.events} records, rows {probe.w.meta.get('rows', {})}, "
+              f"lost {lost or 0}, end {reason} -> {probe.out}", file=sys.stderr)
+        return 0
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    who = ap.add_mutually_exclusive_group(required=True)
+    who.add_argument("--pid", type=int, help="VMM process to trace (all its threads)")
+    who.add_argument("--pidfile", help="read the pid from this file (QEMU -pidfile)")
+    ap.add_argument("-o", "--output", help="bundle directory to create (default hintscope-host-PID-TIME)")
+    ap.add_argument("--append", action="store_true", help="join an existing bundle (e.g. one the lab created)")
+    ap.add_argument("--duration", type=float, help="stop after S seconds (default: until SIGINT or target exit)")
+    ap.add_argument("--qemu", choices=("auto", "on", "off"), default="auto",
+                    help="QEMU uprobes: auto = when /proc/PID/exe is qemu-system-* (default)")
+    ap.add_argument("--page-sends", action="store_true",
+                    help="also uprobe buffer_is_zero: one event per page QEMU sends (costly: a uprobe per page)")
+    ap.add_argument("--qemu-trace-log", help="QEMU -trace log to copy into the bundle (files/qemu-trace.log) at stop")
+    ap.add_argument("--ring-mb", type=int, default=DEFAULT_RING_MB, help="BPF ring buffer size, power of two (16)")
+    ap.add_argument("--flush-interval", type=float, default=1.0, help="write buffered rows every S seconds (1)")
+
+
+EXAMPLES = """examples:
+  hintscope probe host --pid $(pidof qemu-system-x86_64) -o run1          # until Ctrl-C or QEMU exits
+  hintscope probe host --pidfile /tmp/src.pid --duration 30 -o run2      # 30 s
+  hintscope probe host --pid 1234 --page-sends --qemu-trace-log /tmp/q.log -o run3
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    ap = subparsers.add_parser("host", help="trace a VMM's KVM dirty-log ioctls, dirty ring and QEMU uprobes (root)",
+                               description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    ap.set_defaults(func=run)
+    return ap

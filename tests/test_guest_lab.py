@@ -1,0 +1,102 @@
+"""Linux guest lab: page-diff classification (fast) and a full TCG migration (HINTSCOPE_LAB=1)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hintscope.bundle import read_bundle
+from hintscope.lab import image
+from hintscope.lab.linux import LinuxOptions, classify_diffs, run_linux, unpacked_qemu_args
+from hintscope.parse.guest_stream import parse_streams
+
+# Two blocks hinted in round 1 (pfn 4096, 5120); the shrinker returns 4096 before the switch and a
+# page of it is reused; DONE (cmd id 1) arrives at 3000 and returns 5120.
+STREAM = """E 0 1000 0 55 1 0 0 0
+E 1 1100 0 55 5 2147483649 0 0
+E 2 1200 0 55 6 4096 10 2147483649
+E 3 1300 0 55 6 5120 10 2147483649
+E 4 1400 0 55 2 2 2147483649 0
+E 5 1500 1 66 10 0 0 0
+E 6 1510 1 66 7 1 2 0
+E 7 1520 1 66 9 4096 2 10
+E 8 1530 1 66 8 1 2 0
+E 9 1600 1 66 12 4100 0 3264
+E 10 3000 0 55 4 1 0 0
+E 11 3010 0 55 7 18446744073709551615 1 0
+E 12 3020 0 55 9 5120 1 10
+W 0 900 WPFN 0 9000,9001
+"""
+
+
+def _diff(gfns):
+    n = len(gfns)
+    return pd.DataFrame({"gfn": np.array(gfns, np.uint64), "src_zero": [False] * n, "dst_zero": [True] * n})
+
+
+def test_classify_page_diffs(tmp_path):
+    p = tmp_path / "s"
+    p.write_text(STREAM)
+    gs = parse_streams([(p, "src")])
+    cls, switch = classify_diffs(_diff([4100, 5200, 9001, 70]), gs)
+    assert switch == 3000
+    got = dict(zip(cls["gfn"].tolist(), cls["cls"].tolist()))
+    assert got == {4100: "hinted-returned", 5200: "hinted-held", 9001: "lost-write", 70: "lost-write"}
+    row = cls.set_index("gfn").loc[4100]
+    assert (row["hinted_ns"], row["returned_ns"], bool(row["reused"])) == (1200, 1520, True)
+    assert cls.set_index("gfn").loc[9001, "writer_page"]
+    assert cls.set_index("gfn").loc[5200, "returned_ns"] == -1  # the DONE return is after the switch
+
+
+def test_image_recipe_hash_is_stable_and_cache_lookup_is_safe(tmp_path, monkeypatch):
+    monkeypatch.setenv("HINTSCOPE_CACHE", str(tmp_path))
+    assert image.image_hash() == image.image_hash()
+    assert image.cached_image() is None
+    d = image.image_dir()
+    d.mkdir(parents=True)
+    (d / "build.json").write_text("{broken")
+    assert image.cached_image() is None
+    (d / "build.json").write_text(json.dumps({"image": "root.ext4"}))
+    assert image.cached_image() is None  # no image file
+    (d / "root.ext4").write_bytes(b"")
+    assert image.cached_image()["path"].endswith("root.ext4")
+
+
+def test_unpacked_qemu_gets_its_own_firmware(tmp_path):
+    usr = tmp_path / "usr"
+    (usr / "bin").mkdir(parents=True)
+    (usr / "share/qemu").mkdir(parents=True)
+    (usr / "lib/x86_64-linux-gnu/qemu").mkdir(parents=True)
+    exe = usr / "bin/qemu-system-x86_64"
+    exe.write_text("")
+    args, env = unpacked_qemu_args(str(exe))
+    assert args == ["-L", str(usr / "share/qemu")]
+    assert env == {"QEMU_MODULE_DIR": str(usr / "lib/x86_64-linux-gnu/qemu")}
+    assert unpacked_qemu_args("/usr/bin/qemu-system-x86_64") == ([], {})
+
+
+@pytest.mark.lab
+@pytest.mark.needs_root
+@pytest.mark.needs_qemu
+def test_linux_guest_migration_smp1(tmp_path):
+    """Boot the Debian guest under TCG, probe it from inside, migrate with hinting, check the copy."""
+    o = LinuxOptions(bundle=tmp_path / "run", hint=True, smp=1, fill_mb=300, health_s=8, probe="off")
+    s = asyncio.run(run_linux(o))
+    assert s["migration"]["status"] == "completed"
+    g = s["guest_result"]
+    assert g["hinted_blocks_before_switch"] > 20          # 300 MiB freed -> dozens of 4 MiB blocks
+    assert g["done_processed"] and g["returned_blocks"].get("done", 0) >= g["hinted_blocks_before_switch"] - 5
+    assert g["cmd_ids"][0] >= 0x80000001 and 1 in g["cmd_ids"]
+    assert g["probe_points"]["kprobe:virtqueue_add_inbuf"]["status"] == "attached"
+    assert s["dst_health"]["ok"], s["dst_health"]
+    assert g["page_diffs"]["total"] == 0                    # one vCPU: QEMU 7.2 carries every write
+    b = read_bundle(o.bundle)
+    hints = b.table("guest_hints")
+    assert len(hints) == g["hinted_blocks"] and (hints["order"] == 10).all()
+    assert ((hints["pfn"].to_numpy() % 1024) == 0).all()   # order-10 blocks are 4 MiB aligned
+    assert (hints["pfn"].to_numpy() < (o.mem_mb << 8)).all()
+    assert len(b.table("qmp")) > 0 and b.meta["sources"]["guest_probe"]["status"] in ("captured", "partial")

@@ -1,0 +1,117 @@
+"""Host probe against a real QEMU (KVM, 64 MiB, paused): memslots, dirty-log ioctls and uprobes.
+
+QEMU registers its memslots before the probe can attach; a migration to ``exec:cat > /dev/null``
+turns dirty logging on (SET_USER_MEMORY_REGION again, now with LOG_DIRTY_PAGES) and syncs,
+so the probe sees slots, GET/CLEAR_DIRTY_LOG and the QEMU uprobes within a second.  Full
+migrations with hinting are the lab's tests (tests/test_lab*.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hintscope.bundle import read_bundle
+from hintscope.probes import kvm_abi as K
+from tests.conftest import QEMU
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+class QMP:
+    def __init__(self, path: Path, timeout: float = 30):
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"QEMU never created {path}")
+            time.sleep(0.05)
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.settimeout(timeout)
+        self.s.connect(str(path))
+        self.f = self.s.makefile("rw")
+        self.f.readline()  # greeting
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, name: str, **args):
+        self.f.write(json.dumps({"execute": name, "arguments": args}) + "\n")
+        self.f.flush()
+        while True:
+            m = json.loads(self.f.readline())
+            if "error" in m:
+                raise AssertionError(f"QMP {name}: {m['error']}")
+            if "return" in m:
+                return m["return"]
+
+
+@pytest.mark.needs_qemu
+@pytest.mark.needs_kvm
+@pytest.mark.needs_bpf
+def test_qemu_memslots_dirty_log_and_uprobes(tmp_path):
+    sock = tmp_path / "qmp.sock"
+    qemu = subprocess.Popen([QEMU, "-enable-kvm", "-m", "64", "-display", "none", "-S", "-nodefaults",
+                             "-qmp", f"unix:{sock},server=on,wait=off"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    probe = None
+    try:
+        qmp = QMP(sock)
+        probe = subprocess.Popen([sys.executable, "-m", "hintscope", "probe", "host", "--pid", str(qemu.pid),
+                                  "-o", str(tmp_path / "b")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, env=ENV)
+        r, _, _ = select.select([probe.stdout], [], [], 120)
+        assert r and probe.stdout.readline().strip() == "ATTACHED", probe.stderr.read() if not r else ""
+        qmp.cmd("migrate", uri="exec:cat > /dev/null")
+        deadline = time.monotonic() + 60
+        while (st := qmp.cmd("query-migrate"))["status"] not in ("completed", "failed"):
+            assert time.monotonic() < deadline, st
+            time.sleep(0.1)
+        assert st["status"] == "completed", st
+        syncs = st["ram"]["dirty-sync-count"]
+        qmp.cmd("quit")
+        qemu.wait(timeout=30)
+        _, err = probe.communicate(timeout=60)
+        assert probe.returncode == 0, err
+    finally:
+        for p in (probe, qemu):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+
+    b = read_bundle(tmp_path / "b")
+    assert b.meta["end_reason"] == "target-exit" and not b.problems
+    assert b.meta["vmm"]["kind"] == "qemu" and b.meta["vmm"]["version"].startswith("QEMU emulator version")
+    q = b.meta["sources"]["qemu_uprobes"]
+    assert q["status"] == "captured" and q["symbols"]["qemu_guest_free_page_hint"] == "attached"
+
+    ms = b.table("memslots")
+    logged = ms[(ms["flags"] & K.MEM_LOG_DIRTY_PAGES) != 0]
+    assert logged["size"].sum() >= (64 << 20) - (1 << 20)     # guest RAM (minus the VGA/BIOS holes)
+    assert (ms["ret"] == 0).all() and (ms["as_id"] == 0).all()
+
+    io = b.table("ioctls")
+    gets = io[io["name"] == "GET_DIRTY_LOG"]
+    assert len(gets) >= syncs and (gets["ret"] == 0).all()
+    # every slot was (re-)registered after attach, so every bitmap was read in full
+    assert (gets["pages"] >= 0).all() and (gets["pages"] <= gets["num_pages"]).all()
+    bw = b.table("bitmap_words")
+    assert set(bw.loc[bw.op == "get", "seq"]) <= set(gets["seq"])
+
+    ev = b.table("qemu_events")
+    assert (ev["event"] == "sync_fetch_begin").sum() == syncs == (ev["event"] == "sync_fetch_end").sum()
+    states = ev[ev["event"] == "migrate_state"][["a1", "a2"]].values.tolist()
+    assert [1, 4] in states and [4, 8] in states
+    reasons = ev[ev["event"] == "precopy_notify"]["a1"].tolist()
+    assert reasons.count(1) == syncs and reasons.count(2) == syncs      # BEFORE / AFTER_BITMAP_SYNC
+    # each sync's GETs fall inside its fetch window
+    begins = ev.loc[ev.event == "sync_fetch_begin", "ts_ns"].to_numpy()
+    ends = ev.loc[ev.event == "sync_fetch_end", "ts_ns"].to_numpy()
+    inside = sum(((gets["ts_ns"] > s) & (gets["ts_ns"] < e)).sum() for s, e in zip(begins, ends))
+    assert inside == len(gets)
