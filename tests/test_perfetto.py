@@ -48,6 +48,7 @@ def decode(path: Path) -> dict:
             slices.append((tracks[e.track_uuid], name, ts, p.timestamp, args))
         elif e.type == TrackEvent.TYPE_INSTANT:
             instants[e.name] += 1
+            flows_out.update(e.flow_ids)
             flows_in.update(e.terminating_flow_ids)
         elif e.type == TrackEvent.TYPE_COUNTER:
             counters[tracks[e.track_uuid]] += 1
@@ -57,11 +58,14 @@ def decode(path: Path) -> dict:
 
 
 def _findings(t0: int) -> pd.DataFrame:
-    # Two findings inside epoch 1, at the times of the 2nd and 4th hint apply of the test bundle.
-    return pd.DataFrame({"kind": ["d2-apply-during-sync", "a-skipped"], "gfns": [[0x1234], [0x2000, 0x2001]],
-                         "evidence": [["apply", "fetch"], ["apply"]], "confidence": [0.9, 0.5],
-                         "sentence": ["apply overlaps sync 2", "page never sent"],
-                         "ts_ns": [t0 + 1 * MS + 7 * MS + MS // 10, t0 + 1 * MS + 11 * MS + MS // 10]})
+    # Two findings in epoch 1, evidence as the detector writes it: (host ns, side, text) steps,
+    # a time <= 0 meaning "did not happen".
+    a2, a4 = t0 + 1 * MS + 7 * MS, t0 + 1 * MS + 11 * MS
+    return pd.DataFrame({
+        "kind": ["apply-during-sync", "skipped"], "gfns": [[0x1234], [0x2000, 0x2001]],
+        "evidence": [[(t0 + 1 * MS, "qemu", "sync 1 BEFORE"), (a2, "qemu", "hint_apply gfn 0x1234")],
+                     [(a4, "qemu", "hint_apply gfn 0x2000"), (0, "qemu", "never sent")]],
+        "confidence": ["hazard", "confirmed"], "sentence": ["apply overlaps sync", "page never sent"]})
 
 
 def test_round_trip_protobuf(tmp_path):
@@ -81,9 +85,11 @@ def test_round_trip_protobuf(tmp_path):
     assert sum(v for k, v in names.items() if k.startswith("sync ")) == counts["syncs"]
     assert sum(v for k, v in names.items() if k.startswith("epoch ")) == counts["epochs"]
     assert names["epoch 1 id 0x80000001"] == 1
-    assert got["instants"]["d2-apply-during-sync"] == 1 and got["instants"]["a-skipped"] == 1
-    # Each finding is joined by a flow to the apply it is about.
-    assert len(got["flows_in"]) == 2 and got["flows_in"] <= got["flows_out"]
+    assert got["instants"]["apply-during-sync"] == 1 and got["instants"]["skipped"] == 1
+    # Evidence: the three timed steps are instants, chained by flows into their finding.
+    assert got["instants"]["F1 qemu: sync 1 BEFORE"] == 1 and got["instants"]["F2 qemu: hint_apply gfn 0x2000"] == 1
+    assert not any("never sent" in k for k in got["instants"])
+    assert st.flows == 3 and got["flows_in"] == got["flows_out"] and len(got["flows_out"]) == 3
     # Slices keep their arguments.
     apply_args = next(a for _, n, _, _, a in got["slices"] if n == "apply")
     assert {"hva", "bytes", "pages"} <= apply_args
@@ -143,7 +149,7 @@ def test_round_trip_trace_processor(tmp_path):
     got = Counter(df.loc[df["dur"] > 0, "name"])
     assert got == st.slices
     assert Counter(df.loc[df["dur"] == 0, "name"]) == st.instants
-    assert flows == st.flows == 2
+    assert flows == st.flows == 3
 
 
 def test_simulated_run_has_guest_lanes_and_findings(tmp_path):

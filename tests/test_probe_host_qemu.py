@@ -52,12 +52,10 @@ class QMP:
                 return m["return"]
 
 
-@pytest.mark.needs_qemu
-@pytest.mark.needs_kvm
-@pytest.mark.needs_bpf
-def test_qemu_memslots_dirty_log_and_uprobes(tmp_path):
+def probed_migration(tmp_path: Path, accel: str):
+    """Start a paused QEMU, attach the probe, migrate to /dev/null, quit; returns (bundle, syncs)."""
     sock = tmp_path / "qmp.sock"
-    qemu = subprocess.Popen([QEMU, "-enable-kvm", "-m", "64", "-display", "none", "-S", "-nodefaults",
+    qemu = subprocess.Popen([QEMU, "-accel", accel, "-m", "64", "-display", "none", "-S", "-nodefaults",
                              "-qmp", f"unix:{sock},server=on,wait=off"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     probe = None
@@ -67,7 +65,10 @@ def test_qemu_memslots_dirty_log_and_uprobes(tmp_path):
                                   "-o", str(tmp_path / "b")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True, env=ENV)
         r, _, _ = select.select([probe.stdout], [], [], 120)
-        assert r and probe.stdout.readline().strip() == "ATTACHED", probe.stderr.read() if not r else ""
+        line = probe.stdout.readline() if r else ""
+        if line.strip() != "ATTACHED":
+            probe.kill()
+            raise AssertionError(f"probe did not attach: {probe.communicate(timeout=30)[1][-2000:]}")
         qmp.cmd("migrate", uri="exec:cat > /dev/null")
         deadline = time.monotonic() + 60
         while (st := qmp.cmd("query-migrate"))["status"] not in ("completed", "failed"):
@@ -87,10 +88,37 @@ def test_qemu_memslots_dirty_log_and_uprobes(tmp_path):
 
     b = read_bundle(tmp_path / "b")
     assert b.meta["end_reason"] == "target-exit" and not b.problems
-    assert b.meta["vmm"]["kind"] == "qemu" and b.meta["vmm"]["version"].startswith("QEMU emulator version")
+    return b, syncs
+
+
+def check_uprobes(b, syncs: int) -> None:
     q = b.meta["sources"]["qemu_uprobes"]
     assert q["status"] == "captured" and q["symbols"]["qemu_guest_free_page_hint"] == "attached"
+    ev = b.table("qemu_events")
+    assert (ev["event"] == "sync_fetch_begin").sum() == syncs == (ev["event"] == "sync_fetch_end").sum()
+    states = ev[ev["event"] == "migrate_state"][["a1", "a2"]].values.tolist()
+    assert [1, 4] in states and [4, 8] in states
+    reasons = ev[ev["event"] == "precopy_notify"]["a1"].tolist()
+    assert reasons.count(1) == syncs and reasons.count(2) == syncs      # BEFORE / AFTER_BITMAP_SYNC
 
+
+@pytest.mark.needs_qemu
+@pytest.mark.needs_bpf
+def test_tcg_qemu_gets_uprobes_only(tmp_path):
+    b, syncs = probed_migration(tmp_path, "tcg")
+    assert b.meta["sources"]["host_ioctl"]["status"] == "unavailable"
+    assert "TCG" in b.meta["sources"]["host_ioctl"]["reason"]
+    assert b.table("ioctls").empty
+    check_uprobes(b, syncs)
+
+
+@pytest.mark.needs_qemu
+@pytest.mark.needs_kvm
+@pytest.mark.needs_bpf
+def test_qemu_memslots_dirty_log_and_uprobes(tmp_path):
+    b, syncs = probed_migration(tmp_path, "kvm")
+    check_uprobes(b, syncs)
+    assert b.meta["vmm"]["kind"] == "qemu" and b.meta["vmm"]["version"].startswith("QEMU emulator version")
     ms = b.table("memslots")
     logged = ms[(ms["flags"] & K.MEM_LOG_DIRTY_PAGES) != 0]
     assert logged["size"].sum() >= (64 << 20) - (1 << 20)     # guest RAM (minus the VGA/BIOS holes)
@@ -105,11 +133,6 @@ def test_qemu_memslots_dirty_log_and_uprobes(tmp_path):
     assert set(bw.loc[bw.op == "get", "seq"]) <= set(gets["seq"])
 
     ev = b.table("qemu_events")
-    assert (ev["event"] == "sync_fetch_begin").sum() == syncs == (ev["event"] == "sync_fetch_end").sum()
-    states = ev[ev["event"] == "migrate_state"][["a1", "a2"]].values.tolist()
-    assert [1, 4] in states and [4, 8] in states
-    reasons = ev[ev["event"] == "precopy_notify"]["a1"].tolist()
-    assert reasons.count(1) == syncs and reasons.count(2) == syncs      # BEFORE / AFTER_BITMAP_SYNC
     # each sync's GETs fall inside its fetch window
     begins = ev.loc[ev.event == "sync_fetch_begin", "ts_ns"].to_numpy()
     ends = ev.loc[ev.event == "sync_fetch_end", "ts_ns"].to_numpy()

@@ -96,6 +96,10 @@ def render(res: dict[str, Any]) -> None:
         t.add_row("outside" if r.epoch < 0 else str(r.epoch), _ms(r.start_ns, t0), _ms(r.end_ns, t0), _n(r.applies),
                   _n(r.applied_pages), _n(r.skipped_pages), _n(r.late_pages), _n(r.resent_pages), _n(r.bytes_saved))
     tot = a["totals"]
+    if not a.get("applies_captured", True):
+        con.print("hint applies not captured (no qemu_guest_free_page_hint uprobe in this bundle): "
+                  "no host-side skipped-page accounting")
+        tot = {k: -1 for k in tot}
     t.add_row("total", "", "", _n(tot["applies"]), _n(tot["applied_pages"]), _n(tot["skipped_pages"]),
               _n(tot["late_pages"]), _n(tot["resent_pages"]), _n(tot["bytes_saved_upper_bound"]), style="bold")
     con.print(t)
@@ -136,6 +140,7 @@ def render(res: dict[str, Any]) -> None:
             t.add_column(h, justify="right")
         for k, v in bl["metrics"].items():
             t.add_row(k, _n(v["this"]), _n(v["baseline"]), "-" if v["diff"] is None else f"{v['diff']:+,}")
-        t.add_row("skipped pages (estimate)", _n(bl["skipped_pages_estimate"]), "", "")
+        t.add_row("skipped pages (host estimate)", _n(bl["skipped_pages_estimate"]), "", "")
+        t.add_row("pages the guest hinted", _n(bl.get("guest_hinted_pages")), "", "")
         t.add_row("normal pages saved (QMP)", _n(bl["qmp_normal_pages_saved"]), "", "")
         con.print(t)

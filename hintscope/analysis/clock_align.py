@@ -5,8 +5,8 @@ Pairs used (each gives one side of the band, never a point):
 * host AFTER_BITMAP_SYNC k publishes id N_k; a guest read of N_k (guest_events ``cmd_id``) comes after
   it: delta > h_after_k - g.  The id stays published at most until the next BEFORE: delta <
   h_before_{k+1} - g.
-* host ``notify_config`` -> guest ``config_changed``: delta > h - g, using the latest notify the
-  upper bound allows (pairs that contradict the band are dropped, not trusted).
+* (not used) host ``notify_config`` -> guest ``config_changed``: the pairing is not unique (BEFORE and
+  AFTER notify tens of microseconds apart), and a wrong pairing gives a bound beyond the truth.
 * guest hint add -> host apply of that block: g_add + delta < h_apply, so delta < h_apply - g.
 
 A linear drift term is fitted only when a constant offset contradicts the pairs.  The band's
@@ -79,20 +79,19 @@ def _pairs(qe: pd.DataFrame, ge: pd.DataFrame, applies: pd.DataFrame, hints: pd.
         nxt = np.searchsorted(before, after[kk], side="right")
         has = nxt < len(before)
         ut.append(before[nxt[has]] + 0.0); uv.append(before[nxt[has]] - gk[has] + 0.0)
-    # 3. hint add -> apply of the same block (first apply after the add is a bound even if later)
+    # 3. hint add -> apply of the same block. A block can be hinted, returned and hinted again,
+    # and a wrong pairing gives a bound below the truth, so only blocks added once and applied
+    # once are used: their pairing cannot be wrong.
     if len(applies) and len(hints):
-        a = pd.DataFrame({"gfn": hint_gfn0, "ts": applies["ts_ns"].to_numpy(np.int64)})
-        h = pd.DataFrame({"gfn": hints["pfn"].to_numpy().astype(np.int64),
-                          "g": hints["guest_ns"].to_numpy(np.int64)})
-        m = a.merge(h, on="gfn")
-        # the matching hint is the latest one before the apply; any earlier add also bounds delta
-        # from above only if it precedes that apply causally, which holds for every add of the block
-        # queued before it. Keep the tightest: per apply, the latest add.
+        ag = pd.Series(np.asarray(hint_gfn0, np.int64))
+        hg = pd.Series(hints["pfn"].to_numpy().astype(np.int64))
+        once = np.intersect1d(ag.value_counts().loc[lambda c: c == 1].index.to_numpy(),
+                              hg.value_counts().loc[lambda c: c == 1].index.to_numpy())
+        a = pd.DataFrame({"gfn": ag, "ts": applies["ts_ns"].to_numpy(np.int64)})
+        h = pd.DataFrame({"gfn": hg, "g": hints["guest_ns"].to_numpy(np.int64)})
+        m = a[a["gfn"].isin(once)].merge(h, on="gfn")
         if len(m):
-            m["u"] = m["ts"] - m["g"]
-            m = m[m["u"] > 0] if np.isfinite(np.nanmedian(m["u"])) else m
-            best = m.groupby(["gfn", "ts"], sort=False)["u"].min()
-            ut.append(best.index.get_level_values("ts").to_numpy(np.float64)); uv.append(best.to_numpy(np.float64))
+            ut.append(m["ts"].to_numpy(np.float64)); uv.append((m["ts"] - m["g"]).to_numpy(np.float64))
     cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)
     return cat(lt), cat(lv), cat(ut), cat(uv)
 
@@ -116,18 +115,6 @@ def estimate(qe: pd.DataFrame, ge: pd.DataFrame, applies: pd.DataFrame, hints: p
         if (~keep).any():
             band.notes.append(f"{int((~keep).sum())} add->apply pairs contradict the id-read bounds and were ignored")
         ut, uv = ut[keep], uv[keep]
-    # 2. notify -> config_changed lower bounds, using the current upper bound to pick the notify
-    if len(uv):
-        hi0 = float(np.min(uv))
-        qe_ts = qe["ts_ns"].to_numpy(np.int64)
-        nt = np.sort(qe_ts[qe["event"].to_numpy() == "notify_config"])
-        gc = ge.loc[ge["event"] == "config_changed", "guest_ns"].to_numpy(np.int64)
-        if len(nt) and len(gc):
-            i = np.searchsorted(nt, gc + hi0, side="right") - 1
-            ok = i >= 0
-            cand = nt[i[ok]] - gc[ok] + 0.0
-            lt = np.r_[lt, nt[i[ok]] + 0.0]
-            lv = np.r_[lv, cand]
     band.n_lower, band.n_upper = len(lv), len(uv)
     if not len(lv) or not len(uv):
         band.notes.append("not enough causal pairs for a two-sided band "

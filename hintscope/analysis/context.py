@@ -190,6 +190,9 @@ class Context:
             return "manual"
         if "GET_DIRTY_LOG" in names:
             return "get"
+        lab = self.bundle.meta.get("lab")
+        if isinstance(lab, dict) and lab.get("accel") == "tcg":
+            return "tcg"  # QEMU's own dirty bitmap; no KVM dirty log
         t = self.trace
         if len(t):
             ev = set(t["event"].unique())

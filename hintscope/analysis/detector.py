@@ -137,6 +137,8 @@ def load_facts(bundle) -> Facts:
         f.missing.append("sync boundaries (precopy_notify / sync_fetch uprobes)")
     if "hint_apply" not in ev and len(hints):
         f.missing.append("hint applies (qemu_guest_free_page_hint uprobe)")
+    if ctx.memslot_source == "none":
+        f.missing.append("memslots (HVA and slot offsets cannot be turned into guest pages)")
     if f.mode == "unknown" or not len(harv):
         f.missing.append("dirty-log harvest (KVM_GET_DIRTY_LOG bitmaps or dirty-ring pushes)")
     if f.send_source != "page_send":
@@ -155,8 +157,14 @@ def _expand(pfn: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return idx, np.asarray(pfn, np.int64)[idx] + off
 
 
+def _uniq(x) -> np.ndarray:
+    """Sorted distinct values (sort + mask: faster than np.unique's hash path on large int arrays)."""
+    g = np.sort(np.asarray(x, np.int64), kind="stable")
+    return g[np.r_[True, g[1:] != g[:-1]]] if len(g) else g
+
+
 def _finding(kind: str, confidence: str, gfns, evidence: list, sentence: str) -> dict[str, Any]:
-    g = np.unique(np.asarray(gfns, np.int64))
+    g = _uniq(gfns)
     return {"kind": kind, "confidence": confidence, "severity": SEVERITY[kind],
             "gfn_first": int(g[0]) if len(g) else -1, "gfn_last": int(g[-1]) if len(g) else -1,
             "gfn_count": int(len(g)), "gfns": g[:MAX_GFNS].tolist(),
@@ -237,7 +245,7 @@ def _check_orderings(f: Facts, m: pd.DataFrame, out: list) -> dict[str, np.ndarr
         out.append(_finding("apply-during-sync", "hazard", _pages_of(r["apply"].to_numpy(), f),
                             [(bf[k0], "qemu", f"sync {k0} BEFORE_BITMAP_SYNC"), (ds[k0], "qemu", "fetch begins"),
                              (r0["a"], "qemu", f"hint_apply gfn {_hex(r0['gfn0'])}"),
-                             (endw[k0], "qemu", "AFTER_BITMAP_SYNC")],
+                             (int(endw[during][0]), "qemu", "AFTER_BITMAP_SYNC")],
                             f"{len(r)} hint apply(s) ran while a bitmap sync was fetching or merging "
                             f"(syncs {', '.join(map(str, np.unique(kk)[:6]))}); QEMU 7.2 stops hinting before "
                             f"each sync, so a bit the sync just set can be cleared."))
@@ -352,8 +360,8 @@ def _check_bulk_stall(f: Facts, out: list) -> None:
         return
     t1 = int(s["after"].iloc[0]) if s["after"].iloc[0] < BIG else int(s["fetch_end"].iloc[0])
     end1 = int(s["before"].iloc[1]) if len(s) > 1 else BIG
-    st = np.unique(f.sends["ts_ns"].to_numpy(np.int64))
-    st = st[(st > t1) & (st < end1)]
+    st = f.sends["ts_ns"].to_numpy(np.int64)
+    st = _uniq(st[(st > t1) & (st < end1)])
     if len(st) < 3:
         return
     gaps = np.diff(np.r_[t1, st])
@@ -368,14 +376,30 @@ def _check_bulk_stall(f: Facts, out: list) -> None:
                                                             (t0 + g, "qemu", "next page_send")],
                             f"the migration thread sent nothing for {g / 1e6:.1f} ms in the bulk round "
                             f"({napply} hint applies in that gap; median gap between sends {med / 1e3:.1f} us), "
-                            f"so hinting delayed migration instead of shortening it."))
+                            f"so the bulk round waited on hinting instead of sending."))
 
 
 # ---------------------------------------------------------------------------------- lost writes
+_LAST_CACHE: dict[int, tuple[pd.DataFrame, pd.Series]] = {}
+
+
 def _last_by_gfn(df: pd.DataFrame, col: str = "ts_ns") -> pd.Series:
+    """Latest ``col`` per gfn (float; cached per frame, the checks ask for the same tables repeatedly)."""
     if not len(df):
         return pd.Series(dtype="float64")
-    return df.groupby("gfn")[col].max().astype(float)
+    hit = _LAST_CACHE.get(id(df))
+    if hit is not None and hit[0] is df:
+        return hit[1]
+    g = df["gfn"].to_numpy(np.int64)
+    t = df[col].to_numpy(np.int64)
+    o = np.lexsort((t, g))
+    gs = g[o]
+    last = np.r_[gs[1:] != gs[:-1], True]
+    out = pd.Series(t[o][last].astype(float), index=gs[last])
+    if len(_LAST_CACHE) > 16:
+        _LAST_CACHE.clear()
+    _LAST_CACHE[id(df)] = (df, out)
+    return out
 
 
 def _rearm_before(f: Facts, gfn: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -465,17 +489,22 @@ def _check_lost_writes(f: Facts, out: list) -> set:
                        "last page_send of the page" if np.isfinite(s_last[i0]) else "never sent"))
             ev.sort(key=lambda e: e[0])
             n = int(sel.sum())
-            tail = {"confirmed": "", "ambiguous": " (the clock band cannot settle whether a send followed the write)",
-                    "hazard": " (page sends not captured: the skip itself is not observed)" if not have_sends and
-                    conf == "hazard" and sel is sure else
-                    " (a send after the write but before the harvest may have carried it)"}[conf]
+            certain = conf == "confirmed" or (conf == "hazard" and sel is sure)
+            tail = ("" if conf == "confirmed" else
+                    " (the clock band cannot settle whether a send followed the write)" if conf == "ambiguous" else
+                    " (page sends not captured: the skip itself is not observed)" if sel is sure else "")
+            verb = "lost" if certain else "may have lost"
             sentence = {
                 "rearm-wipe": f"{n} page(s) the guest rewrote after taking back a hinted block were re-armed by "
                               f"KVM_CLEAR_DIRTY_LOG before any sync saw the write, then the hint cleared their "
                               f"migration-bitmap bit, so the write was never sent (manual-protect c'){tail}.",
-                "lost-write": f"{n} page(s) the guest wrote after their hint lost that write: a hint apply came "
-                              f"after the write and no later send carried the page{tail}.",
-                "lost-write-not-hint": f"{n} page(s) the guest reused were never sent after their last write, "
+                "lost-write": (f"{n} page(s) the guest wrote after their hint {verb} that write: a hint apply came "
+                               f"after the write and no later send carried the page{tail}." if certain or
+                               conf == "ambiguous" else
+                               f"{n} page(s) the guest wrote after their hint were caught dirty by a sync, then a "
+                               f"hint apply cleared their bit and they were never sent again; only a send between "
+                               f"the write and that sync can have carried the write."),
+                "lost-write-not-hint": f"{n} page(s) the guest reused were never sent after their last write "
                                        f"and no hint apply touched them since{tail}.",
             }[kind]
             out.append(_finding(kind, conf, gfn[sel], [(int(t), s, e) for t, s, e in ev], sentence))

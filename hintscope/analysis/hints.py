@@ -121,6 +121,10 @@ def accounting(b: Bundle | Context, syncs: pd.DataFrame | None = None) -> dict[s
             "bytes_saved": skipped * PAGE,
         })
     per_epoch = pd.DataFrame(per, columns=EPOCH_COLUMNS)
+    captured = applies_captured(c)
+    if not captured:
+        # Zero applies would read as "hinting skipped nothing": say instead that nobody looked.
+        per_epoch = per_epoch.iloc[0:0]
     skipped_total = int(rows.loc[rows["skipped"], "gfn"].nunique())
     totals = {
         "applies": int(len(a)),
@@ -133,8 +137,24 @@ def accounting(b: Bundle | Context, syncs: pd.DataFrame | None = None) -> dict[s
         "bytes_saved_upper_bound": skipped_total * PAGE,
         "applies_outside_epochs": int((a_ep < 0).sum()),
     }
+    if not captured:
+        totals = {k: None for k in totals}
     return {"per_epoch": per_epoch, "totals": totals, "source": src, "source_caveat": SEND_SOURCES[src],
-            "guest": guest_hints(c)}
+            "applies_captured": captured, "guest": guest_hints(c)}
+
+
+def applies_captured(c: Context) -> bool:
+    """Whether the capture could see hint applies (the qemu_guest_free_page_hint uprobe ran)."""
+    if len(c.hint_applies):
+        return True
+    src = c.bundle.meta.get("sources", {})
+    st = src.get("qemu_uprobes") if isinstance(src, dict) else None
+    if isinstance(st, dict):
+        sym = st.get("symbols")
+        if isinstance(sym, dict) and "qemu_guest_free_page_hint" in sym:
+            return sym["qemu_guest_free_page_hint"] == "attached"
+        return st.get("status") in ("captured", "partial")
+    return c.bundle.has("qemu_events")
 
 
 def guest_hints(c: Context) -> dict[str, Any] | None:

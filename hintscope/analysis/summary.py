@@ -169,7 +169,9 @@ def compare(this: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
         rows[k] = {"this": x, "baseline": y, "diff": (x - y) if isinstance(x, int) and isinstance(y, int) else None}
     skipped = this["summary"]["hints"]["skipped_pages"]
     n_diff = rows["normal"]["diff"]
+    g = this["accounting"].get("guest")
     return {"metrics": rows, "skipped_pages_estimate": skipped,
+            "guest_hinted_pages": g["pages"] if g else None,
             "qmp_normal_pages_saved": -n_diff if n_diff is not None else None,
             "note": "QMP normal-page difference includes run-to-run variation of the workload; the skipped estimate "
                     "counts hinted pages never sent after their apply"}

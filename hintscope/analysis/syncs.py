@@ -325,11 +325,11 @@ def sync_table(b: Bundle | Context) -> pd.DataFrame:
     qn, notes = _qemu_new(s, c.trace)
     s["qemu_new_pages"] = qn
     s["est_new_pages"] = _est_new(c, s, (get["seq"].to_numpy(np.int64), gd))
-    s["note"] = [_explain(s, d, notes[d]) for d in range(n)]
+    s["note"] = [_explain(s, d, notes[d], c.send_source) for d in range(n)]
     return s[COLUMNS]
 
 
-def _explain(s: pd.DataFrame, d: int, base: str) -> str:
+def _explain(s: pd.DataFrame, d: int, base: str, send_source: str) -> str:
     r = s.iloc[d].copy()
     out = [base] if base else []
     if r["harvested"] < 0:
@@ -341,8 +341,13 @@ def _explain(s: pd.DataFrame, d: int, base: str) -> str:
                    "(manual protect + INITIALLY_SET) reports every page dirty")
     elif r["est_new_pages"] >= 0 and r["est_new_pages"] != r["qemu_new_pages"]:
         diff = int(r["qemu_new_pages"] - r["est_new_pages"])
-        why = ("pages QEMU dirtied itself (device DMA, TCG, vhost) are in QEMU's count, not in KVM's harvest"
-               if diff > 0 else "pages sent as zero pages or not traced as sent still look pending")
+        if diff > 0:
+            why = ("pages sent as zero pages have no ram_save_page event, so they still look pending and are not "
+                   "counted new; also " if send_source == "ram_save_page" else "") + \
+                "pages QEMU dirtied itself (device DMA into guest RAM, TCG, vhost) are in QEMU's count, not in KVM's harvest"
+        else:
+            why = ("harvested pages QEMU found already set: a send or hint apply recorded just before the fetch "
+                   "whose bitmap clear came after it (clock mapping of the trace is good to a few us)")
         out.append(f"QEMU new {int(r['qemu_new_pages'])} vs estimated {int(r['est_new_pages'])} ({diff:+d}): {why}")
     elif r["est_new_pages"] < 0 and r["qemu_new_pages"] != r["harvested"]:
         out.append(f"QEMU new {int(r['qemu_new_pages'])} vs harvested {int(r['harvested'])}: QEMU counts only "

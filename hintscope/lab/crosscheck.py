@@ -45,6 +45,7 @@ class IoctlCounter:
     def __init__(self, pid: int, log_path: Path):
         self.pid, self.log_path = pid, log_path
         self.proc: asyncio.subprocess.Process | None = None
+        self._out = bytearray()
 
     async def start(self, timeout: float = 60.0) -> None:
         bt = shutil.which("bpftrace")
@@ -54,7 +55,6 @@ class IoctlCounter:
                                                          stdout=asyncio.subprocess.PIPE,
                                                          stderr=asyncio.subprocess.STDOUT)
         deadline = time.monotonic() + timeout
-        self._out = bytearray()
         while True:
             try:
                 line = await asyncio.wait_for(self.proc.stdout.readline(), max(0.1, deadline - time.monotonic()))

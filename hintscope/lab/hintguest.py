@@ -210,7 +210,13 @@ class HostTrace:
                 raise HintscopeError(f"bpftrace exited with {self.proc.returncode}: "
                                      f"{self.out.with_suffix('.err').read_text(errors='replace').strip()[-300:]}")
             if b"Attaching" in self.out.read_bytes()[:4096]:
-                await asyncio.sleep(0.5)  # "Attaching N probes..." precedes the last attach
+                # "Attaching N probes..." precedes the attaches; bpftrace exits if one fails
+                for _ in range(30):
+                    await asyncio.sleep(0.1)
+                    if self.proc.returncode is not None:
+                        err = self.out.with_suffix(".err").read_text(errors="replace").strip().splitlines()
+                        msg = [ln for ln in err if "RLIMIT_MEMLOCK" not in ln]
+                        raise HintscopeError(f"bpftrace failed to attach: {(msg or ['exit'])[-1][:200]}")
                 return
             await asyncio.sleep(0.1)
         await self.stop()
@@ -323,8 +329,11 @@ def reuse_writes_in_memory(img: Path, pool: tuple[int, int]) -> pd.DataFrame:
 
 
 def classify(diff_gfns: np.ndarray, log: GuestLog, host: pd.DataFrame | None, src_img: Path,
-             dst_img: Path, mem_writes: pd.DataFrame | None = None) -> pd.DataFrame:
-    """mem_writes (reuse_writes_in_memory) adds the writes a truncated log lacks."""
+             dst_img: Path, mem_writes: pd.DataFrame | None = None,
+             kvmclock_gfns: np.ndarray | None = None) -> pd.DataFrame:
+    """mem_writes (reuse_writes_in_memory) adds the writes a truncated log lacks; kvmclock_gfns are
+    pages memdiff found to differ only in a valid kvmclock record (SeaBIOS's, rewritten by KVM on
+    each host: not a loss)."""
     hints = log.hints
     writes = log.writes[["gfn", "seq"]]
     if mem_writes is not None and len(mem_writes):
@@ -348,6 +357,8 @@ def classify(diff_gfns: np.ndarray, log: GuestLog, host: pd.DataFrame | None, sr
     d_mag, d_seq = _records(dst_img, gfns)
     cls = np.where(wseq >= 0, np.where(differs, "lost-reuse-write", "reuse-ok"),
                    np.where(cmd >= 0, "hinted-held", "lost-other"))
+    if kvmclock_gfns is not None and len(kvmclock_gfns):
+        cls = np.where((cls == "lost-other") & np.isin(gfns, kvmclock_gfns), "kvmclock", cls)
     return pd.DataFrame({"gfn": gfns, "cls": cls, "cmd_id": cmd, "write_seq": wseq, "src_seq": s_seq,
                          "dst_seq": d_seq, "src_magic": s_mag, "dst_magic": d_mag, "applied": applied})
 
@@ -637,8 +648,22 @@ async def run_hintguest(o: HintguestOptions) -> dict[str, Any]:
         summary.update(src_pid=src.pid, dst_pid=dst.pid, src_argv=src.cfg.argv(), dst_argv=dst.cfg.argv())
         if trace_reason is None:
             tracer = HostTrace(qemu, src.pid, kick_port, files / "host-trace.txt")
-            await tracer.start()
-            writer.set_source("hintguest_bpftrace", "captured", script="files/host-trace.bt")
+            for attempt in range(3):  # a uprobe attach can fail while another tool attaches the same symbol
+                try:
+                    await tracer.start()
+                    break
+                except HintscopeError as e:
+                    await tracer.stop()
+                    trace_reason = str(e)
+                    tracer = HostTrace(qemu, src.pid, kick_port, files / "host-trace.txt") if attempt < 2 else None
+            if tracer is not None:
+                trace_reason = None
+                writer.set_source("hintguest_bpftrace", "captured", script="files/host-trace.bt")
+            elif o.trace == "on":
+                raise HintscopeError(f"--trace on: {trace_reason}")
+            else:
+                writer.set_source("hintguest_bpftrace", "unavailable", reason=trace_reason)
+                summary["trace_error"] = trace_reason
         else:
             writer.set_source("hintguest_bpftrace", "unavailable", reason=trace_reason)
         t_mig = time.monotonic()
@@ -669,7 +694,10 @@ async def run_hintguest(o: HintguestOptions) -> dict[str, Any]:
         pool0 = int(log.boot.get("pool", "0x40000"), 16)
         pool1 = pool0 + int(log.boot.get("pool_blocks", "64")) * BLOCK_PAGES
         mem_writes = reuse_writes_in_memory(s_img, (pool0, pool1))
-        pages = classify(diff.differing["gfn"].to_numpy(dtype=np.int64), log, host, s_img, d_img, mem_writes)
+        dd = diff.differing
+        kvmclock = (dd.loc[dd["classification"] == "kvmclock", "gfn"].to_numpy(dtype=np.int64)
+                    if "classification" in dd else None)
+        pages = classify(dd["gfn"].to_numpy(dtype=np.int64), log, host, s_img, d_img, mem_writes, kvmclock)
         summary["reuse_writes_in_source_ram"] = int(len(mem_writes))
         summary["reuse_writes_in_log"] = int(len(log.writes))
         mw = mem_writes.merge(pages[["gfn", "cls"]], on="gfn", how="left")
@@ -720,7 +748,7 @@ def result_summary(log: GuestLog, host: pd.DataFrame | None, pages: pd.DataFrame
     ids = log.events.loc[log.events["ev"] == "cfg", "cmd_id"]
     r = {
         "pages_compared": int(compared),
-        "pages_differing": int(pages["cls"].ne("reuse-ok").sum()),
+        "pages_differing": int((~pages["cls"].isin(["reuse-ok"])).sum()),
         "classes": {k: int(v) for k, v in sorted(by.items())},
         "lost_reuse_writes": int(by.get("lost-reuse-write", 0)),
         "lost_other": int(by.get("lost-other", 0)),

@@ -88,7 +88,8 @@ def cached_image() -> dict | None:
 def _run(cmd: list[str] | str, log, **kw) -> None:
     log.write(f"+ {cmd if isinstance(cmd, str) else ' '.join(cmd)}\n")
     log.flush()
-    r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, shell=isinstance(cmd, str), **kw)
+    # Never a shell: argv lists only (tests/test_hostile_static.py).
+    r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, **kw)
     if r.returncode != 0:
         raise HintscopeError(f"image build step failed (exit {r.returncode}): "
                              f"{cmd if isinstance(cmd, str) else ' '.join(cmd[:4])}; see {log.name}")

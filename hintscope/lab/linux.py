@@ -71,7 +71,7 @@ class LinuxOptions:
     poll_ms: int = 100
     pre_ms: int = 2000
     health_s: float = 15.0
-    boot_timeout_s: float = 300.0
+    boot_timeout_s: float = 600.0
     memcheck: bool = True
     keep_workdir: bool = False
     extra_qemu: list[str] = field(default_factory=list)
@@ -219,6 +219,10 @@ async def run_linux(o: LinuxOptions) -> dict[str, Any]:
     if (bundle / "meta.json").exists():
         raise HintscopeError(f"{bundle}: a bundle already exists there (choose another -o)")
     probe_reason = probe_unavailable_reason() if o.probe != "off" else "--probe off"
+    if o.probe == "auto" and probe_reason is None:
+        # The host probe traces KVM dirty-log ioctls and refuses a VMM without a KVM fd;
+        # a TCG guest has none, so only an explicit --probe on tries it.
+        probe_reason = "TCG guest: the host probe needs a KVM VMM (use --probe on to try anyway)"
     if o.probe == "on" and probe_reason:
         raise HintscopeError(f"--probe on: {probe_reason}")
     use_probe = probe_reason is None
@@ -452,3 +456,30 @@ def print_summary(s: dict) -> None:
     print(f"memory check: {g.get('page_diffs')}")
     print(f"destination: {'healthy' if h.get('ok') else 'NOT healthy'} {json.dumps(h)}")
     print(f"bundle: {s.get('bundle')}")
+
+
+def results_row(bundle: str | Path) -> dict[str, Any]:
+    """One line of numbers for a --guest linux bundle (docs/guest.md tables)."""
+    from hintscope.bundle import read_bundle
+
+    b = read_bundle(bundle)
+    lab = b.meta.get("lab", {})
+    m = lab.get("migration", {})
+    ram = m.get("ram") or {}
+    g = lab.get("guest_result", {})
+    h = lab.get("dst_health", {})
+    diffs = g.get("page_diffs", {})
+    ver = str(lab.get("qemu_version", ""))
+    return {
+        "run": Path(bundle).name, "qemu": (ver.split("version ")[1].split()[0] if "version " in ver else ver),
+        "smp": lab.get("smp"), "hint": "on" if lab.get("hint") else "off",
+        "transferred_MB": round(ram.get("transferred", 0) / 1e6, 1), "normal_pages": ram.get("normal"),
+        "total_ms": m.get("total_time_ms"), "downtime_ms": m.get("downtime_ms"),
+        "hinted_blocks": g.get("hinted_blocks_before_switch"),
+        "returned": g.get("returned_blocks"), "reuse": g.get("reuse_events"),
+        "pages_differing": diffs.get("total"), "in_hinted_held": diffs.get("hinted-held", 0),
+        "in_hinted_returned": diffs.get("hinted-returned", 0), "lost_write": diffs.get("lost-write", 0),
+        "writer_pages": diffs.get("writer_pages", 0),
+        "dst": "healthy" if h.get("ok") else (f"{h.get('status')}" + (", oops" if h.get("oops") else "")
+                                               + ("" if h.get("dst_heartbeats") else ", no heartbeat")),
+    }

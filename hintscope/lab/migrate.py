@@ -122,8 +122,9 @@ def _check_opts(o: LabOptions) -> list[tuple[int, int]]:
 # ---------------------------------------------------------------------------------------------
 # serial log of the dirtier
 
-READY_RE = re.compile(r"DIRTIER ready (.*)")
-HB_RE = re.compile(r"DIRTIER hb=(\d+) round=(\d+) seq=(\d+)")
+# Only whole lines: the serial file is read while the guest is still writing it.
+READY_RE = re.compile(r"DIRTIER ready ([^\n]*)\n")
+HB_RE = re.compile(r"DIRTIER hb=(\d+) round=(\d+) seq=(\d+) tsc=\d+\n")
 
 
 def _kv(line: str) -> dict[str, str]:
@@ -189,6 +190,7 @@ class HostProbe:
         self.proc: asyncio.subprocess.Process | None = None
         self.argv: list[str] = []
         self._drain: asyncio.Task | None = None
+        self._log = None
 
     async def start(self, timeout: float = 120.0) -> None:
         argv = [sys.executable, "-m", "hintscope", "probe", "host", "--pid", str(self.pid), "-o", str(self.bundle)]
@@ -253,7 +255,8 @@ class HostProbe:
         if self._drain:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._drain, 5)
-        self._log.close()
+        if self._log:
+            self._log.close()
         return self.proc.returncode
 
 
@@ -394,20 +397,30 @@ async def run_lab(o: LabOptions) -> dict[str, Any]:
     try:
         t1 = time.monotonic()
         await src.start()
-        await dst.start()
-        ready_m = await wait_serial(src.cfg.serial_path, READY_RE, 30, "'DIRTIER ready' line",
-                                    fail=re.compile(r"DIRTIER error: [^\n]*"))
-        ready = _kv(ready_m.group(1)[:2000])  # guest text: bounded
-        t_boot = time.monotonic() - t1
-
         if use_probe:
             probe = HostProbe(src.pid, bundle, trace_log, work / "probe.log")
-            t2 = time.monotonic()
-            await probe.start()
-            summary["probe_attach_s"] = round(time.monotonic() - t2, 3)
         if o.crosscheck:
             counter = IoctlCounter(src.pid, work / "bpftrace.log")
-            await counter.start()
+
+        async def timed(name: str, aw) -> Any:
+            r = await aw
+            summary.setdefault("timings_s", {})[name] = round(time.monotonic() - t1, 3)
+            return r
+
+        # The destination's start, the guest's boot and the tracers' attach overlap (each takes seconds
+        # on a loaded host); a failure in one cancels the others, and `finally` stops what started.
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(dst.start())
+                ready_t = tg.create_task(timed("boot_to_ready", wait_serial(
+                    src.cfg.serial_path, READY_RE, 30, "'DIRTIER ready' line", fail=re.compile(r"DIRTIER error: [^\n]*\n"))))
+                if probe:
+                    tg.create_task(timed("probe_attached", probe.start()))
+                if counter:
+                    tg.create_task(timed("crosscheck_attached", counter.start()))
+        except BaseExceptionGroup as eg:
+            raise _first_leaf(eg) from None
+        ready = _kv(ready_t.result().group(1)[:2000])  # guest text: bounded
         writer = BundleWriter(bundle, PRODUCER, append=use_probe)
         if not use_probe:
             writer.meta["vmm"] = {"pid": src.pid, "binary": qemu, "version": version}
@@ -428,7 +441,7 @@ async def run_lab(o: LabOptions) -> dict[str, Any]:
             "crosscheck": None,
             "migration": {"uri": f"unix:{mig_sock}", "max_bandwidth": o.bandwidth_mb << 20,
                           "downtime_limit_ms": o.downtime_ms},
-            "timings_s": {"build": round(t_build, 3), "boot_to_ready": round(t_boot, 3)},
+            "timings_s": {"build": round(t_build, 3), **summary.get("timings_s", {})},
         })
         writer.append("guest_truth_pages", _truth_frame(ranges, o.fill_mb, ready))
         writer.flush()
@@ -489,13 +502,14 @@ async def run_lab(o: LabOptions) -> dict[str, Any]:
             with contextlib.suppress(Exception):
                 summary["crosscheck"] = {"tool": "bpftrace syscalls:sys_exit_ioctl", "pid": src.pid,
                                          "ioctls": await counter.stop()}
-        if probe is not None:
-            rc = await probe.stop()
-            summary["probe"]["exit"] = rc
-            with contextlib.suppress(Exception):
-                shutil.copyfile(probe.log_path, files / "probe.log")
-        for vm in (src, dst):
-            summary.setdefault("qemu_exit", {})[vm.cfg.name] = await vm.stop()
+        try:
+            if probe is not None:
+                summary["probe"]["exit"] = await probe.stop()
+                with contextlib.suppress(Exception):
+                    shutil.copyfile(probe.log_path, files / "probe.log")
+        finally:  # QEMU must go whatever happened above
+            for vm in (src, dst):
+                summary.setdefault("qemu_exit", {})[vm.cfg.name] = await vm.stop()
         summary["timings_s"] = summary.get("timings_s", {}) | {"total": round(time.monotonic() - t0, 3)}
         if writer is not None:
             writer.close(end_reason=end_reason)
@@ -504,6 +518,21 @@ async def run_lab(o: LabOptions) -> dict[str, Any]:
         else:
             shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+def _first_leaf(eg: BaseExceptionGroup) -> BaseException:
+    """The first real error in a task group's failure (a HintscopeError when there is one)."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for x in e.exceptions:
+                walk(x)
+        else:
+            leaves.append(e)
+
+    walk(eg)
+    return next((e for e in leaves if isinstance(e, HintscopeError)), leaves[0])
 
 
 async def destination_health(dst: Qemu, src_hb: dict[str, int] | None, timeout: float = 10.0) -> dict[str, Any]:

@@ -187,7 +187,10 @@ class MiniVM:
         clr["first_page"] = 0
         clr["num_pages"] = self.mem_pages
         clr["dirty_bitmap"] = ctypes.addressof(buf)
-        _ioctl(self.vm, K.CLEAR_DIRTY_LOG_IOCTL, bytearray(clr.tobytes()), "KVM_CLEAR_DIRTY_LOG")
+        arg = bytearray(clr.tobytes())
+        t = time.perf_counter()
+        _ioctl(self.vm, K.CLEAR_DIRTY_LOG_IOCTL, arg, "KVM_CLEAR_DIRTY_LOG")
+        self.clear_us = round((time.perf_counter() - t) * 1e6)
         del buf
         return [int(p) for p in pages]
 
@@ -257,9 +260,11 @@ def main(argv: list[str] | None = None) -> int:
             while True:
                 pages = rounds[i % len(rounds)]
                 vm.run_round(pages, value=0x40 + i)
+                t = time.perf_counter()
                 got = vm.harvest()
-                print(json.dumps({"round": i, "mode": a.mode, "slot": MEMSLOT, "written": pages, "harvest": got}),
-                      flush=True)
+                us = round((time.perf_counter() - t) * 1e6)
+                print(json.dumps({"round": i, "mode": a.mode, "slot": MEMSLOT, "written": pages, "harvest": got,
+                                  "harvest_us": us}), flush=True)
                 i += 1
                 if i >= len(rounds):
                     if not a.loop:
@@ -269,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                 if a.mode != "manual":
                     raise HintscopeError("minivmm: --clear-pattern needs --mode manual")
                 cleared = vm.clear_pattern(a.clear_pattern, a.seed)
-                print(json.dumps({"clear_pattern": cleared, "slot": MEMSLOT, "mem_pages": a.mem_pages}), flush=True)
+                print(json.dumps({"clear_pattern": cleared, "slot": MEMSLOT, "mem_pages": a.mem_pages,
+                                  "clear_us": vm.clear_us}), flush=True)
         finally:
             vm.close()
             os.close(kvm)

@@ -201,6 +201,10 @@ def _parse_chunk(data: bytes, path: str) -> TraceParse:
         valid &= ~iso_bad
     reason[~tid_ok & valid] = "thread id out of range"
     valid &= tid_ok | is_msg
+    # sec * 1e9 must fit int64 (year 2262); a larger second count would wrap silently.
+    sec_ok = is_msg | (sec < 9_223_372_036)
+    reason[~sec_ok & valid] = "timestamp out of range"
+    valid &= sec_ok
     df["wall_ns"] = wall
     df["tid"] = np.where(is_msg, -1, tid)
     df["event"] = m["event"].where(pd.Series(is_trace), "message").astype("string")

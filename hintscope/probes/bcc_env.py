@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -55,7 +56,8 @@ def ensure_tracefs() -> bool:
     if (TRACEFS / "events").is_dir():
         return True
     if os.geteuid() == 0:
-        os.system(f"mount -t tracefs nodev {TRACEFS} 2>/dev/null")
+        subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, check=False)
     return (TRACEFS / "events").is_dir()
 
 

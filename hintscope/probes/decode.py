@@ -19,6 +19,7 @@ host.bpf.c)::
 from __future__ import annotations
 
 import mmap
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -292,3 +293,39 @@ def synthetic_records(kind: str, n: int, rng: np.random.Generator | None = None)
         a["a0"] = 0x7F0000000000 + np.arange(n, dtype=np.uint64) * 4096
         a["a1"] = 4 << 20
     return a.tobytes()
+
+
+def bench(n: int = 200_000) -> dict[str, dict[str, float]]:
+    """Records/s for decode alone, decode + BundleWriter.append, and + the Parquet flush."""
+    import tempfile
+    import time
+
+    from hintscope.bundle import BundleWriter
+
+    out = {}
+    for kind in ("ioctl", "bitmap", "ring_push", "qemu"):
+        buf = synthetic_records(kind, n)
+        with tempfile.TemporaryDirectory() as d:
+            w = BundleWriter(os.path.join(d, "b"), producer="bench")
+            t0 = time.perf_counter()
+            dec = decode(buf)
+            t1 = time.perf_counter()
+            for table, cols in dec.tables.items():
+                w.append(table, cols)
+            t2 = time.perf_counter()
+            w.flush()
+            t3 = time.perf_counter()
+        out[kind] = {"decode": n / (t1 - t0), "append": n / (t2 - t0), "flush": n / (t3 - t0),
+                     "rows": sum(dec.rows(t) for t in dec.tables)}
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="decode-rate benchmark on synthetic ring records")
+    ap.add_argument("-n", type=int, default=200_000, help="records per kind")
+    a = ap.parse_args()
+    for kind, r in bench(a.n).items():
+        print(f"{kind:10s} decode {r['decode'] / 1e6:5.2f} M rec/s   +append {r['append'] / 1e6:5.2f}   "
+              f"+parquet {r['flush'] / 1e6:5.2f}   ({r['rows']} rows)")

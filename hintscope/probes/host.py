@@ -41,6 +41,7 @@ DEFAULT_RING_MB = 16
 CHUNKS_PER_CALL = 256
 MAX_SLOT_PAGES = 33 * CHUNKS_PER_CALL * 8 * 64
 POLL_INTERVAL_S = 0.05
+MAX_READS_PER_POLL = 8
 
 
 @dataclass
@@ -85,7 +86,8 @@ def inspect_target(pid: int) -> Target:
         exe = os.readlink(f"/proc/{pid}/exe")
     except OSError:
         exe = "?"
-    if not kvm:
+    if not kvm and not qemu_uprobes.is_qemu(exe):
+        # A QEMU under TCG is still worth probing (its uprobes); anything else without KVM is not.
         raise HintscopeError(f"pid {pid} ({os.path.basename(exe)}): not a KVM user "
                              "(no /dev/kvm or kvm-vm file descriptor in /proc/PID/fd)")
     return Target(pid=pid, exe=exe, starttime=int(st[19]), kvm_fds=sorted(set(kvm)))
@@ -168,8 +170,11 @@ class HostProbe:
         except Exception as e:
             raise bcc_env.compile_error(e) from None
         w = self.w
-        w.set_source("host_ioctl", "captured", None, tracepoints=["syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl"])
-        w.set_source("host_dirty_ring", "captured", None,
+        kvm = bool(self.target.kvm_fds)
+        no_kvm = None if kvm else "target has no KVM file descriptor (QEMU under TCG): no KVM ioctls to trace"
+        w.set_source("host_ioctl", "captured" if kvm else "unavailable", no_kvm,
+                     tracepoints=["syscalls:sys_enter_ioctl", "syscalls:sys_exit_ioctl"])
+        w.set_source("host_dirty_ring", "captured" if kvm else "unavailable", no_kvm,
                      tracepoints=["kvm:kvm_dirty_ring_push", "kvm:kvm_dirty_ring_reset"])
         if want_qemu:
             exe = self.target.exe
@@ -208,7 +213,8 @@ class HostProbe:
     def poll(self) -> int:
         """Move every committed record into the bundle; flush when due. Returns records taken."""
         n = 0
-        while True:
+        # Bounded: under a flood the caller still gets to check signals, deadlines and flushes.
+        for _ in range(MAX_READS_PER_POLL):
             data = self.ring.read()
             if not data:
                 break
@@ -288,7 +294,8 @@ class HostProbe:
                 why.append(f"{unknown} GET_DIRTY_LOG on slots created before the probe attached (bitmap not read)")
             if trunc:
                 why.append(f"{trunc} bitmaps longer than {MAX_SLOT_PAGES} pages truncated")
-            self.w.set_source("host_ioctl", "partial", "; ".join(why))
+            if self.target.kvm_fds:
+                self.w.set_source("host_ioctl", "partial", "; ".join(why))
 
     def _copy_trace_log(self) -> None:
         if not self.qemu_trace_log:

@@ -3,7 +3,8 @@
 Each timeline lane (``report.timeline``) becomes a track under a "host" or "guest" parent;
 KVM ioctls get one track per VMM thread; slices that overlap within a lane are spread over
 numbered sub-tracks so that every track nests properly.  Findings are instants on their own
-track with a flow arrow from the hint apply they are about.  Timestamps are the bundle's
+track; their timed evidence steps are instants on an "evidence steps" track, joined step by
+step to the finding by a chain of flow arrows.  Timestamps are the bundle's
 host CLOCK_MONOTONIC ns, written as the trace's default clock.
 """
 
@@ -40,7 +41,7 @@ class ExportStats:
 
 def _annotate(ev, args: dict[str, Any]) -> None:
     for k, v in args.items():
-        if v is None or (isinstance(v, float) and np.isnan(v)):
+        if str(k).startswith("_") or v is None or (isinstance(v, float) and np.isnan(v)):
             continue
         a = ev.debug_annotations.add()
         a.name = str(k)
@@ -126,12 +127,15 @@ class _Writer:
         self._add(end, end_)
         self.stats.slices[name] += 1
 
-    def instant(self, track: int, name: str, ts: int, args: dict, flow_in: list[int] | None = None) -> None:
+    def instant(self, track: int, name: str, ts: int, args: dict, flow_in: list[int] | None = None,
+                flow_out: list[int] | None = None) -> None:
         def fill(ev):
             ev.type = self.TE.TYPE_INSTANT
             ev.track_uuid = track
             ev.name = name
             _annotate(ev, args)
+            if flow_out:
+                ev.flow_ids.extend(flow_out)
             if flow_in:
                 ev.terminating_flow_ids.extend(flow_in)
         self._add(ts, fill)
@@ -160,26 +164,6 @@ class _Writer:
         return data
 
 
-def _flows_for_findings(tw: _Writer, t: tl.Timeline) -> tuple[dict[int, list[int]], list[list[int]]]:
-    """Flow ids linking each finding to the latest hint apply that started at or before it."""
-    applies = t.lane("applies")
-    findings = t.lane("findings")
-    out: dict[int, list[int]] = {}
-    into: list[list[int]] = []
-    if applies.empty or findings.empty:
-        return out, [[] for _ in range(len(findings))]
-    starts = applies["start_ns"].to_numpy()
-    idx = np.searchsorted(starts, findings["start_ns"].to_numpy(), side="right") - 1
-    for i in idx:
-        if i < 0:
-            into.append([])
-            continue
-        f = tw.new_flow()
-        out.setdefault(int(applies.index[i]), []).append(f)
-        into.append([f])
-    return out, into
-
-
 def export(bundle_path: str | Path, out: str | Path, findings: pd.DataFrame | None = None) -> ExportStats:
     """The report's timeline (analysis syncs, guest lanes on the host clock, findings) as a trace.
 
@@ -196,11 +180,28 @@ def export(bundle_path: str | Path, out: str | Path, findings: pd.DataFrame | No
     return write_timeline(t, out)
 
 
+def parent_of_findings(groups: dict[str, int], tw: _Writer) -> int:
+    """The "evidence" track under the findings group (created on first use)."""
+    if "evidence" not in groups:
+        groups["evidence"] = tw.track("evidence steps", groups["finding"])
+    return groups["evidence"]
+
+
+def _finding(tw: _Writer, track: int, evidence_track: int, name: str, ts: int, args: dict) -> None:
+    """A finding instant, its timed evidence steps as instants, and a flow chain step 1 -> ... -> finding."""
+    steps = [(t, side, text) for t, side, text in args.get("_steps", []) if t >= 0]
+    prev: list[int] = []
+    for i, (t, side, text) in enumerate(steps):
+        f = [tw.new_flow()]
+        tw.instant(evidence_track, f"{args.get('id', '')} {side}: {text}"[:160], t,
+                   {"finding": args.get("id", ""), "step": i + 1}, flow_in=prev, flow_out=f)
+        prev = f
+    tw.instant(track, name, ts, args, flow_in=prev)
+
+
 def write_timeline(t: tl.Timeline, out: str | Path) -> ExportStats:
     tw = _Writer()
     groups: dict[str, int] = {}
-    flow_out, flow_in = _flows_for_findings(tw, t)
-    fin_pos = {idx: k for k, idx in enumerate(t.lane("findings").index)}
     for rank, (lane, group, label) in enumerate(tl.LANES):
         ev = t.lane(lane)
         if ev.empty:
@@ -232,13 +233,11 @@ def write_timeline(t: tl.Timeline, out: str | Path) -> ExportStats:
             for idx, r in rows.iterrows():
                 name, start, end, args = str(r["name"]), int(r["start_ns"]), int(r["end_ns"]), r["args"]
                 if not is_instant:
-                    tw.slice(u, name, start, end, args, flow_out=flow_out.get(int(idx)))
-                elif lane == "applies" and flow_out.get(int(idx)):
-                    # A zero-length apply still carries its flow: give it 1 ns.
-                    tw.slice(u, name, start, start + 1, args, flow_out=flow_out[int(idx)])
+                    tw.slice(u, name, start, end, args)
+                elif lane == "findings":
+                    _finding(tw, u, parent_of_findings(groups, tw), name, start, args)
                 else:
-                    fin = flow_in[fin_pos[idx]] if lane == "findings" else None
-                    tw.instant(u, name, start, args, flow_in=fin)
+                    tw.instant(u, name, start, args)
     if t.counters:
         cparent = groups.get("host") or tw.track(_GROUP_NAMES["host"])
         for name, c in t.counters.items():
@@ -272,7 +271,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     fmt = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
     pp = fmt.add_parser("perfetto", help="Perfetto TrackEvent trace (ui.perfetto.dev)",
                         description="Write the run's timeline as a Perfetto trace: syncs, epochs, KVM ioctls per "
-                                    "thread, hint applies, guest hinting, findings with flows to their applies.")
+                                    "thread, hint applies, guest hinting, findings with flows along their evidence.")
     pp.add_argument("bundle", help="run bundle directory")
     pp.add_argument("-o", "--output", required=True, help="output file (e.g. trace.pftrace)")
     pp.set_defaults(func=_run)

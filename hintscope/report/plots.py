@@ -152,9 +152,14 @@ def plot_timeline(t: tl.Timeline, title: str = "", width: float = 14.0,
     ax.grid(axis="x", color="#d3d7cf", lw=0.5)
     if has_counter:
         ca = axes[0]
-        for name, c in t.counters.items():
+        series = {n: (tl.rate(t.samples[n], window=view) if n in t.samples else c) for n, c in t.counters.items()}
+        for name, c in series.items():
+            if c.empty:
+                continue
             ca.fill_between(x(c["ts_ns"]), c["value"].to_numpy(), step="post", alpha=0.5, label=name, color="#729fcf")
-        ca.set_ylabel("pages\n/bucket", fontsize=8)
+        first = next(iter(series.values()))
+        bucket = float(np.diff(first["ts_ns"].to_numpy()[:2])[0]) / 1e6 if len(first) > 1 else 0.0
+        ca.set_ylabel(f"per {bucket:.3g} ms", fontsize=8)
         ca.legend(loc="upper right", fontsize=8, frameon=False)
         ca.grid(axis="x", color="#d3d7cf", lw=0.5)
     legend = [Patch(color=COLORS["syncs"], alpha=0.3, label="sync BEFORE→AFTER"),
@@ -165,7 +170,7 @@ def plot_timeline(t: tl.Timeline, title: str = "", width: float = 14.0,
     axes[0].legend(handles=legend, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=len(legend), fontsize=8,
                    frameon=False)
     if title:
-        fig.suptitle(title, fontsize=11, x=0.01, ha="left", y=1.0)
+        fig.suptitle(title, fontsize=11, x=0.01, ha="left", y=1.03)
     fig.subplots_adjust(left=0.16, right=0.99, top=0.93, bottom=0.08)
     return fig
 

@@ -73,6 +73,25 @@ def headline(d: model.ReportData, base: model.ReportData | None = None) -> pd.Da
     return pd.DataFrame(rows)
 
 
+def ab_table(d: model.ReportData, base: model.ReportData) -> pd.DataFrame:
+    """The analysis' A/B: QEMU's counters side by side, and pages saved by the trace vs by QMP."""
+    cmp_ = model._optional("hintscope.analysis.summary", "compare")
+    if cmp_ is None or not (d.analysed and base.analysed):
+        return pd.DataFrame(columns=["metric", "this run", "baseline", "difference"])
+    try:
+        c = cmp_({"summary": d.summary}, {"summary": base.summary})
+    except Exception as e:  # noqa: BLE001
+        d.notes.append(f"A/B comparison failed: {type(e).__name__}: {e}")
+        return pd.DataFrame(columns=["metric", "this run", "baseline", "difference"])
+    rows = [(k, _fmt(v.get("this")), _fmt(v.get("baseline")), _fmt(v.get("diff")))
+            for k, v in c.get("metrics", {}).items() if v.get("this") is not None or v.get("baseline") is not None]
+    rows.append(("hinted pages never sent (this run, from the trace)", _fmt(c.get("skipped_pages_estimate")), "", ""))
+    rows.append(("normal pages saved (QMP: baseline - this run)", _fmt(c.get("qmp_normal_pages_saved")), "", ""))
+    if c.get("note"):
+        d.notes.append("A/B: " + str(c["note"]))
+    return pd.DataFrame(rows, columns=["metric", "this run", "baseline", "difference"])
+
+
 def run_facts(b: Bundle) -> pd.DataFrame:
     """Who/what/when of the run, from meta (escaped by :func:`table`)."""
     m = b.meta
@@ -283,27 +302,39 @@ def timeline_figure(d: model.ReportData, title: str = ""):
     return plots.plot_timeline(d.timeline, title=title)
 
 
-def zoom_window(d: model.ReportData) -> tuple[int, int] | None:
-    """Host-time window around the findings when they sit in a small part of the run."""
-    f = d.timeline.lane("findings")
+def zoom_window(d: model.ReportData) -> tuple[tuple[int, int], str] | None:
+    """A host-time window worth a second look, and what it shows.
+
+    Around the findings when they sit in a small part of the run; else around the syncs after
+    the bulk round (where epochs are short and applies race syncs) when the bulk round dominates.
+    """
     ev = d.timeline.events
-    if f.empty or ev.empty:
+    if ev.empty:
         return None
     lo, hi = int(ev["start_ns"].min()), int(ev["end_ns"].max())
     span = max(hi - lo, 1)
-    a, b = int(f["start_ns"].min()), int(f["start_ns"].max())
-    margin = max((b - a) // 4, span // 40)
-    a, b = max(lo, a - margin), min(hi, b + margin)
-    return (a, b) if (b - a) < 0.6 * span else None
+    for lane, what in (("findings", "the findings"), ("syncs", "the syncs after the bulk round")):
+        rows = d.timeline.lane(lane)
+        if lane == "syncs":
+            rows = rows[rows["depth"] == 0].iloc[1:]
+        if rows.empty:
+            continue
+        a, b = int(rows["start_ns"].min()), int(rows["end_ns"].max())
+        margin = max((b - a) // 3, span // 1000, 1)
+        a, b = max(lo, a - margin), min(hi, b + margin)
+        if (b - a) < 0.6 * span:
+            return (a, b), what
+    return None
 
 
 def zoom_figure(d: model.ReportData):
-    w = zoom_window(d)
-    if w is None:
+    z = zoom_window(d)
+    if z is None:
         return None
+    (a, b), what = z
     t0 = d.timeline.t0_ns
-    return plots.plot_timeline(d.timeline, window=w,
-                               title=f"zoom on the findings: {(w[0] - t0) / 1e6:.3f} – {(w[1] - t0) / 1e6:.3f} ms")
+    return plots.plot_timeline(d.timeline, window=(a, b),
+                               title=f"zoom on {what}: {(a - t0) / 1e6:.3f} – {(b - t0) / 1e6:.3f} ms")
 
 
 def notes_table(d: model.ReportData) -> pd.DataFrame:

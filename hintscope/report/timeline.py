@@ -52,7 +52,8 @@ COLUMNS = ["lane", "name", "start_ns", "end_ns", "depth", "args"]
 @dataclass
 class Timeline:
     events: pd.DataFrame                     # COLUMNS; args holds a dict per row
-    counters: dict[str, pd.DataFrame] = field(default_factory=dict)   # name -> ts_ns, value
+    counters: dict[str, pd.DataFrame] = field(default_factory=dict)   # name -> ts_ns, value (binned, whole run)
+    samples: dict[str, pd.DataFrame] = field(default_factory=dict)    # name -> ts_ns, value (raw, for re-binning)
     t0_ns: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -216,10 +217,12 @@ def build(b: Bundle, findings: pd.DataFrame | None = None,
                 for h, n, p, t in zip(ap["a0"], ap["a1"], pages, ap["tid"])]
         parts.append(_frame("applies", "apply", ap["ts_ns"], ap["end_ns"], args=args))
 
-    counters = {}
+    counters, samples = {}, {}
     sends = qe[qe["event"] == "page_send"]
     if not sends.empty:
-        counters["pages sent"] = _rate(sends["ts_ns"].to_numpy(), (sends["a1"].to_numpy() // PAGE).astype(np.int64))
+        w = np.maximum((sends["a1"].to_numpy().astype(np.int64) // PAGE), 1)
+        samples["pages sent"] = pd.DataFrame({"ts_ns": sends["ts_ns"].to_numpy(np.int64), "value": w})
+        counters["pages sent"] = rate(samples["pages sent"])
 
     parts.extend(_guest_parts(b, guest_to_host, notes))
     if findings is not None and not findings.empty:
@@ -228,11 +231,18 @@ def build(b: Bundle, findings: pd.DataFrame | None = None,
         else pd.DataFrame(columns=COLUMNS)
     ev["order"] = ev["lane"].map(LANE_ORDER)
     ev = ev.sort_values(["order", "start_ns", "depth"], kind="stable").drop(columns="order").reset_index(drop=True)
-    return Timeline(ev, counters, t0, notes)
+    return Timeline(ev, counters, samples, t0, notes)
 
 
-def _rate(ts: np.ndarray, weight: np.ndarray, buckets: int = 200) -> pd.DataFrame:
-    lo, hi = int(ts.min()), int(ts.max())
+def rate(samples: pd.DataFrame, buckets: int = 200, window: tuple[int, int] | None = None) -> pd.DataFrame:
+    """Sum of ``value`` per time bucket (``buckets`` over the samples' span, or over ``window``)."""
+    ts, weight = samples["ts_ns"].to_numpy(np.int64), samples["value"].to_numpy()
+    if window is not None:
+        keep = (ts >= window[0]) & (ts <= window[1])
+        ts, weight = ts[keep], weight[keep]
+    if not len(ts):
+        return pd.DataFrame({"ts_ns": np.zeros(0, np.int64), "value": np.zeros(0)})
+    lo, hi = (int(ts.min()), int(ts.max())) if window is None else window
     edges = np.linspace(lo, max(hi, lo + 1), buckets + 1)
     h, _ = np.histogram(ts, bins=edges, weights=weight)
     return pd.DataFrame({"ts_ns": edges[:-1].astype(np.int64), "value": h})
@@ -291,7 +301,8 @@ def evidence_steps(ev: Any) -> list[tuple[int, str, str]]:
     out = []
     for x in ev:
         if isinstance(x, (list, tuple)) and len(x) >= 3 and isinstance(x[0], (int, np.integer)):
-            out.append((int(x[0]), str(x[1]), str(x[2])))
+            # A time of 0 or less marks a step that did not happen ("never sent"): untimed.
+            out.append((int(x[0]) if int(x[0]) > 0 else -1, str(x[1]), str(x[2])))
         elif isinstance(x, dict):
             t = x.get("ts_ns", x.get("t_ns", -1))
             out.append((int(t) if isinstance(t, (int, np.integer)) else -1, str(x.get("side", "")),
@@ -317,5 +328,7 @@ def findings_lane(findings: pd.DataFrame) -> pd.DataFrame:
         a["id"] = f"F{i + 1}"        # the same id as the report's findings table
     if "evidence" in f.columns:
         for a, e in zip(args, f["evidence"]):
-            a["evidence"] = " -> ".join(f"{side}: {text}" for _, side, text in evidence_steps(e))
+            steps = evidence_steps(e)
+            a["evidence"] = " -> ".join(f"{side}: {text}" for _, side, text in steps)
+            a["_steps"] = steps      # not shown as an argument: the Perfetto export draws them
     return _frame("findings", f["kind"].astype(str).to_numpy(), ts[keep], args=args)

@@ -89,10 +89,11 @@ HINTGUEST_PAGES = register(Table(
     "Pages that differ between the paused source and the paused destination, plus every reuse-written page, "
     "classified against the guest log. cls: hinted-held (in a block hinted and never written since: the host "
     "may skip it, not a loss), lost-reuse-write (the guest wrote it after hinting and the destination lacks "
-    "that write), reuse-ok (written after hinting and carried over), lost-other (differs, no hint involved).",
+    "that write), reuse-ok (written after hinting and carried over), kvmclock (only SeaBIOS's kvmclock record "
+    "differs: KVM rewrites it on each host, not a loss), lost-other (differs, no hint involved).",
     [
         Col("gfn", "int64", "gfn", "guest page"),
-        Col("cls", "string", "", "hinted-held, lost-reuse-write, reuse-ok or lost-other"),
+        Col("cls", "string", "", "hinted-held, lost-reuse-write, reuse-ok, kvmclock or lost-other"),
         Col("cmd_id", "int64", "", "cmd id of the latest hint covering the page; -1 if none"),
         Col("write_seq", "int64", "", "sequence of the last reuse write the guest logged for the page; -1 none"),
         Col("src_seq", "int64", "", "sequence stamped in the source page (HG record); -1 if none"),

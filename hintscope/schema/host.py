@@ -102,20 +102,27 @@ RING_RESET = register(Table(
 
 QEMU_EVENTS = register(Table(
     "qemu_events",
-    "QEMU uprobes on dynamic symbols of the VMM binary. Events: hint_apply (qemu_guest_free_page_hint entry; "
-    "a0 = HVA, a1 = length in bytes), hint_apply_ret, sync_fetch_begin (memory_global_dirty_log_sync), "
-    "sync_fetch_end (memory_global_after_dirty_log_sync), precopy_notify (notifier_with_return_list_notify; "
-    "a0 = list address, a1 = reason: 0 SETUP, 1 BEFORE_BITMAP_SYNC, 2 AFTER_BITMAP_SYNC, 3 COMPLETE, 4 CLEANUP), "
-    "migrate_state (migrate_set_state; a1 = old, a2 = new), notify_config (virtio_notify_config), "
-    "page_send (buffer_is_zero on the migration thread; a0 = HVA, a1 = length).",
+    "QEMU uprobes on dynamic symbols of the VMM binary (hintscope/probes/qemu_uprobes.py). Events: "
+    "hint_apply (qemu_guest_free_page_hint entry, iothread; a0 = HVA, a1 = length in bytes), "
+    "hint_apply_ret (its return; no args), "
+    "sync_fetch_begin (memory_global_dirty_log_sync entry: the GET_DIRTY_LOG / dirty-ring flush of one sync follows; "
+    "no args), sync_fetch_end (memory_global_after_dirty_log_sync entry: the fetched bits are merged; no args), "
+    "precopy_notify (notifier_with_return_list_notify, which precopy_notify inlines into; a0 = list address, "
+    "a1 = *(int *)data = reason 0 SETUP, 1 BEFORE_BITMAP_SYNC, 2 AFTER_BITMAP_SYNC, 3 COMPLETE, 4 CLEANUP, -1 when "
+    "data is NULL, a2 = data pointer; other NotifierWithReturn lists have other a0 values), "
+    "migrate_state (migrate_set_state; a0 = state pointer, a1 = old, a2 = new: 0 none, 1 setup, 2 cancelling, "
+    "3 cancelled, 4 active, 5 postcopy-active, 6 postcopy-paused, 7 postcopy-recover, 8 completed, 9 failed, ...), "
+    "notify_config (virtio_notify_config; a0 = VirtIODevice pointer), "
+    "page_send (optional, --page-sends: buffer_is_zero(p, 4096), which the RAM save path calls once per page; "
+    "a0 = HVA, a1 = 4096; other callers with the same length are not filtered out, use the migration thread's tid).",
     [
         TS,
         TID,
         Col("event", "string", "", "event name (see table description)"),
-        Col("a0", "uint64", "", "first argument"),
+        Col("a0", "uint64", "", "first argument (per event, see table description)"),
         Col("a1", "uint64", "", "second argument"),
         Col("a2", "uint64", "", "third argument"),
-        Col("ret", "int64", "", "return value for *_ret events, else 0"),
+        Col("ret", "int64", "", "return value for *_ret events (0 for hint_apply_ret: the function is void), else 0"),
     ],
     area=AREA,
 ))

@@ -34,8 +34,8 @@ def run(args) -> int:
     from hintscope.sim.write import simulate, write_bundle
     cfg = SimConfig()
     if args.pages is not None:
-        if args.pages < 256 or args.pages % 512:
-            raise HintscopeError(f"--pages {args.pages}: need a multiple of 512, at least 512")
+        if args.pages < 512 or args.pages % 512 or args.pages > (1 << 22):
+            raise HintscopeError(f"--pages {args.pages}: need a multiple of 512 between 512 and 4194304")
         cfg.pages = args.pages
         cfg.hot_pages = min(cfg.hot_pages, args.pages // 8)
     mb = simulate(args.variant, args.seed, args.mode, dest_compare=not args.no_dest_compare, cfg=cfg)

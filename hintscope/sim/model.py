@@ -53,7 +53,7 @@ class SimConfig:
     write_period_ns: float = 40_000
     write_burst: int = 4
     send_ns: int = 8_000
-    slice_pages: int = 8
+    slice_pages: int = 4
     clear_chunk_pages: int = 256    # QEMU: 1 GiB (clear_bmap_shift 18); scaled down with the RAM
     hint_alloc_ns: int = 60_000
     apply_ns: int = 15_000

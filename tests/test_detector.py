@@ -1,0 +1,178 @@
+"""The detector against simulator ground truth, its verdicts when evidence is missing, and exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hintscope.analysis import detector
+from hintscope.sim import confusion
+from hintscope.sim.model import MODES
+from hintscope.sim.write import MemoryBundle, simulate
+
+
+@pytest.fixture(scope="module")
+def matrix():
+    return confusion.run_matrix(seeds=range(2))
+
+
+def test_reduced_matrix_properties(matrix):
+    s = confusion.summarise(matrix)
+    assert confusion.check(s) == []
+    # the matrix exercises both kinds of loss, so recall 1.0 is not vacuous
+    assert s["gt_lost_hint"].sum() > 100 and s["gt_lost_not_hint"].sum() > 5
+
+
+EXPECTED_KINDS = {
+    "filter-after-sync": {"stale-epoch-apply", "lost-write"},
+    "sync-in-io-handler": {"apply-during-sync"},
+    "blocking-bulk": {"bulk-stall"},
+    "no-cmd-id": {"bad-id-sequence"},
+    "shrinker-reuse": {"reuse-before-apply"},
+    "clear-on-apply": {"reuse-before-apply"},
+    "resend-bug": {"lost-write-not-hint"},
+}
+
+
+def test_each_variant_draws_its_kinds(matrix):
+    for v, kinds in EXPECTED_KINDS.items():
+        seen = set(",".join(matrix.loc[matrix["variant"] == v, "kinds"]).split(","))
+        assert kinds <= seen, (v, seen)
+    cm = matrix[(matrix["variant"] == "clear-on-apply") & (matrix["mode"] == "manual")]
+    assert cm["kinds"].str.contains("rearm-wipe").all()
+
+
+def test_safe_variants_are_clean(matrix):
+    safe = matrix[matrix["variant"].isin(["qemu", "flush-before-sync", "blocking-bulk"])]
+    assert (safe["verdict"] == "no unsafe ordering found").all()
+    assert (matrix.loc[matrix["variant"] == "filter-after-sync", "verdict"] == "unsafe ordering found").all()
+
+
+def _drop_events(b: MemoryBundle, *events: str) -> MemoryBundle:
+    t = dict(b._tables)
+    qe = t["qemu_events"]
+    t["qemu_events"] = qe[~qe["event"].isin(events)].reset_index(drop=True)
+    return MemoryBundle(dict(b.meta), t, list(b.problems))
+
+
+def test_never_safe_without_evidence():
+    b = simulate("qemu", 0, "manual", dest_compare=False)
+    assert detector.verdict(b, detector.detect(b)) == "no unsafe ordering found"
+    cases = {
+        "guest balloon events": b.without("guest_events", "guest_hints", "guest_returns", "guest_reuse"),
+        "page sends": _drop_events(b, "page_send"),
+        "sync boundaries": _drop_events(b, "precopy_notify", "sync_fetch_begin", "sync_fetch_end"),
+        "dirty-log harvest": b.without("bitmap_words"),
+        "memslots": b.without("memslots"),
+    }
+    for why, bb in cases.items():
+        v = detector.verdict(bb, detector.detect(bb))
+        assert v.startswith("inconclusive") and why in v, (why, v)
+    lost = MemoryBundle(dict(b.meta, lost={"host_ioctl": 12}), b._tables)
+    assert "lost events" in detector.verdict(lost, detector.detect(lost))
+    running = MemoryBundle(dict(b.meta, status="running"), b._tables)
+    assert "did not finish" in detector.verdict(running, detector.detect(running))
+
+
+def test_unsafe_even_with_missing_guest():
+    # (b)/(c) need the guest, but apply-during-sync is host-only
+    b = simulate("sync-in-io-handler", 0, "get", dest_compare=False)
+    bb = b.without("guest_events", "guest_hints", "guest_returns", "guest_reuse")
+    f = detector.detect(bb)
+    assert "apply-during-sync" in set(f["kind"])
+    assert detector.verdict(bb, f) == "unsafe ordering found"
+
+
+def test_memcheck_pages_classified():
+    b = simulate("resend-bug", 1, "manual", dest_compare=True)
+    gt = b.table("ground_truth")
+    f = detector.detect(b)
+    nh = f[f["kind"] == "lost-write-not-hint"]
+    assert set(gt.loc[gt["lost"], "gfn"].astype(int)) <= set(int(g) for gl in nh["gfns"] for g in gl)
+    # pages skipped because the guest still held them are stale on the destination but expected
+    q = simulate("qemu", 1, "manual", dest_compare=True)
+    assert len(q.table("lost_pages")) > 100
+    fq = detector.detect(q)
+    assert not fq["kind"].isin(detector.LOST_KINDS).any()
+
+
+def test_lost_write_evidence_on_one_clock():
+    b = simulate("clear-on-apply", 0, "manual", dest_compare=False)
+    f = detector.detect(b)
+    rw = f[(f["kind"] == "rearm-wipe") & (f["confidence"] == "confirmed")]
+    assert len(rw)
+    ev = rw.iloc[0]["evidence"]
+    ts = [t for t, _, _ in ev if t]
+    assert ts == sorted(ts) and all(abs(t - ts[0]) < 10**10 for t in ts)
+    assert {"guest", "kvm", "qemu"} <= {s for _, s, _ in ev}
+    assert "KVM_CLEAR_DIRTY_LOG" in rw.iloc[0]["sentence"]
+
+
+def test_exit_codes():
+    empty = pd.DataFrame(columns=detector.FINDING_COLUMNS)
+    assert detector.exit_code(empty, "no unsafe ordering found", None) == 0
+    assert detector.exit_code(empty, "no unsafe ordering found", "hazard") == 0
+    assert detector.exit_code(empty, "inconclusive: missing x", "hazard") == 3
+    assert detector.exit_code(empty, "inconclusive: missing x", None) == 0
+    haz = pd.DataFrame([detector._finding("reuse-before-apply", "hazard", [1], [], "s")])
+    assert detector.exit_code(haz, "unsafe ordering found", "hazard") == 1
+    assert detector.exit_code(haz, "unsafe ordering found", "lost-write") == 0
+    assert detector.exit_code(haz, "unsafe ordering found", "any") == 1
+    lw = pd.DataFrame([detector._finding("lost-write", "confirmed", [1], [], "s")])
+    assert detector.exit_code(lw, "unsafe ordering found", "lost-write") == 1
+    amb = pd.DataFrame([detector._finding("lost-write", "ambiguous", [1], [], "s")])
+    assert detector.exit_code(amb, "inconclusive: 1 ordering", "lost-write") == 3
+    perf = pd.DataFrame([detector._finding("bulk-stall", "confirmed", [], [], "s")])
+    assert detector.exit_code(perf, "no unsafe ordering found", "hazard") == 0
+    assert detector.exit_code(perf, "no unsafe ordering found", "any") == 1
+    from hintscope.errors import HintscopeError
+    with pytest.raises(HintscopeError):
+        detector.exit_code(empty, "x", "everything")
+
+
+def test_findings_json_round_trip():
+    b = simulate("filter-after-sync", 0, "ring", dest_compare=False)
+    f = detector.detect(b)
+    d = json.loads(detector.findings_json_text(f, detector.verdict(b, f)))
+    assert d["verdict"] == "unsafe ordering found"
+    assert d["coverage"]["mode"] == "ring"
+    assert all({"ts_ns", "source", "event"} == set(e) for x in d["findings"] for e in x["evidence"])
+
+
+def test_clock_band_contains_true_offset():
+    for mode in MODES:
+        b = simulate("shrinker-reuse", 4, mode, dest_compare=False)
+        f = detector.detect(b)
+        clk = f.attrs["coverage"]["clock"]
+        true = b.meta["sim"]["delta_ns"]
+        # drift of at most 30 ppm over the run moves delta by a few us
+        assert clk["delta_lo_ns"] - 20_000 <= true <= clk["delta_hi_ns"] + 20_000
+        assert clk["width_ns"] < detector.CLOCK_MAX_NS
+
+
+def test_hostile_apply_lengths_do_not_explode():
+    b = simulate("qemu", 0, "get", dest_compare=False)
+    t = dict(b._tables)
+    qe = t["qemu_events"].copy()
+    i = qe.index[qe["event"] == "hint_apply"][0]
+    qe.loc[i, "a1"] = np.uint64(1 << 62)
+    t["qemu_events"] = qe
+    bb = MemoryBundle(dict(b.meta), t)
+    f = detector.detect(bb)
+    assert any("impossible lengths" in p for p in f.attrs["coverage"]["problems"])
+
+
+def test_bench_quick_smoke(tmp_path):
+    import importlib.util
+    from pathlib import Path
+    p = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_detector.py"
+    spec = importlib.util.spec_from_file_location("bench_detector", p)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "b.json"
+    assert mod.main(["--pushes", "20000", "--hint-pages", "2000", "-o", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["pushes"] == 20000 and res["detect_s"] > 0 and set(res["polars_join_asof_s"]) == {"plain", "by_gfn"}

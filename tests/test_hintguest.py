@@ -1,0 +1,283 @@
+"""hintguest: log parsers on captured output, classification on synthetic RAM images, the guest build,
+and (lab / KVM) real migrations of the guest."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hintscope.errors import HintscopeError
+from hintscope.lab import hintguest as hg
+lab, needs_kvm, needs_qemu = pytest.mark.lab, pytest.mark.needs_kvm, pytest.mark.needs_qemu
+
+DATA = Path(__file__).parent / "data"
+SERIAL = DATA / "hintguest-src-serial.log"      # early-reuse, bitmap mode, 3 rounds; the VM stopped mid-line
+HOST = DATA / "hintguest-host-trace.txt"        # bpftrace output of the same run
+QTRACE = DATA / "hintguest-qemu-trace.log"      # excerpt of the same run's QEMU -trace log
+
+
+# ---------------------------------------------------------------------------------------------
+# serial log
+
+
+def test_parse_captured_serial_log():
+    log = hg.read_serial_log(SERIAL)
+    assert log.tsc_hz > 10**9
+    assert log.boot["behaviour"] == "early-reuse" and log.boot["pool"] == "0x40000"
+    # three rounds of 8 blocks; the third round's writes are cut short by the switchover
+    assert log.hints.groupby("cmd_id").size().to_dict() == {0x80000001: 8, 0x80000002: 8, 0x80000004: 8}
+    assert log.writes.groupby("round").size().to_dict() == {1: 32, 2: 32, 3: 18}
+    assert set(log.writes["phase"]) == {"early"}
+    assert (log.hints["npages"] == 1024).all() and (log.hints["gfn"] % 1024 == 0).all()
+    # every early write lies between its round's 'avail' and 'kick' (by TSC)
+    ev = log.events
+    for cid, w in log.writes.groupby("cmd_id"):
+        avail = ev[(ev["ev"] == "avail") & (ev["cmd_id"] == cid)]["tsc"].iloc[0]
+        kick = ev[(ev["ev"] == "kick") & (ev["cmd_id"] == cid)]["tsc"]
+        assert (w["tsc"] >= avail).all()
+        if len(kick):
+            assert (w["tsc"] < kick.iloc[0]).all()
+    # the truncated last line is reported, the rest kept
+    assert len(log.problems) == 1 and "line 144" in log.problems[0]
+    assert log.events["line"].is_monotonic_increasing
+
+
+def test_parse_hostile_serial_log():
+    text = "\n".join([
+        "HG t=100 ev=calib tsc_hz=1000000000 src=pit",
+        "HG t=200 ev=hint id=0x80000001 gfn=0x40000 npages=1024 round=1 avail_idx=1",
+        "HG t=99999999999999999999 ev=hint id=0x80000001 gfn=0x40400 npages=1024 round=1",  # > 2**64
+        "HG t=300 ev=hint id=0x80000001 gfn=zzz npages=1024 round=1",                          # bad field
+        "HG t=400 ev=write id=0x80000001 gfn=0x40000 seq=5 phase=early round=1",
+        "HG t=500 ev=write id=0x80000001 gfn=0x40100 seq=6 phase=sideways round=1",             # bad phase
+        "\x00\xff garbage \u2603",
+        "HG t=600 ev=error msg=\"pool: outside RAM\"",
+        "",
+    ])
+    log = hg.parse_serial(text, "x.log")
+    assert log.hints["gfn"].tolist() == [0x40000]
+    assert log.writes[["gfn", "seq"]].values.tolist() == [[0x40000, 5]]
+    assert log.events.loc[log.events["ev"] == "hint", "guest_ns"].tolist()[0] == 200
+    assert log.errors == ['msg="pool: outside RAM"']
+    joined = " | ".join(log.problems)
+    assert "beyond 64 bits" in joined and "not in 'HG" in joined and "'hint' line(s) missing" in joined
+    assert "'write' line(s) missing" in joined
+    with pytest.raises(HintscopeError, match="y.log: no hintguest event lines"):
+        hg.parse_serial("hello\nworld\n", "y.log")
+
+
+def test_read_serial_log_missing_file(tmp_path):
+    with pytest.raises(HintscopeError, match="cannot read the hintguest serial log"):
+        hg.read_serial_log(tmp_path / "nope.log")
+
+
+# ---------------------------------------------------------------------------------------------
+# host-side logs
+
+
+def test_parse_host_trace_maps_applies_to_hinted_blocks():
+    log = hg.read_serial_log(SERIAL)
+    host, problems = hg.parse_host_trace(HOST.read_text())
+    assert problems == []
+    ap = host[host["kind"] == "apply"]
+    # each apply is one 4 MiB block, at exactly the gfn the guest hinted (HVA -> GPA via memslots)
+    assert sorted(ap["gfn"]) == sorted(log.hints["gfn"])
+    assert (ap["npages"] == 1024).all() and (ap["b"] == 4 << 20).all()
+    cl = host[host["kind"] == "clear"]
+    assert (cl["gfn"] >= 0).all()
+    # the clears issued by the hint thread are whole 1 GiB chunks starting at the pool's chunk
+    by_apply_tid = cl[cl["tid"].isin(set(ap["tid"]))]
+    assert len(by_apply_tid) >= 1 and set(by_apply_tid["gfn"]) == {0x40000}
+    assert set(by_apply_tid["npages"]) == {262144}
+    clock = hg.kick_clock(log, host)
+    assert clock["pairs"] >= 2 and 0.2 < clock["ns_per_tsc"] < 1.0 and clock["max_abs_residual_ns"] < 1e6
+
+
+def test_parse_host_trace_hostile():
+    host, problems = hg.parse_host_trace("Attaching 9 probes...\nA 1 2 notanumber 4\nQ junk\nS 5 6\n")
+    assert host["kind"].tolist() == ["sync"]
+    assert problems == ["host trace: 2 unparsable line(s)"]
+
+
+def test_parse_qemu_trace_excerpt():
+    q = hg.parse_qemu_trace(QTRACE.read_text(), 0, (0x40000, 0x50000))
+    kinds = q["kind"].value_counts().to_dict()
+    assert kinds["sync_start"] == kinds["sync_end"] == 9
+    sends = q[q["kind"] == "send"]
+    assert len(sends) == 20 and sends["gfn"].between(0x40000, 0x4ffff).all()   # pool sends only
+    chunks = q[(q["kind"] == "clear_chunk") & (q["gfn"] >= 0)]
+    assert set(chunks["gfn"]) <= {0, 0x40000} and set(chunks["npages"]) == {262144}
+    assert (q["ts_ns"] == q["wall_ns"]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# classification on synthetic RAM images
+
+
+def _page(magic: int, gfn: int, seq: int, rnd: int = 1, cid: int = 0x80000001) -> bytes:
+    head = np.array([magic, gfn], dtype="<u4").tobytes() + np.array([seq], dtype="<u8").tobytes()
+    head += np.array([rnd, cid], dtype="<u4").tobytes()
+    return head + bytes(4096 - len(head))
+
+
+def test_classify_and_memory_truth(tmp_path):
+    n = 64
+    pool = (16, 48)
+    src = bytearray(n * 4096)
+    dst = bytearray(n * 4096)
+
+    def put(img, gfn, page):
+        img[gfn * 4096:(gfn + 1) * 4096] = page
+
+    for g in range(16, 48):                      # hinted, used before: dst has nothing (skipped)
+        put(src, g, _page(0x53554748, g, 1))
+    put(src, 16, _page(0x57524748, 16, 10))      # reuse write, lost: dst keeps the older HGUS
+    put(dst, 16, _page(0x53554748, 16, 1))
+    put(src, 17, _page(0x57524748, 17, 11))      # reuse write, carried over
+    put(dst, 17, _page(0x57524748, 17, 11))
+    put(src, 20, _page(0x57524748, 20, 12))      # reuse write missing from the log, lost
+    put(src, 5, _page(0x47424748, 5, 3))         # outside any hint, differs
+    s_img, d_img = tmp_path / "s.ram", tmp_path / "d.ram"
+    s_img.write_bytes(bytes(src))
+    d_img.write_bytes(bytes(dst))
+    mem = hg.reuse_writes_in_memory(s_img, pool)
+    assert mem["gfn"].tolist() == [16, 17, 20] and mem["seq"].tolist() == [10, 11, 12]
+    assert set(mem["cmd_id"]) == {0x80000001}
+    text = "\n".join(["HG t=1 ev=calib tsc_hz=1000000000",
+                      "HG t=2 ev=hint id=0x80000001 gfn=0x10 npages=32 round=1 avail_idx=1",
+                      "HG t=3 ev=write id=0x80000001 gfn=0x10 seq=10 phase=early round=1",
+                      "HG t=4 ev=write id=0x80000001 gfn=0x11 seq=11 phase=early round=1"])
+    log = hg.parse_serial(text)
+    from hintscope.lab import memdiff
+    diff = memdiff.compare_images(s_img, d_img)
+    pages = hg.classify(diff.differing["gfn"].to_numpy(dtype=np.int64), log, None, s_img, d_img, mem)
+    cls = dict(zip(pages["gfn"], pages["cls"]))
+    assert cls[16] == "lost-reuse-write" and cls[20] == "lost-reuse-write"
+    assert cls[17] == "reuse-ok" and cls[5] == "lost-other"
+    assert all(cls[g] == "hinted-held" for g in range(18, 48) if g != 20)
+    row16 = pages[pages["gfn"] == 16].iloc[0]
+    assert (row16["src_magic"], row16["dst_magic"], row16["src_seq"], row16["dst_seq"]) == ("HGRW", "HGUS", 10, 1)
+    assert not pages["applied"].any()
+
+
+def test_round_verdicts_follow_first_chunk_clear():
+    """A round's writes are judged against the first clear of their chunk in the epoch."""
+    log = hg.parse_serial("\n".join([
+        "HG t=1 ev=calib tsc_hz=1000000000",
+        "HG t=1000 ev=write id=0x80000001 gfn=0x40000 seq=1 phase=early round=1",
+        "HG t=5000 ev=write id=0x80000002 gfn=0x42000 seq=2 phase=early round=2",
+    ]))
+    host = pd.DataFrame({"ts_ns": [500, 1100, 4000], "tid": [7, 9, 7], "kind": ["sync", "apply", "sync"],
+                         "slot": -1, "a": -1, "b": -1, "c": -1, "d": -1, "gfn": [-1, 0x40000, -1],
+                         "npages": [-1, 1024, -1]})
+    q = pd.DataFrame({"ts_ns": [1200, 4500], "wall_ns": [0, 0], "tid": [9, 7], "kind": "clear_chunk",
+                      "gfn": [0x40000, 0x40000], "npages": [262144, 262144]})
+    pages = pd.DataFrame({"gfn": [0x40000, 0x42000], "cls": ["lost-reuse-write", "reuse-ok"]})
+    v = hg.round_verdicts(log, host, q, pages, {"ns_per_tsc": 1.0, "offset_ns": 0.0})
+    assert [(r["round"], r["lost"], r["chunk_cleared_by"]) for r in v] == [
+        (1, 1, "hint apply (iothread)"), (2, 0, "migration thread")]
+    assert v[0]["clear_minus_first_write_us"] == 0.2 and v[1]["clear_minus_first_write_us"] == -0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# guest build
+
+
+@pytest.mark.skipif(not (shutil.which("gcc") and shutil.which("ld")), reason="needs gcc and ld")
+def test_guest_builds_from_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("HINTSCOPE_CACHE", str(tmp_path))
+    from hintscope.lab import build
+    elf = build.build_guest("hintguest")
+    data = elf.read_bytes()
+    assert data[:4] == b"\x7fELF" and data[4] == 1                    # 32-bit ELF
+    off = data.find((0x1BADB002).to_bytes(4, "little"))
+    assert 0 <= off < 8192 and off % 4 == 0
+    assert b"early-reuse" in data and b"late-reuse" in data
+    assert build.build_guest("hintguest") == elf                         # cached
+
+
+def test_options_rejected():
+    for kw, msg in [({"behaviour": "rude"}, "--behaviour"), ({"mem_mb": 1024}, "--mem"),
+                    ({"dirty_ring": 1000}, "--dirty-ring"), ({"nblocks": 0}, "--nblocks")]:
+        with pytest.raises(HintscopeError, match=msg):
+            hg._check(hg.HintguestOptions(bundle=Path("/nonexistent"), **kw))
+
+
+# ---------------------------------------------------------------------------------------------
+# real migrations
+
+
+def _run(tmp_path: Path, behaviour: str, ring: int) -> dict:
+    o = hg.HintguestOptions(bundle=tmp_path / f"{behaviour}-{ring}", behaviour=behaviour, dirty_ring=ring)
+    return asyncio.run(hg.run_hintguest(o))
+
+
+def _lost_other(pages: pd.DataFrame) -> pd.DataFrame:
+    return pages[pages["cls"] == "lost-other"]
+
+
+@needs_kvm
+@needs_qemu
+def test_real_polite_migration(tmp_path):
+    """One real run (~30 s): hints are applied (pages skipped) and nothing the guest wrote is lost."""
+    s = _run(tmp_path, "polite", 0)
+    from hintscope.bundle import read_bundle
+    b = read_bundle(tmp_path / "polite-0")
+    pages = b.table("hintguest_pages")
+    r = s["result"]
+    assert s["migration"]["status"] == "completed"
+    assert r["guest_reuse_writes"] == 0 and r["lost_reuse_writes"] == 0
+    assert r["classes"].get("hinted-held", 0) > 0        # skipped hinted pages: the hint took effect
+    assert _lost_other(pages).empty                        # nothing outside hinted blocks lost
+    assert s["dst_after_cont"]["status"] == "running"
+
+
+LAB_CASES = [(b, ring) for ring in (0, 4096) for b in hg.BEHAVIOURS]
+
+
+@lab
+@needs_kvm
+@needs_qemu
+@pytest.mark.parametrize("behaviour,ring", LAB_CASES, ids=[f"{b}-{'ring' if r else 'bitmap'}" for b, r in LAB_CASES])
+def test_lab_hintguest(tmp_path, behaviour, ring):
+    s = _run(tmp_path, behaviour, ring)
+    from hintscope.bundle import read_bundle
+    pages = read_bundle(tmp_path / f"{behaviour}-{ring}").table("hintguest_pages")
+    r = s["result"]
+    assert s["migration"]["status"] == "completed"
+    assert _lost_other(pages).empty
+    if behaviour == "polite":
+        assert r["guest_reuse_writes"] == 0 and r["lost_reuse_writes"] == 0
+        return
+    assert s["reuse_writes_in_source_ram"] > 0
+    if ring:
+        # dirty ring: no CLEAR in the hint path, every reuse write reaches the destination
+        assert r["lost_reuse_writes"] == 0
+        return
+    # manual protect: a round loses its writes exactly when the chunk's first clear came after them
+    if os.geteuid() == 0 and s.get("rounds"):
+        for v in s["rounds"]:
+            if v["chunk_cleared_by"] == "not in this epoch" or v["clear_minus_first_write_us"] is None:
+                continue
+            if v["clear_minus_first_write_us"] < 0:
+                assert v["lost"] == 0, v
+    if behaviour == "early-reuse":
+        # round 1: with INITIALLY_SET every page is unarmed until its chunk's first clear, and the
+        # first hint apply clears the pool's chunk after the guest's pre-kick writes
+        assert r["lost_reuse_writes"] > 0, "the c' race did not reproduce"
+
+
+def test_cli_parser_wires_options(tmp_path):
+    import argparse
+    ap = argparse.ArgumentParser()
+    hg.add_parser(ap.add_subparsers(dest="cmd", required=True))
+    a = ap.parse_args(["hintguest", "--behaviour", "late-reuse", "--dirty-ring", "4096", "-o", str(tmp_path / "b")])
+    assert a.func is hg.run and a.behaviour == "late-reuse" and a.dirty_ring == 4096 and a.trace == "auto"
+    with pytest.raises(SystemExit):
+        ap.parse_args(["hintguest", "--behaviour", "rude", "-o", "x"])
