@@ -448,8 +448,10 @@ def mono_from_wall(meta: Mapping[str, Any], wall_ns: np.ndarray) -> np.ndarray:
     r = np.array([a["realtime_ns"] for a in anchors], dtype=np.float64)
     off = np.array([a["monotonic_ns"] - a["realtime_ns"] for a in anchors], dtype=np.float64)
     w = np.asarray(wall_ns, dtype=np.int64)
-    mapped = w.astype(np.float64) + np.rint(np.interp(w.astype(np.float64), r, off))
+    d = np.rint(np.interp(w.astype(np.float64), r, off))
     # Anchors are read from meta (hostile input): refuse a mapping that leaves int64 rather than wrap.
-    if len(mapped) and not (np.isfinite(mapped).all() and np.abs(mapped).max() < 2.0**63 - 2.0**11):
+    # Real offsets are about -1.8e18 (2026); 2**62 leaves a century of headroom.
+    if len(d) and not (np.isfinite(d).all() and np.abs(d).max() < 2.0**62
+                       and np.abs(w.astype(np.float64) + d).max() < 2.0**62):
         raise BundleError("bundle meta clock anchors map wall-clock events outside the int64 ns range")
-    return w + np.rint(np.interp(w.astype(np.float64), r, off)).astype(np.int64)
+    return w + d.astype(np.int64)

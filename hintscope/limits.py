@@ -38,8 +38,14 @@ MAX_TABLE_ROWS = 200_000_000
 
 # --- text streams ----------------------------------------------------------------------------
 MAX_LINE = 4096                    # QEMU trace / guest stream: one record per line
-MAX_TRACE_BYTES = 1 << 30          # QEMU -trace log
-MAX_STREAM_BYTES = 512 << 20       # guest stream
+# QEMU -trace log.  A parsed event costs ~220 B (vs ~87 B of text), so the event cap, not the
+# byte cap, bounds memory: 2 M events ~ 0.45 GiB of frame; 256 MiB of text ~ 3 M real lines.
+MAX_TRACE_BYTES = 256 << 20
+MAX_TRACE_EVENTS = 2_000_000
+# Guest stream: a lab run writes ~10**4..10**5 records.  Parsing costs ~0.6 KB per line at peak
+# (one regex match per line), so the line cap bounds memory: 10**6 lines stay under 1 GiB.
+MAX_STREAM_BYTES = 256 << 20
+MAX_STREAM_LINES = 1_000_000
 MAX_SERIAL_BYTES = 4 << 20         # guest serial console output
 MAX_QMP_JSON_BYTES = 1 << 20       # one QMP reply
 

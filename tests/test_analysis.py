@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import gzip
-import io
 import json
-import contextlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 from hintscope.analysis import harvest, memslots as ms
 from hintscope.analysis.context import Context
 from hintscope.analysis.hints import accounting
-from hintscope.analysis.summary import analyze, cross_checks, summarize
+from hintscope.analysis.summary import analyze, counter_checks, cross_checks, summarize
 from hintscope.analysis.syncs import sync_table
 from hintscope.bundle import BundleWriter, read_bundle, write_json_atomic
 from hintscope.cli import main
@@ -113,6 +112,9 @@ def test_real_trace_sync_table(lab_bundle):
     assert s["clear_calls"].tolist() == [6, 0, 6]
     assert (s["fetch_start_ns"] > 0).all() and (s["fetch_end_ns"] >= s["fetch_start_ns"]).all()
     assert cross_checks(c, s) == []  # QMP dirty-sync-count 3 == 3 syncs == 3 trace syncs
+    k = {x["check"]: (x["capture"], x["qemu"], x["agree"]) for x in counter_checks(c, s)}
+    assert k["QEMU trace ram_save_page vs QMP normal pages"] == (1747, 1747, True)
+    assert k["syncs (qemu_trace) vs QMP dirty-sync-count"] == (3, 3, True)
     summ = summarize(c, s)
     m = summ["migration"]
     assert (m["outcome"], m["normal"], m["dirty_sync_count"], m["total_time_ms"], m["downtime_ms"]) == \
@@ -335,3 +337,81 @@ def test_real_hint_applies_map_to_the_gfns_the_guest_hinted():
     assert s["rearmed_by_hint"].iloc[0] == 1 << 18
     assert s["harvested"].iloc[0] == 524352 and c.dirty_mode == "manual"
     assert summarize(c, s, a)["migration"]["dirty_sync_count"] == len(s) == 7
+
+
+@pytest.mark.parametrize("mode", ["ring", "get"])
+def test_sync_table_other_dirty_modes(tmp_path, mode):
+    sim = pytest.importorskip("hintscope.sim.write")
+    sim.write_bundle(sim.simulate("qemu", 2, mode=mode), tmp_path / "b")
+    b = read_bundle(tmp_path / "b")
+    c = Context(b)
+    s = sync_table(c)
+    assert c.dirty_mode == mode
+    if mode == "ring":
+        rp = b.table("ring_push")
+        assert s["ring_pages"].sum() == len(rp)           # every push lands in some sync's window
+        assert (s["harvested"] <= s["ring_pages"]).all()  # distinct pages <= pushes
+        assert s["harvested"].sum() >= rp.drop_duplicates(["slot", "offset"]).shape[0]
+    else:
+        assert (s["ring_pages"] == -1).all()
+    # Legacy GET and ring reset re-arm exactly what they harvest.
+    assert (s["rearmed"] == s["harvested"]).all()
+    assert (s["est_new_pages"] >= 0).all() and (s["est_new_pages"] <= s["harvested"]).all()
+
+
+# More seeds on demand: HS_FUZZ_SEEDS=40 pytest -k random
+FUZZ_SEEDS = int(os.environ.get("HS_FUZZ_SEEDS", "4"))
+
+
+@pytest.mark.parametrize("seed", range(FUZZ_SEEDS))
+def test_analyze_survives_random_tables(tmp_path, seed):
+    """Schema-valid but meaningless rows (any value in any column) never crash the analysis."""
+    from hintscope import schema
+    from hintscope.analysis.summary import to_json
+
+    rng = np.random.default_rng(seed)
+    words = {"qemu_events": ["hint_apply", "hint_apply_ret", "precopy_notify", "sync_fetch_begin", "sync_fetch_end",
+                             "migrate_state", "page_send", "junk"],
+             "ioctls": ["GET_DIRTY_LOG", "CLEAR_DIRTY_LOG", "SET_USER_MEMORY_REGION", "RESET_DIRTY_RINGS",
+                        "ENABLE_CAP", "?"],
+             "bitmap_words": ["get", "clear", "x"]}
+    w = BundleWriter(tmp_path / "b", producer="test fuzz")
+    n = 300
+    for name in ["qemu_events", "ioctls", "memslots", "bitmap_words", "ring_push", "ring_reset"]:
+        cols = {}
+        for col in schema.get(name).cols:
+            if col.dtype == "string":
+                pool = words.get(name, ["a"])
+                cols[col.name] = rng.choice(pool, n)
+            elif col.dtype == "bool":
+                cols[col.name] = rng.integers(0, 2, n).astype(bool)
+            else:
+                info = np.iinfo(col.dtype)
+                small = rng.integers(-3, 40, n)
+                big = rng.integers(info.min, info.max, n, dtype=col.dtype, endpoint=True)
+                v = np.where(rng.random(n) < 0.5, np.clip(small, info.min, info.max), big).astype(col.dtype)
+                cols[col.name] = v
+        if "ts_ns" in cols:
+            cols["ts_ns"] = rng.integers(-10**12, 10**12, n)
+        w.append(name, pd.DataFrame(cols))
+    w.attach_file("qemu-trace.log").write_bytes(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    w.close(end_reason="sigterm")
+    res = analyze(read_bundle(tmp_path / "b"))
+    json.dumps(to_json(res), default=str)
+    assert isinstance(res["summary"]["data"]["problems"], list)
+
+
+def test_fail_on_gates_through_the_detector(tmp_path, lab_bundle, capsys):
+    det = pytest.importorskip("hintscope.analysis.detector")
+    sim = pytest.importorskip("hintscope.sim.write")
+    sim.write_bundle(sim.simulate("filter-after-sync", 3, mode="manual"), tmp_path / "bad")
+    assert main(["analyze", str(tmp_path / "bad"), "--json", "--fail-on", "hazard"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["summary"]["findings"]["verdict"] == "unsafe ordering found"
+    assert sum(doc["summary"]["findings"]["by_kind"].values()) > 0
+    # The no-probe lab run cannot decide (no uprobes): the gate says so instead of passing.
+    rc = main(["analyze", str(lab_bundle), "--json", "--fail-on", "lost-write"])
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["summary"]["findings"]["verdict"].startswith("inconclusive")
+    assert rc == det.exit_code(pd.DataFrame(columns=["kind", "severity", "confidence"]), "inconclusive", "lost-write")
+    assert rc != 0

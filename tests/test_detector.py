@@ -176,3 +176,29 @@ def test_bench_quick_smoke(tmp_path):
     assert mod.main(["--pushes", "20000", "--hint-pages", "2000", "-o", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["pushes"] == 20000 and res["detect_s"] > 0 and set(res["polars_join_asof_s"]) == {"plain", "by_gfn"}
+
+
+def test_hostile_guest_blocks_are_dropped():
+    b = simulate("shrinker-reuse", 0, "manual", dest_compare=False)
+    t = dict(b._tables)
+    h = t["guest_hints"].copy()
+    h.loc[0, "order"] = 60
+    h.loc[1, "pfn"] = np.uint64(2**63)
+    t["guest_hints"] = h
+    f = detector.detect(MemoryBundle(dict(b.meta), t))
+    assert any("guest_hints: 2 rows" in p for p in f.attrs["coverage"]["problems"])
+
+
+def test_bad_id_sequence_from_guest_reads():
+    b = simulate("qemu", 0, "get", dest_compare=False)
+    assert "bad-id-sequence" not in set(detector.detect(b)["kind"])
+    t = dict(b._tables)
+    ge = t["guest_events"].copy()
+    reads = ge.index[(ge["event"] == "cmd_id") & (ge["a0"] >= 0x80000002)]
+    # the guest claims to have read id N+2 where N+1 was published: a skipped id
+    ge.loc[reads, "a0"] = ge.loc[reads, "a0"] + np.uint64(1)
+    t["guest_events"] = ge
+    f = detector.detect(MemoryBundle(dict(b.meta), t))
+    d5 = f[f["kind"] == "bad-id-sequence"]
+    assert len(d5) == 1 and d5.iloc[0]["confidence"] == "hazard"
+    assert any("start message" in e for _, _, e in d5.iloc[0]["evidence"])

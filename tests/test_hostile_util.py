@@ -13,13 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 from hintscope.errors import HintscopeError
 
 # CI keeps the fuzzers short; HINTSCOPE_FUZZ_EXAMPLES=2000 for a long local run.
 EXAMPLES = int(os.environ.get("HINTSCOPE_FUZZ_EXAMPLES", "60"))
+# Shrinking a failure of these file-writing tests can take minutes: off unless asked for.
+_PHASES = tuple(Phase) if os.environ.get("HINTSCOPE_FUZZ_SHRINK") == "1" else \
+    (Phase.explicit, Phase.reuse, Phase.generate, Phase.target)
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=os.environ.get("HINTSCOPE_FUZZ_RANDOM") != "1",
+                phases=_PHASES,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                        HealthCheck.data_too_large, HealthCheck.large_base_example])
 

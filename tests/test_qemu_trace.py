@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 import signal
 import subprocess
 import time
@@ -128,15 +127,26 @@ def test_dirty_ring_and_load_events():
     assert (cd["block"], cd["offset"], cd["size"], cd["first_page"]) == ("pc.ram", 0, 0x40000000, 0xDB)
 
 
+BPO = Path("/opt/hintscope/qemu-bpo")  # QEMU 10.0 from bookworm-backports (scripts/install-qemu-backports.sh)
+
+
 @needs_qemu
 @needs_kvm
-def test_live_qemu_writes_what_the_reader_parses(tmp_path):
+@pytest.mark.parametrize("which", ["system", "backports"])
+def test_live_qemu_writes_what_the_reader_parses(tmp_path, which):
     """The installed QEMU's own log output (not a stored sample) parses without a bad line."""
+    if which == "system":
+        argv = [QEMU]
+    else:
+        if not (BPO / "usr/bin/qemu-system-x86_64").exists():
+            pytest.skip(f"backports QEMU not unpacked at {BPO}")
+        argv = [str(BPO / "usr/bin/qemu-system-x86_64"), "-L", str(BPO / "usr/share/qemu"),
+                "-L", str(BPO / "usr/share/seabios")]
     ev = tmp_path / "events"
     ev.write_text("kvm_set_user_memory\nmigrate_set_state\n")
     out = tmp_path / "out.log"
-    p = subprocess.Popen([QEMU, "-display", "none", "-nodefaults", "-S", "-enable-kvm", "-m", "64",
-                          "-msg", "timestamp=on", "-trace", f"events={ev},file={out}"],
+    p = subprocess.Popen(argv + ["-display", "none", "-nodefaults", "-S", "-enable-kvm", "-m", "64",
+                                 "-msg", "timestamp=on", "-trace", f"events={ev},file={out}"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
@@ -176,3 +186,23 @@ def test_line_cap_from_limits(tmp_path):
     with limits.override(MAX_LINE=20):
         r = qt.parse_bytes(line + line, "t")
     assert r.bad == 2 and "longer than 20" in r.first_bad_reason
+
+
+_EVENTS = list(qt.EVENTS) + ["message", "x"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(
+    st.binary(max_size=80),
+    st.builds(lambda t, s, u, e, a: f"{t}@{s}.{u:06d}:{e} {a}".encode(),
+              st.integers(0, 2**40), st.integers(0, 2**40), st.integers(0, 999999), st.sampled_from(_EVENTS),
+              st.text(max_size=60)),
+), max_size=40))
+def test_any_input_parses_or_is_counted(lines):
+    data = b"\n".join(lines)
+    r = qt.parse_bytes(data, "fuzz")
+    blank = sum(1 for ln in data.decode("utf-8", errors="replace").split("\n")[: r.lines] if not ln.strip())
+    assert len(r.frame) + r.bad + blank == r.lines
+    assert (r.frame["tid"] >= -1).all() and (r.frame["line"] >= 1).all()
+    if r.bad:
+        assert r.problem and "\n" not in r.problem

@@ -37,32 +37,42 @@ def _cells(page: str) -> set[str]:
     return {html.unescape(re.sub(r"<[^>]+>", "", c)).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", page, re.S)}
 
 
-def _summary_numbers(bundle: Path) -> dict:
-    """What `hintscope analyze --json` reports, or the report's own host summary before analysis exists."""
-    try:
-        import hintscope.analysis.cli  # noqa: F401
-    except ModuleNotFoundError:
-        return model.flatten(model.load_summary(read_bundle(bundle)))
+def _analysis(bundle: Path) -> dict:
+    """What `hintscope analyze --json` reports (summary, per-sync rows, per-epoch accounting, findings)."""
     out = subprocess.run([sys.executable, "-m", "hintscope", "analyze", str(bundle), "--json"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    doc = json.loads(out.stdout)
-    return model.flatten(doc.get("summary", doc))
+    return json.loads(out.stdout)
 
 
 def test_report_shows_analysis_numbers(sim_bundle, tmp_path):
     out = render(sim_bundle, tmp_path / "r.html", progress=False)
     page = out.read_text()
     cells = _cells(page)
-    nums = {k: v for k, v in _summary_numbers(sim_bundle).items()
-            if isinstance(v, (int, np.integer)) and not isinstance(v, bool)}
-    assert len(nums) >= 5
-    missing = {k: v for k, v in nums.items() if f"{int(v):,}" not in cells}
+    doc = _analysis(sim_bundle)
+    nums = {k: v for k, v in model.flatten(doc["summary"]).items()
+            if isinstance(v, int) and not isinstance(v, bool)}
+    assert len(nums) >= 10
+    missing = {k: v for k, v in nums.items() if f"{v:,}" not in cells}
     assert not missing, f"summary numbers not in the report: {missing}"
-    for heading in ("Summary", "Timeline", "Pages per hint epoch", "Dirty rate per sync", "Findings", "Notes"):
-        assert f">{heading}<" in page or f">{heading}</h" in page or heading in page
-    # Figures are embedded images, no code cells leak into the page.
-    assert page.count("data:image/png;base64,") >= 3
+    # Per sync: pages harvested; per epoch: hinted / skipped / resent pages.
+    for row in doc["syncs"]:
+        assert f"{row['harvested']:,}" in cells
+    for row in doc["accounting"]["per_epoch"]:
+        for k in ("applied_pages", "skipped_pages", "resent_pages"):
+            assert f"{row[k]:,}" in cells, (row["epoch"], k)
+    # Every finding, by kind and sentence.
+    fj = doc["findings"]["findings"]
+    found = fj["findings"] if isinstance(fj, dict) else fj
+    assert found, "the simulated filter-after-sync run should have findings"
+    for f in found:
+        assert f["kind"] in cells and f["sentence"] in cells
+    assert doc["summary"]["findings"]["verdict"] in cells
+    for heading in ("Timeline", "Findings", "Summary", "Pages per hint epoch", "Dirty rate per sync",
+                    "Data completeness", "Notes"):
+        assert re.search(rf"<h2[^>]*>{re.escape(heading)}", page), heading
+    # Figures are embedded images; no code leaks into the page.
+    assert page.count("data:image/png;base64,") >= 4
     assert "S.show(" not in page and "import pandas" not in page
 
 
@@ -103,6 +113,7 @@ def test_baseline_comparison(tmp_path):
     off = model.flatten(model.load_summary(read_bundle(tmp_path / "off")))
     assert on["hints.applies"] == 9 and off["hints.applies"] == 0
     assert ">baseline<" in page and ">change<" in page
+    assert "hinted pages never sent (this run, from the trace)" in cells   # the analysis' A/B table
     assert "9" in cells and "new" in cells      # applies: 9 vs 0 -> "new"
     assert f"{on['hints.applied_pages']:,}" in cells
 

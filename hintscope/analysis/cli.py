@@ -131,6 +131,13 @@ def render(res: dict[str, Any]) -> None:
     con.print(t)
     for p in d["problems"]:
         con.print(f"[yellow]problem:[/yellow] {p}", markup=True, highlight=False)
+    if res.get("counter_checks"):
+        t = Table(title="capture vs QEMU's own counters")
+        for h in ["check", "capture", "QEMU", ""]:
+            t.add_column(h, justify="right" if h in ("capture", "QEMU") else "left")
+        for k in res["counter_checks"]:
+            t.add_row(k["check"], _n(k["capture"]), _n(k["qemu"]), "agree" if k["agree"] else "[red]differ[/red]")
+        con.print(t)
     for x in res["cross_checks"]:
         con.print(f"[cyan]cross-check:[/cyan] {x}", highlight=False)
     if "baseline" in res:

@@ -86,6 +86,22 @@ def _band_cols(df: pd.DataFrame, band: clock_align.ClockBand) -> pd.DataFrame:
     return df.assign(lo=lo, hi=hi)
 
 
+MAX_ORDER = 10                  # Linux MAX_ORDER - 1 on x86-64: no block the driver hints is larger
+
+
+def _sane_blocks(df: pd.DataFrame, name: str, problems: list[str]) -> pd.DataFrame:
+    """Guest rows are hostile input: drop impossible orders or pfns instead of expanding them."""
+    if not len(df):
+        return df
+    o = df["order"].to_numpy().astype(np.int64)
+    pfn = df["pfn"].to_numpy().astype(np.uint64)
+    bad = (o < 0) | (o > MAX_ORDER) | (pfn >= np.uint64(1 << 40))
+    if bad.any():
+        problems.append(f"{name}: {int(bad.sum())} rows with an impossible order or pfn ignored")
+        df = df[~bad].reset_index(drop=True)
+    return df
+
+
 def load_facts(bundle) -> Facts:
     ctx = Context(bundle)
     qe = ctx.qe
@@ -121,9 +137,10 @@ def load_facts(bundle) -> Facts:
     else:
         clears = pd.DataFrame({"ts_ns": pd.Series(dtype="int64"), "gfn": pd.Series(dtype="int64"),
                                "tid": pd.Series(dtype="int64")})
-    hints = _table(bundle, "guest_hints")
-    returns = _table(bundle, "guest_returns")
-    reuse = _table(bundle, "guest_reuse")
+    probs = list(ctx.problems)
+    hints = _sane_blocks(_table(bundle, "guest_hints"), "guest_hints", probs)
+    returns = _sane_blocks(_table(bundle, "guest_returns"), "guest_returns", probs)
+    reuse = _sane_blocks(_table(bundle, "guest_reuse"), "guest_reuse", probs)
     ge = _table(bundle, "guest_events")
     band = clock_align.estimate(qe, ge, applies.rename(columns={"a": "ts_ns"}), hints, gfn0)
     f = Facts(
@@ -131,7 +148,7 @@ def load_facts(bundle) -> Facts:
         apply_pages=apply_pages, sends=sends, send_source=ctx.send_source, harvest=harv, clears=clears,
         hints=_band_cols(hints, band), returns=_band_cols(returns, band), reuse=_band_cols(reuse, band),
         guest_events=ge, lost_pages=_table(bundle, "lost_pages"), band=band, states=ctx.states, qe=qe,
-        problems=list(ctx.problems))
+        problems=probs)
     ev = set(qe["event"].unique()) if len(qe) else set()
     if not ({"precopy_notify", "sync_fetch_begin"} & ev):
         f.missing.append("sync boundaries (precopy_notify / sync_fetch uprobes)")
@@ -168,7 +185,8 @@ def _finding(kind: str, confidence: str, gfns, evidence: list, sentence: str) ->
     return {"kind": kind, "confidence": confidence, "severity": SEVERITY[kind],
             "gfn_first": int(g[0]) if len(g) else -1, "gfn_last": int(g[-1]) if len(g) else -1,
             "gfn_count": int(len(g)), "gfns": g[:MAX_GFNS].tolist(),
-            "evidence": [(int(t), s, e) for t, s, e in evidence[:MAX_EVIDENCE]], "sentence": sentence}
+            "evidence": [(int(t) if np.isfinite(t) else -1, s, e) for t, s, e in evidence[:MAX_EVIDENCE]],
+            "sentence": sentence}
 
 
 def _pages_of(applies_idx: np.ndarray, f: Facts) -> np.ndarray:
@@ -315,6 +333,12 @@ def _check_reuse_before_apply(f: Facts, m: pd.DataFrame, out: list) -> None:
                             + ("" if conf == "hazard" else " (order not settled by the clock band)") + "."))
 
 
+def _host_time(f: Facts, g) -> float:
+    """Earliest host time of a guest time (the guest time itself when the band is unknown)."""
+    lo = f.band.to_host(np.asarray([g]))[0][0]
+    return float(lo) if np.isfinite(lo) else float(g)
+
+
 def _check_id_sequence(f: Facts, out: list) -> None:
     """d5: ids the guest read must rise by one; start messages must carry the id read; no run without one."""
     ge = f.guest_events
@@ -333,8 +357,18 @@ def _check_id_sequence(f: Facts, out: list) -> None:
             step = (vv[1:] - vv[:-1]) % (1 << 31)
             badi = np.flatnonzero(step != 1)
             for i in badi[:3]:
-                ev.append((gg[i + 1], "guest", f"id read {_hex(vv[i + 1])} after {_hex(vv[i])}"))
+                ev.append((_host_time(f, gg[i + 1]), "guest", f"id read {_hex(vv[i + 1])} after {_hex(vv[i])}"))
             bad_g += [len(badi)]
+        # a start message must carry the id the guest read last
+        ob = ge[(ge["event"] == "outbuf") & (ge["a0"].to_numpy().astype(np.int64) >= epochs.CMD_ID_MIN)]
+        if len(ob) and len(g):
+            i = np.searchsorted(g, ob["guest_ns"].to_numpy(np.int64), side="right") - 1
+            sent = ob["a0"].to_numpy().astype(np.int64)
+            mism = (i < 0) | (v[np.maximum(i, 0)] != sent)
+            for j in np.flatnonzero(mism)[:3]:
+                ev.append((_host_time(f, int(ob["guest_ns"].iloc[j])), "guest",
+                           f"start message {_hex(sent[j])} but the id read last was "
+                           f"{_hex(v[i[j]]) if i[j] >= 0 else 'none'}"))
     h = f.hints
     if len(h):
         noid = h["cmd_id"].to_numpy().astype(np.int64) < epochs.CMD_ID_MIN
@@ -350,7 +384,8 @@ def _check_id_sequence(f: Facts, out: list) -> None:
             return
     if ev:
         out.append(_finding("bad-id-sequence", "hazard", [], ev,
-                            "the cmd ids the guest read do not rise by exactly one between hinting rounds."))
+                            "the cmd ids the guest read do not rise by exactly one between hinting rounds, or a "
+                            "start message carried an id other than the one the guest read (guest clock)."))
 
 
 def _check_bulk_stall(f: Facts, out: list) -> None:
@@ -380,7 +415,21 @@ def _check_bulk_stall(f: Facts, out: list) -> None:
 
 
 # ---------------------------------------------------------------------------------- lost writes
+DENSE_MAX_GFN = 1 << 25         # per-gfn arrays up to 128 GiB of guest memory; sparser ids use groupby
 _LAST_CACHE: dict[int, tuple[pd.DataFrame, pd.Series]] = {}
+
+
+def _max_by_gfn(g: np.ndarray, t: np.ndarray) -> pd.Series:
+    """Largest t per gfn (float), via ufunc.at on a dense array when gfns are small, else groupby."""
+    if not len(g):
+        return pd.Series(dtype="float64")
+    lo, hi = int(g.min()), int(g.max())
+    if lo >= 0 and hi < DENSE_MAX_GFN:
+        out = np.full(hi + 1, -np.inf)
+        np.maximum.at(out, g, t)
+        idx = np.flatnonzero(out > -np.inf)
+        return pd.Series(out[idx], index=idx)
+    return pd.Series(t).groupby(g).max()
 
 
 def _last_by_gfn(df: pd.DataFrame, col: str = "ts_ns") -> pd.Series:
@@ -390,39 +439,48 @@ def _last_by_gfn(df: pd.DataFrame, col: str = "ts_ns") -> pd.Series:
     hit = _LAST_CACHE.get(id(df))
     if hit is not None and hit[0] is df:
         return hit[1]
-    g = df["gfn"].to_numpy(np.int64)
-    t = df[col].to_numpy(np.int64)
-    o = np.lexsort((t, g))
-    gs = g[o]
-    last = np.r_[gs[1:] != gs[:-1], True]
-    out = pd.Series(t[o][last].astype(float), index=gs[last])
+    out = _max_by_gfn(df["gfn"].to_numpy(np.int64), df[col].to_numpy(np.int64).astype(float))
     if len(_LAST_CACHE) > 16:
         _LAST_CACHE.clear()
     _LAST_CACHE[id(df)] = (df, out)
     return out
 
 
+def _max_before(src_g: np.ndarray, src_t: np.ndarray, q_g: np.ndarray, q_t: np.ndarray,
+                src_v: np.ndarray | None = None, inclusive: bool = False) -> np.ndarray:
+    """Per query (distinct gfns q_g, time q_t): max src_v (default src_t) over src rows of that gfn
+    with src_t < q_t (<= when inclusive); -inf when none."""
+    q_g = np.asarray(q_g, np.int64)
+    if not len(q_g) or not len(src_g):
+        return np.full(len(q_g), -np.inf)
+    src_v = src_t if src_v is None else src_v
+    Q = pd.Series(np.asarray(q_t, float), index=q_g)
+    qt = Q.reindex(src_g).to_numpy() if not (q_g.min() >= 0 and q_g.max() < DENSE_MAX_GFN and
+                                             src_g.min() >= 0) else None
+    if qt is None:
+        dense = np.full(max(int(q_g.max()), int(src_g.max())) + 1, np.nan)
+        dense[q_g] = q_t
+        qt = dense[src_g]
+    m = (src_t <= qt) if inclusive else (src_t < qt)     # NaN compares False: gfns not queried
+    r = _max_by_gfn(src_g[m], src_v[m])
+    return r.reindex(q_g).fillna(-np.inf).to_numpy()
+
+
 def _rearm_before(f: Facts, gfn: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """Per (gfn, t): the last time before t the page was re-armed (-inf when unknown).
+    """Per distinct gfn and time t: the last time before t the page was re-armed (-inf when unknown).
 
     Legacy GET re-arms what it returns (the previous harvest); manual protect re-arms on CLEAR;
-    a ring push is itself the first write after a re-arm, so its own time is returned.
+    a ring push is itself the first write after a re-arm, so the push behind the harvest at t
+    (the reset that collected it) is returned.
     """
-    t = np.asarray(t, float)
     src = f.clears if f.mode == "manual" else f.harvest
-    if f.mode == "ring" and len(src) and len(gfn):
-        q = pd.DataFrame({"gfn": np.asarray(gfn, np.int64), "t": t, "i": np.arange(len(gfn))}).sort_values("t")
-        r = pd.DataFrame({"gfn": src["gfn"].to_numpy(np.int64), "t": src["ts_ns"].to_numpy(np.int64).astype(float),
-                          "r": src["lo_ns"].to_numpy(float)}).sort_values("t")
-        m = pd.merge_asof(q, r, on="t", by="gfn", direction="backward").sort_values("i")
-        return m["r"].fillna(-np.inf).to_numpy()
     if not len(src) or not len(gfn):
         return np.full(len(gfn), -np.inf)
-    q = pd.DataFrame({"gfn": np.asarray(gfn, np.int64), "t": t, "i": np.arange(len(gfn))}).sort_values("t")
-    r = pd.DataFrame({"gfn": src["gfn"].to_numpy(np.int64), "t": src["ts_ns"].to_numpy(np.int64).astype(float),
-                      "r": src["ts_ns"].to_numpy(np.int64).astype(float)}).sort_values("t")
-    m = pd.merge_asof(q, r, on="t", by="gfn", direction="backward", allow_exact_matches=False).sort_values("i")
-    return m["r"].fillna(-np.inf).to_numpy()
+    sg = src["gfn"].to_numpy(np.int64)
+    st = src["ts_ns"].to_numpy(np.int64).astype(float)
+    if f.mode == "ring":
+        return _max_before(sg, st, gfn, t, src["lo_ns"].to_numpy(float), inclusive=True)
+    return _max_before(sg, st, gfn, t)
 
 
 def _check_lost_writes(f: Facts, out: list) -> set:

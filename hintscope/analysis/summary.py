@@ -86,18 +86,43 @@ def completeness(c: Context) -> dict[str, Any]:
     }
 
 
+def counter_checks(c: Context, s: pd.DataFrame) -> list[dict[str, Any]]:
+    """The capture's counts beside QEMU's own (QMP, trace): what was compared, both numbers, agreement."""
+    out: list[dict[str, Any]] = []
+    q = c.qmp
+    last = q.iloc[-1] if len(q) else None
+
+    def add(what: str, ours: int, theirs: int | None, why: str = "") -> None:
+        if theirs is None or theirs < 0:
+            return
+        out.append({"check": what, "capture": int(ours), "qemu": int(theirs), "agree": int(ours) == int(theirs),
+                    "explain": "" if int(ours) == int(theirs) else why})
+
+    if last is not None and "dirty_sync_count" in q:
+        add(f"syncs ({s['source'].iloc[0] if len(s) else 'none'}) vs QMP dirty-sync-count", len(s),
+            int(last["dirty_sync_count"]), "the capture started after the first sync or missed some")
+    tr = c.trace
+    if len(tr):
+        n_tr = int((tr["event"] == "migration_bitmap_sync_start").sum())
+        if n_tr:
+            add("syncs vs QEMU trace migration_bitmap_sync_start", len(s), n_tr, "trace and probe cover different spans")
+    if last is not None and "normal" in q:
+        qe = c.qe
+        n_send = int((qe["event"] == "page_send").sum())
+        if n_send and "duplicate" in q:
+            add("page_send uprobe hits vs QMP normal + duplicate pages", n_send,
+                int(last["normal"]) + int(last["duplicate"]) if int(last["normal"]) >= 0 else None,
+                "multifd/compression/xbzrle pages bypass buffer_is_zero, or the probe attached late")
+        if len(tr) and (tr["event"] == "ram_save_page").any():
+            add("QEMU trace ram_save_page vs QMP normal pages", int((tr["event"] == "ram_save_page").sum()),
+                int(last["normal"]), "the trace log was cut short or ram_save_page was not enabled from the start")
+    return out
+
+
 def cross_checks(c: Context, s: pd.DataFrame) -> list[str]:
     """Mismatches between the capture and QEMU's own counters, each with the known reason."""
-    out = []
-    n = len(s)
-    tr = c.trace
-    n_trace = int((tr["event"] == "migration_bitmap_sync_start").sum()) if len(tr) else None
-    qmp_n = int(c.qmp["dirty_sync_count"].iloc[-1]) if len(c.qmp) and "dirty_sync_count" in c.qmp else None
-    if qmp_n is not None and qmp_n >= 0 and qmp_n != n:
-        out.append(f"QMP dirty-sync-count {qmp_n} but {n} syncs found ({s['source'].iloc[0] if n else 'no source'}): "
-                   "the capture started after the first sync or missed some")
-    if n_trace is not None and n_trace and n_trace != n:
-        out.append(f"QEMU trace has {n_trace} migration_bitmap_sync_start but {n} syncs found")
+    out = [f"{k['check']}: {k['capture']} vs {k['qemu']} ({k['explain']})" for k in counter_checks(c, s)
+           if not k["agree"]]
     for r in s.itertuples(index=False):
         if r.note:
             out.append(f"sync {r.sync}: {r.note}")
@@ -157,7 +182,8 @@ def analyze(b: Bundle) -> dict[str, Any]:
     a = hints_mod.accounting(c, s)
     f = findings(b)
     summ = summarize(c, s, a, f)
-    return {"summary": summ, "syncs": s, "accounting": a, "cross_checks": cross_checks(c, s), "findings": f}
+    return {"summary": summ, "syncs": s, "accounting": a, "counter_checks": counter_checks(c, s),
+            "cross_checks": cross_checks(c, s), "findings": f}
 
 
 def compare(this: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:

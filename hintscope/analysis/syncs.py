@@ -11,10 +11,12 @@ Sync boundaries, best source first (column ``source``):
   > ``GET_GAP_NS``, starts the next sync), or one sync per RESET_DIRTY_RINGS in dirty-ring mode.
 
 Harvest: pages GET returned inside the window (``bitmap_words`` op=get popcount, else the
-ioctl's ``pages``), per slot and in total; in ring mode the ring pushes since the previous
-window.  Re-armed: pages CLEAR_DIRTY_LOG re-armed after this window and before the next one,
-split into those issued by hint-applying threads (``qemu_guest_free_page_hint`` runs on the
-balloon iothread) and the rest (the migration thread's lazy clear before sending).
+ioctl's ``pages``), per slot and in total; in ring mode the distinct pages pushed since the
+previous window (``ring_pages`` counts the pushes).  Re-armed (manual protect): pages
+CLEAR_DIRTY_LOG re-armed after this window and before the next one, split into those issued
+by hint-applying threads (``qemu_guest_free_page_hint`` runs on the balloon iothread) and the
+rest (the migration thread's lazy clear before sending); legacy GET and ring resets re-arm
+what they harvest.
 
 QEMU cross-check: ``qemu_dirty_pages`` is the ``migration_bitmap_sync_end`` argument.  In QEMU 7.2
 (migration/ram.c ``migration_bitmap_sync``) that is ``rs->num_dirty_pages_period``: the pages
@@ -44,6 +46,18 @@ COLUMNS = [
     "get_calls", "harvested", "harvested_by_slot", "ring_pages", "rearmed", "rearmed_by_hint", "clear_calls",
     "trace_start_ns", "trace_end_ns", "qemu_dirty_pages", "qemu_new_pages", "est_new_pages", "note",
 ]
+
+
+# A real ioctl never covers more pages than this (2**40 pages = 4 PiB); hostile counts are clipped so
+# sums stay exact in int64.
+_MAX_PAGES = 1 << 40
+
+
+def _sum_by(idx: np.ndarray, weights: np.ndarray, n: int) -> np.ndarray:
+    """Exact integer per-sync sums (bincount would go through float64)."""
+    out = np.zeros(n, np.int64)
+    np.add.at(out, idx, np.clip(np.asarray(weights, dtype=np.int64), 0, _MAX_PAGES))
+    return out
 
 
 def _first_in(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -201,6 +215,7 @@ def _est_new(c: Context, s: pd.DataFrame, sync_of_get: np.ndarray) -> np.ndarray
         return np.full(len(s), -1, np.int64)
     if len(gp):
         seq2sync = pd.Series(sync_of_get[1], index=sync_of_get[0])
+        seq2sync = seq2sync[~seq2sync.index.duplicated()]  # seq is unique in a real capture
         d = seq2sync.reindex(gp["seq"].to_numpy()).fillna(-1).to_numpy(np.int64)
         t = gp["ts_ns"].to_numpy(np.int64)
     elif len(c.ring_pages) and len(s):
@@ -262,9 +277,9 @@ def sync_table(b: Bundle | Context) -> pd.DataFrame:
     gpages = _get_pages_per_call(c, get)
     ok = gd >= 0
     s["get_calls"] = np.bincount(gd[ok], minlength=n)[:n].astype(np.int64)
-    harvested = np.bincount(gd[ok], weights=np.maximum(gpages[ok], 0), minlength=n)[:n]
+    harvested = _sum_by(gd[ok], gpages[ok], n)
     s["harvested"] = np.where(s["get_calls"] > 0, harvested, -1).astype(np.int64)
-    by = pd.DataFrame({"sync": gd[ok], "slot": get["slot"].to_numpy()[ok], "pages": gpages[ok]})
+    by = pd.DataFrame({"sync": gd[ok], "slot": get["slot"].to_numpy()[ok], "pages": np.clip(gpages[ok], 0, _MAX_PAGES)})
     by = by.groupby(["sync", "slot"])["pages"].sum()
     txt = {d: ", ".join(f"{sl}:{p}" for (_, sl), p in grp.items()) for d, grp in by.groupby(level=0)}
     s["harvested_by_slot"] = [txt.get(d, "") for d in range(n)]
@@ -278,6 +293,14 @@ def sync_table(b: Bundle | Context) -> pd.DataFrame:
         # A push belongs to the first sync whose window ends at or after it.
         rd = np.searchsorted(end, rp["ts_ns"].to_numpy(np.int64), side="left")
         s["ring_pages"] = np.bincount(rd[rd < n], minlength=n)[:n].astype(np.int64)
+        if not len(get):
+            # A page can be pushed again after an intermediate reap/reset; QEMU gets the distinct pages.
+            u = pd.DataFrame({"sync": rd, "slot": rp["slot"].to_numpy(), "page": rp["page"].to_numpy()})
+            u = u[u["sync"] < n].drop_duplicates()
+            s["harvested"] = np.bincount(u["sync"].to_numpy(), minlength=n)[:n].astype(np.int64)
+            by = u.groupby(["sync", "slot"]).size()
+            txt = {d: ", ".join(f"{sl}:{p}" for (_, sl), p in grp.items()) for d, grp in by.groupby(level=0)}
+            s["harvested_by_slot"] = [txt.get(d, "") for d in range(n)]
     else:
         s["ring_pages"] = np.int64(-1)
 
@@ -287,7 +310,8 @@ def sync_table(b: Bundle | Context) -> pd.DataFrame:
         w = c.words
         if len(w):
             wc = w[w["op"] == "clear"]
-            per_seq = pd.Series(harvest.popcount(wc["mask"].to_numpy()), index=wc["seq"].to_numpy()).groupby(level=0).sum()
+            per_seq = pd.Series(harvest.popcount(wc["mask"].to_numpy()), index=wc["seq"].to_numpy())
+            per_seq = per_seq.groupby(level=0).sum()
             fw = per_seq.reindex(clr["seq"].to_numpy()).to_numpy()
             cpages = np.where(np.isnan(fw), cpages, np.nan_to_num(fw)).astype(np.int64)
         cpages = np.where(cpages >= 0, cpages, clr["num_pages"].to_numpy(np.int64))
@@ -296,15 +320,14 @@ def sync_table(b: Bundle | Context) -> pd.DataFrame:
         by_hint = clr["tid"].isin(hint_tids).to_numpy()
         okc = cd >= 0
         s["clear_calls"] = np.bincount(cd[okc], minlength=n)[:n].astype(np.int64)
-        s["rearmed"] = np.bincount(cd[okc], weights=cpages[okc], minlength=n)[:n].astype(np.int64)
-        s["rearmed_by_hint"] = np.bincount(cd[okc & by_hint], weights=cpages[okc & by_hint], minlength=n)[:n].astype(np.int64)
+        s["rearmed"] = _sum_by(cd[okc], cpages[okc], n)
+        s["rearmed_by_hint"] = _sum_by(cd[okc & by_hint], cpages[okc & by_hint], n)
     elif not len(io) and len(c.trace) and (c.trace["event"] == "kvm_clear_dirty_log").any():
         tc = c.trace[c.trace["event"] == "kvm_clear_dirty_log"]
         cd = _between(tc["ts_ns"].to_numpy(np.int64), start, end, c.end_ns)
         okc = cd >= 0
         s["clear_calls"] = np.bincount(cd[okc], minlength=n)[:n].astype(np.int64)
-        s["rearmed"] = np.bincount(cd[okc], weights=tc["num_pages"].to_numpy(np.int64)[okc], minlength=n)[:n] \
-            .astype(np.int64)
+        s["rearmed"] = _sum_by(cd[okc], tc["num_pages"].to_numpy(np.int64)[okc], n)
         s["rearmed_by_hint"] = np.int64(-1)
         if okc.any():
             c.problems.append("re-armed pages come from QEMU's kvm_clear_dirty_log trace: range sizes, an upper "
@@ -319,17 +342,17 @@ def sync_table(b: Bundle | Context) -> pd.DataFrame:
         # Legacy dirty logging: KVM_GET_DIRTY_LOG itself re-arms every page it returns.
         s["rearmed"] = s["harvested"]
     elif mode == "ring" and len(rp):
-        # KVM_RESET_DIRTY_RINGS at the sync re-arms the pages collected from the rings.
-        s["rearmed"] = s["ring_pages"]
+        # KVM_RESET_DIRTY_RINGS re-arms the pages collected from the rings.
+        s["rearmed"] = s["harvested"]
 
     qn, notes = _qemu_new(s, c.trace)
     s["qemu_new_pages"] = qn
     s["est_new_pages"] = _est_new(c, s, (get["seq"].to_numpy(np.int64), gd))
-    s["note"] = [_explain(s, d, notes[d], c.send_source) for d in range(n)]
+    s["note"] = [_explain(s, d, notes[d], c.send_source, mode) for d in range(n)]
     return s[COLUMNS]
 
 
-def _explain(s: pd.DataFrame, d: int, base: str, send_source: str) -> str:
+def _explain(s: pd.DataFrame, d: int, base: str, send_source: str, mode: str = "") -> str:
     r = s.iloc[d].copy()
     out = [base] if base else []
     if r["harvested"] < 0:
@@ -337,14 +360,16 @@ def _explain(s: pd.DataFrame, d: int, base: str, send_source: str) -> str:
     if r["qemu_new_pages"] < 0 or r["harvested"] < 0:
         return "; ".join(out)
     if d == 0 and r["qemu_new_pages"] == 0 and r["harvested"] > 0:
-        out.append("first sync: the migration bitmap starts all ones, so QEMU counts 0 new pages while KVM "
-                   "(manual protect + INITIALLY_SET) reports every page dirty")
+        out.append("first sync: the migration bitmap starts all ones, so QEMU counts 0 new pages"
+                   + (" while KVM (manual protect + INITIALLY_SET) reports every page dirty" if mode == "manual"
+                      else " whatever the harvest"))
     elif r["est_new_pages"] >= 0 and r["est_new_pages"] != r["qemu_new_pages"]:
         diff = int(r["qemu_new_pages"] - r["est_new_pages"])
         if diff > 0:
             why = ("pages sent as zero pages have no ram_save_page event, so they still look pending and are not "
                    "counted new; also " if send_source == "ram_save_page" else "") + \
-                "pages QEMU dirtied itself (device DMA into guest RAM, TCG, vhost) are in QEMU's count, not in KVM's harvest"
+                "pages QEMU dirtied itself (device DMA into guest RAM, TCG, vhost) are in QEMU's count, " \
+                "not in KVM's harvest"
         else:
             why = ("harvested pages QEMU found already set: a send or hint apply recorded just before the fetch "
                    "whose bitmap clear came after it (clock mapping of the trace is good to a few us)")

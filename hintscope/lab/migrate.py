@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -265,14 +266,22 @@ class HostProbe:
 
 
 def qmp_row(ts_ns: int, wall_ns: int, info: dict[str, Any]) -> dict[str, Any]:
-    ram = info.get("ram") or {}
+    """One `qmp` table row. QMP replies are VMM output: anything but an int64-sized number is -1."""
+    ram = info.get("ram")
+    ram = ram if isinstance(ram, dict) else {}
 
     def num(d: dict, k: str) -> int:
         v = d.get(k)
-        return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else -1
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return -1
+        if isinstance(v, float) and not math.isfinite(v):
+            return -1
+        v = int(v)
+        return v if -(2**63) <= v < 2**63 else -1
 
+    status = info.get("status", "")
     return {
-        "ts_ns": ts_ns, "wall_ns": wall_ns, "status": str(info.get("status", "")),
+        "ts_ns": ts_ns, "wall_ns": wall_ns, "status": status[:64] if isinstance(status, str) else "?",
         "total_time": num(info, "total-time"), "transferred": num(ram, "transferred"),
         "normal": num(ram, "normal"), "duplicate": num(ram, "duplicate"),
         "dirty_sync_count": num(ram, "dirty-sync-count"), "remaining": num(ram, "remaining"),
@@ -479,8 +488,13 @@ async def run_lab(o: LabOptions) -> dict[str, Any]:
             mc = diff.summary()
             mc["seconds"] = round(time.monotonic() - t4, 3)
             mc["method"] = "pmemsave of paused source (postmigrate) and paused destination, from GPA 0"
+            # kvmclock records differ by design (KVM rewrites them per host): listed in meta, kept out of
+            # the lost_pages table so that every row there is a page the migration failed to carry.
+            d = diff.differing
+            kvmclock = d["classification"] == "kvmclock"
+            mc["kvmclock_gfns"] = [int(g) for g in d.loc[kvmclock, "gfn"]]
             writer.meta["memcheck"] = summary["memcheck"] = mc
-            writer.append("lost_pages", diff.differing)
+            writer.append("lost_pages", d[~kvmclock])
             summary["timings_s"]["memcheck"] = mc["seconds"]
 
         await dst.cmd("cont")
@@ -507,6 +521,8 @@ async def run_lab(o: LabOptions) -> dict[str, Any]:
                 summary["probe"]["exit"] = await probe.stop()
                 with contextlib.suppress(Exception):
                     shutil.copyfile(probe.log_path, files / "probe.log")
+                if o.dirty_ring:
+                    summary["ring_occupancy"] = ring_occupancy(bundle, o.dirty_ring)
         finally:  # QEMU must go whatever happened above
             for vm in (src, dst):
                 summary.setdefault("qemu_exit", {})[vm.cfg.name] = await vm.stop()
@@ -518,6 +534,21 @@ async def run_lab(o: LabOptions) -> dict[str, Any]:
         else:
             shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+def ring_occupancy(bundle: Path, ring_entries: int) -> dict[str, Any]:
+    """Most entries a vCPU's dirty ring held (pushed, not yet reset), from the probe's ``ring_push``.
+
+    KVM must stop a vCPU before its ring fills; on this PVM host emulated stores can push past
+    the size, which overwrites entries and loses dirty pages (docs/lab.md)."""
+    from hintscope.bundle import read_bundle
+
+    rp = read_bundle(bundle).table("ring_push")
+    if not len(rp):
+        return {"entries": ring_entries, "pushes": 0}
+    occ = rp["dirty_index"].to_numpy(np.int64) - rp["reset_index"].to_numpy(np.int64)
+    return {"entries": ring_entries, "pushes": int(len(rp)), "max": int(occ.max()),
+            "pushes_over_size": int((occ > ring_entries).sum()), "overflow": bool(occ.max() > ring_entries)}
 
 
 def _first_leaf(eg: BaseExceptionGroup) -> BaseException:
@@ -617,6 +648,10 @@ def run(args: argparse.Namespace) -> int:
     if mc:
         print(f"memcheck: {mc['pages_differing']} of {mc['pages_compared']} pages differ, "
               f"{mc['lost_writes']} lost writes ({mc['kvmclock_pages']} kvmclock pages rewritten by KVM)")
+    ro = s.get("ring_occupancy") or {}
+    if ro.get("overflow"):
+        print(f"WARNING: dirty ring overflow: a vCPU ring held {ro['max']} entries of {ro['entries']} "
+              f"({ro['pushes_over_size']} pushes past its size); KVM overwrote dirty entries (see docs/lab.md)")
     h = s.get("dst_health", {})
     print(f"destination after cont: {'healthy' if h.get('ok') else 'NOT healthy'} ({h.get('status')})")
     print(f"bundle: {o.bundle}")

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hintscope import limits
 from hintscope.errors import HintscopeError
 
-MAX_STREAM_BYTES = 512 << 20
+MAX_STREAM_BYTES = limits.MAX_STREAM_BYTES
 MAX_HEADER_CHARS = 1 << 20
 U64_MAX = "18446744073709551615"
 I64_MAX = "9223372036854775807"
@@ -67,7 +68,7 @@ def _to_int(s: pd.Series, dtype: str) -> np.ndarray:
         np.empty(0, dtype=dtype)
 
 
-def _read_lines(path: Path) -> tuple[pd.Series, bool]:
+def _read_lines(path: Path, problems: list[str] | None = None) -> tuple[pd.Series, bool]:
     try:
         size = path.stat().st_size
     except OSError as e:
@@ -76,6 +77,15 @@ def _read_lines(path: Path) -> tuple[pd.Series, bool]:
         raise HintscopeError(f"{path}: {size} bytes, larger than any guest stream hintscope writes "
                              f"({MAX_STREAM_BYTES >> 20} MiB)")
     raw = path.read_bytes()
+    # Memory grows with the line count (one regex match object per line), not with the bytes:
+    # cut at MAX_STREAM_LINES lines before splitting the text.
+    rest = raw.split(b"\n", limits.MAX_STREAM_LINES)
+    if len(rest) > limits.MAX_STREAM_LINES and rest[-1]:
+        raw = raw[: len(raw) - len(rest[-1])]
+        if problems is not None:
+            problems.append(f"{path}: more than {limits.MAX_STREAM_LINES} lines, read only the first "
+                            f"{limits.MAX_STREAM_LINES} ({len(raw)} of {size} bytes)")
+    del rest
     truncated = bool(raw) and not raw.endswith(b"\n")
     text = raw.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
     lines = text.split("\n")
@@ -85,7 +95,7 @@ def _read_lines(path: Path) -> tuple[pd.Series, bool]:
 
 
 def _parse_one(path: Path, side: str, problems: list[str]) -> tuple[dict[str, pd.DataFrame], dict]:
-    lines, truncated = _read_lines(path)
+    lines, truncated = _read_lines(path, problems)
     n_total = len(lines)
     if truncated and n_total:
         lines = lines.iloc[:-1]

@@ -1,6 +1,7 @@
 """Reader for QEMU's ``-trace`` log (log backend), e.g. ``-trace events=EV,file=OUT -msg timestamp=on``.
 
-Line formats seen from QEMU 7.2 (checked against real output, see tests/data/qemu-trace-7.2-kvm.log)::
+Line formats seen from QEMU 7.2 (checked against real output, see tests/data/qemu-trace-7.2-kvm.log;
+QEMU 10.0 adds ``AddrSpace#N`` and ``guest_memfd=.. guest_memfd_offset=..`` to kvm_set_user_memory)::
 
     13172@1795641809.777262:migration_bitmap_sync_start
     13172@1795641809.777285:migration_bitmap_sync_end dirty_pages 0
@@ -40,7 +41,7 @@ from hintscope.errors import HintscopeError
 from hintscope import limits
 
 # Bytes parsed at once: bounds the intermediate (string) frames, not the result.
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 4 << 20  # worst case (13-byte lines) ~320k lines: ~150 MB of intermediates
 
 TABLE = "qemu_trace"
 
@@ -57,7 +58,8 @@ _SDEC = r"(-?\d{1,18})"
 # event -> (regex over args, [(column, kind)]); kind: dec, hex, ptr (0x.. or (nil)), str.
 EVENTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
     "kvm_set_user_memory": (
-        rf"^(?:AddrSpace#{_DEC} )?Slot#{_DEC} flags={_HEX} gpa={_HEX} size={_HEX} ua={_HEX} ret={_SDEC}\s*$",
+        rf"^(?:AddrSpace#{_DEC} )?Slot#{_DEC} flags={_HEX} gpa={_HEX} size={_HEX} ua={_HEX}"
+        rf"(?: guest_memfd=-?\d{{1,10}} guest_memfd_offset=0x[0-9a-fA-F]{{1,16}})? ret={_SDEC}\s*$",
         [("as_id", "dec"), ("slot", "dec"), ("flags", "hex"), ("gpa", "hex"), ("size", "hex"), ("hva", "hex"),
          ("ret", "dec")]),
     "kvm_clear_dirty_log": (
@@ -143,6 +145,7 @@ def parse_bytes(data: bytes, path: str = "<trace>") -> TraceParse:
     """Parse the bytes of a trace log (see module docstring), chunk by chunk."""
     frames, lines, bad, first, why = [], 0, 0, None, None
     pos = 0
+    truncated = None
     while pos < len(data) or not frames:
         end = len(data) if len(data) - pos <= CHUNK_BYTES else data.rfind(b"\n", pos, pos + CHUNK_BYTES) + 1
         if end <= pos:  # no newline in a whole chunk: that is one (malformed) over-long line
@@ -158,8 +161,13 @@ def parse_bytes(data: bytes, path: str = "<trace>") -> TraceParse:
         pos = end
         if not data:
             break
+        kept = sum(len(x) for x in frames)
+        if kept >= limits.MAX_TRACE_EVENTS and pos < len(data):
+            # The result, not the input, is what grows: stop at the event cap (reported as truncation).
+            truncated = pos
+            break
     f = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
-    return TraceParse(f, path, lines, bad, first, why)
+    return TraceParse(f, path, lines, bad, first, why, truncated)
 
 
 def _parse_chunk(data: bytes, path: str) -> TraceParse:
@@ -291,7 +299,8 @@ def parse_file(path: str | os.PathLike, meta: Mapping[str, Any] | None = None,
         data = data[: data.rfind(b"\n") + 1]
         truncated = max_bytes
     r = parse_bytes(data, str(p))
-    r.truncated_at = truncated
+    if truncated is not None:
+        r.truncated_at = min(truncated, r.truncated_at or truncated)
     if r.lines and not len(r.frame) and r.bad:
         raise HintscopeError(f"{p}: not a QEMU trace log (none of {r.lines} lines parsed; "
                              f"line {r.first_bad}: {r.first_bad_reason})")
@@ -324,18 +333,22 @@ def load(bundle, problems: list[str] | None = None) -> pd.DataFrame:
     """The bundle's ``qemu_trace`` table, or its trace log parsed on the fly when the table is absent."""
     if bundle.has(TABLE):
         return bundle.table(TABLE)
-    p = trace_log_path(bundle)
-    if p is None:
-        return _empty()
-    try:
-        r = parse_file(p, bundle.meta)
-    except HintscopeError as e:
-        if problems is not None:
-            problems.append(str(e))
-        return _empty()
-    if r.problem and problems is not None:
-        problems.append(r.problem)
-    return r.frame
+    # Parsed once per opened bundle: the detector and the analysis both ask for it.
+    memo = bundle.__dict__.setdefault("_qemu_trace_parse", {})
+    if "frame" not in memo:
+        memo["problem"] = None
+        p = trace_log_path(bundle)
+        if p is None:
+            memo["frame"] = _empty()
+        else:
+            try:
+                r = parse_file(p, bundle.meta)
+                memo["frame"], memo["problem"] = r.frame, r.problem
+            except HintscopeError as e:
+                memo["frame"], memo["problem"] = _empty(), str(e)
+    if memo["problem"] and problems is not None:
+        problems.append(memo["problem"])
+    return memo["frame"]
 
 
 def write_to_bundle(writer, path: str | os.PathLike) -> TraceParse:

@@ -29,6 +29,9 @@ PLOT_METRICS = [
     "syncs", "epochs", "harvested_pages", "hints.applies", "hints.applied_pages", "hints.skipped_pages",
     "hints.late_pages", "hints.resent_pages", "hints.bytes_saved_upper_bound", "findings",
 ]
+# The small multiples of overview.png/svg.
+OVERVIEW = ["migration.total_time_ms", "migration.transferred", "syncs", "hints.applied_pages",
+            "hints.skipped_pages", "hints.resent_pages", "findings"]
 _LABEL_RE = re.compile(r"^(?:(?P<bundle>.+):)?(?P<key>[A-Za-z0-9_.-]+)=(?P<value>.*)$")
 
 
@@ -96,9 +99,9 @@ def collect(bundles: list[str], labels: dict[str, dict[str, str]] | None = None,
                             if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)})
                 f = model.load_findings(b, notes)
                 row["findings"] = int(len(f))
-                if "kind" in f.columns:
+                if "kind" in f.columns:   # the analysis summary has them as findings.by_kind.*
                     for kind, n in f.groupby("kind").size().items():
-                        row[f"findings.{kind}"] = int(n)
+                        row.setdefault(f"findings.by_kind.{kind}", int(n))
                 row["notes"] = " | ".join(notes)
                 rows.append(row)
     df = pd.DataFrame(rows)
@@ -139,6 +142,9 @@ def write(df: pd.DataFrame, out: Path, group_keys: list[str] | None = None) -> l
         g = df.groupby("group")[m]
         stats.append(pd.DataFrame({"metric": m, "runs": g.count(), "median": g.median(), "min": g.min(),
                                    "max": g.max(), "mean": g.mean(), "std": g.std()}).reset_index())
+    headline = [m for m in OVERVIEW if m in metrics]
+    if headline:
+        files += plots.save(plots.plot_overview(df, headline, "group"), out / "overview")
     if stats:
         files.append(out / "groups.csv")
         pd.concat(stats, ignore_index=True)[["metric", "group", "runs", "median", "min", "max", "mean", "std"]] \
@@ -156,8 +162,8 @@ def _run(args: argparse.Namespace) -> int:
     files = write(df, Path(args.output), args.group.split(",") if args.group else None)
     groups = df.assign(group=group_column(df, args.group.split(",") if args.group else None))["group"]
     print(f"{len(df)} runs in {groups.nunique()} groups ({', '.join(sorted(groups.unique()))})")
-    print(f"wrote {len(files)} files to {args.output}: runs.csv, groups.csv and "
-          f"{(len(files) - 2) // 2} plots (PNG + SVG)")
+    print(f"wrote {len(files)} files to {args.output}: runs.csv, groups.csv, overview and "
+          f"{(len(files) - 4) // 2} per-metric plots (PNG + SVG)")
     return 0
 
 

@@ -52,6 +52,8 @@ def run(out: Path, samples: Path) -> dict:
     from hintscope.report.render import execute, steps, to_html
 
     console = Console(soft_wrap=True)
+    if not console.is_terminal:
+        console.width = 160   # a log or a pipe: do not cut the summary table at 80 columns
     out.mkdir(parents=True, exist_ok=True)
     bundles = sample_bundles(samples)
     source = f"sample bundles in {samples}"

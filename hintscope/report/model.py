@@ -42,6 +42,7 @@ class ReportData:
     timeline: tl.Timeline
     epochs: pd.DataFrame = field(default_factory=pd.DataFrame)   # per-epoch accounting (analysis)
     clock: dict[str, Any] = field(default_factory=dict)           # guest->host offset band summary
+    accounting: dict[str, Any] = field(default_factory=dict)      # analysis.hints.accounting result
     notes: list[str] = field(default_factory=list)
     analysed: bool = False                                         # numbers come from hintscope.analysis
 
@@ -99,22 +100,37 @@ def _analyse(b: Bundle, notes: list[str]) -> dict[str, Any] | None:
         notes.append(f"findings: {f.get('verdict')}")
     summ = sm.summarize(c, s, a, f)
     raw = f.get("_raw")
+    fj = f.get("findings")
+    cov = fj.get("coverage") if isinstance(fj, dict) else None
     return {"context": c, "syncs": s, "accounting": a, "summary": summ,
-            "findings": raw if isinstance(raw, pd.DataFrame) else pd.DataFrame(columns=FINDING_COLUMNS)}
+            "findings": raw if isinstance(raw, pd.DataFrame) else pd.DataFrame(columns=FINDING_COLUMNS),
+            "detector_clock": cov.get("clock") if isinstance(cov, dict) else None}
 
 
-def _clock(c: Any, notes: list[str]) -> tuple[dict[str, Any], Callable | None]:
-    """Guest->host offset band (analysis.clock_align) and the mapping the timeline uses (band middle)."""
-    est = _optional("hintscope.analysis.clock_align", "estimate")
+def _clock(c: Any, notes: list[str], detector_clock: dict | None = None) -> tuple[dict[str, Any], Callable | None]:
+    """Guest->host offset band and the mapping the timeline uses (the band's middle).
+
+    The detector's band when it reports one (so the timeline places guest events where the
+    findings do), else ``analysis.clock_align.estimate``.
+    """
+    mod = _optional("hintscope.analysis.clock_align", "ClockBand")
     b = c.bundle
     ge, gh = b.table("guest_events"), b.table("guest_hints")
-    if est is None or (ge.empty and gh.empty):
+    if mod is None or (ge.empty and gh.empty):
         return {}, None
+    from hintscope.analysis import clock_align as ca
+
     try:
-        hp = c.hint_pages
-        first = hp.groupby("apply")["gfn"].first() if len(hp) else pd.Series(dtype="int64")
-        gfn0 = first.reindex(range(len(c.hint_applies))).fillna(-1).to_numpy(np.int64)
-        band = est(c.qe, ge, c.hint_applies, gh, gfn0)
+        dc = detector_clock or {}
+        if dc.get("delta_lo_ns") is not None and dc.get("delta_hi_ns") is not None:
+            band = ca.ClockBand(lo=float(dc["delta_lo_ns"]), hi=float(dc["delta_hi_ns"]),
+                                slope=float(dc.get("slope") or 0.0), n_lower=int(dc.get("lower_pairs") or 0),
+                                n_upper=int(dc.get("upper_pairs") or 0), notes=list(dc.get("notes") or []))
+        else:
+            hp = c.hint_pages
+            first = hp.groupby("apply")["gfn"].first() if len(hp) else pd.Series(dtype="int64")
+            gfn0 = first.reindex(range(len(c.hint_applies))).fillna(-1).to_numpy(np.int64)
+            band = ca.estimate(c.qe, ge, c.hint_applies, gh, gfn0)
     except Exception as e:  # noqa: BLE001
         notes.append(f"clock alignment failed: {type(e).__name__}: {e}")
         return {}, None
@@ -141,10 +157,10 @@ def load(b: Bundle) -> ReportData:
         d = ReportData(b, summary, findings, syncs, t, notes=notes)
     else:
         c = an["context"]
-        clock, to_host = _clock(c, notes)
+        clock, to_host = _clock(c, notes, an.get("detector_clock"))
         t = tl.build(b, an["findings"], guest_to_host=to_host, syncs=an["syncs"], states=c.states)
         d = ReportData(b, an["summary"], an["findings"], an["syncs"], t, epochs=an["accounting"]["per_epoch"],
-                       clock=clock, notes=notes, analysed=True)
+                       clock=clock, accounting=an["accounting"], notes=notes, analysed=True)
         notes.extend(f"analysis: {p}" for p in c.problems if f"analysis: {p}" not in notes)
     notes.extend(t.notes)
     return d

@@ -199,9 +199,21 @@ def _finding(tw: _Writer, track: int, evidence_track: int, name: str, ts: int, a
     tw.instant(track, name, ts, args, flow_in=prev)
 
 
+def _thread_roles(t: tl.Timeline) -> dict[int, str]:
+    """Name VMM threads by what they do here: the GET issuer is the migration thread, the
+    thread running qemu_guest_free_page_hint the balloon's iothread."""
+    roles: dict[int, str] = {}
+    for lane, role in (("get", "migration thread"), ("applies", "balloon iothread")):
+        for a in t.lane(lane)["args"]:
+            if isinstance(a.get("tid"), (int, np.integer)):
+                roles.setdefault(int(a["tid"]), role)
+    return roles
+
+
 def write_timeline(t: tl.Timeline, out: str | Path) -> ExportStats:
     tw = _Writer()
     groups: dict[str, int] = {}
+    roles = _thread_roles(t)
     for rank, (lane, group, label) in enumerate(tl.LANES):
         ev = t.lane(lane)
         if ev.empty:
@@ -214,7 +226,7 @@ def write_timeline(t: tl.Timeline, out: str | Path) -> ExportStats:
         for (tid, depth), sub in ev.groupby([keys, ev["depth"]], sort=True):
             base = label if depth == 0 else str(sub["name"].iloc[0])
             if tid != -1:
-                base = f"{label}: tid {int(tid)}"
+                base = f"{label}: tid {int(tid)}" + (f" ({roles[int(tid)]})" if int(tid) in roles else "")
             inst = sub[sub["end_ns"] == sub["start_ns"]]
             sl = sub[sub["end_ns"] > sub["start_ns"]]
             if not sl.empty:

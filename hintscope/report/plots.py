@@ -122,22 +122,25 @@ def plot_timeline(t: tl.Timeline, title: str = "", width: float = 14.0,
                 for a in axes:
                     lo_y, hi_y = (-0.5, len(lanes) - 0.5) if a is ax else a.get_ylim()
                     a.vlines(xs, lo_y, hi_y, color=FIND_C, lw=0.8, alpha=0.5, zorder=5)
-                ax.scatter(xs, np.full(len(xs), y + 0.2), marker="v", s=40, color=FIND_C, zorder=6)
-                # Numbered like the findings table; close labels are staggered over three levels.
+                ax.scatter(xs, np.full(len(xs), y + 0.3), marker="v", s=40, color=FIND_C, zorder=6)
+                # Numbered like the findings table; a label goes on the first of three rows where it
+                # does not overprint the previous one (text width estimated from the axis width).
+                char_w = span / div / (width * 72 * 0.8) * 5.0
+                row_end = [-np.inf] * 3
                 order = np.argsort(xs, kind="stable")
-                last, level = -np.inf, 0
                 xs_sorted = xs[order]
                 for j, i in enumerate(order):
                     xi = float(xs[i])
-                    level = (level + 1) % 3 if xi - last < span / div * 0.03 else 0
-                    last = xi
                     gap = (xs_sorted[j + 1] - xi) if j + 1 < len(order) else np.inf
-                    a_ = inst["args"].iloc[i]
-                    label = str(a_.get("id", ""))
-                    if gap > span / div * 0.15:
-                        label += f" {inst['name'].iloc[i]}"
-                    right = xi > float(x(view[1])) - span / div * 0.12   # keep labels inside the axes
-                    ax.text(xi, y - 0.05 - 0.28 * level, label, fontsize=7.5, color=FIND_C, va="top",
+                    label = str(inst["args"].iloc[i].get("id", ""))
+                    full = f"{label} {inst['name'].iloc[i]}"
+                    if gap > len(full) * char_w * 1.2:
+                        label = full
+                    right = xi > float(x(view[1])) - len(label) * char_w   # keep labels inside the axes
+                    x0 = xi - len(label) * char_w if right else xi
+                    level = next((k for k in range(3) if row_end[k] < x0), int(np.argmin(row_end)))
+                    row_end[level] = x0 + (len(label) + 1) * char_w
+                    ax.text(xi, y + 0.14 - 0.26 * level, label, fontsize=7.5, color=FIND_C, va="top",
                             ha="right" if right else "left", clip_on=True)
             else:
                 ax.vlines(x(inst["start_ns"]), y - 0.35, y + 0.35, color=COLORS.get(lane, HOST_C), lw=1.0)
@@ -170,7 +173,7 @@ def plot_timeline(t: tl.Timeline, title: str = "", width: float = 14.0,
     axes[0].legend(handles=legend, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=len(legend), fontsize=8,
                    frameon=False)
     if title:
-        fig.suptitle(title, fontsize=11, x=0.01, ha="left", y=1.03)
+        axes[0].set_title(title, fontsize=11, loc="left", pad=24)   # above the legend row
     fig.subplots_adjust(left=0.16, right=0.99, top=0.93, bottom=0.08)
     return fig
 
@@ -220,11 +223,15 @@ def plot_dirty_rate(rate: pd.DataFrame, title: str = "dirty pages per sync") -> 
     return fig
 
 
-def plot_metric_spread(df: pd.DataFrame, metric: str, group: str, title: str | None = None) -> plt.Figure:
+def plot_metric_spread(df: pd.DataFrame, metric: str, group: str, title: str | None = None,
+                       ax: plt.Axes | None = None) -> plt.Figure:
     """One metric over repeated runs per group: box plot with every run drawn as a jittered point."""
     groups = [g for g in sorted(df[group].astype(str).unique())]
     data = [df.loc[df[group].astype(str) == g, metric].dropna().to_numpy(dtype=float) for g in groups]
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.4 * len(groups) + 2), 3.6))
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(max(4.5, 1.4 * len(groups) + 2), 3.6))
+    else:
+        fig = ax.figure
     ax.boxplot(data, tick_labels=groups, widths=0.5, showfliers=False,
                medianprops={"color": "#cc0000"}, boxprops={"color": "#555753"})
     rng = np.random.default_rng(0)   # fixed jitter: the same runs give the same picture
@@ -235,6 +242,25 @@ def plot_metric_spread(df: pd.DataFrame, metric: str, group: str, title: str | N
     ax.set_title(title or f"{metric} by {group} (n = {', '.join(str(len(d)) for d in data)})", fontsize=10,
                  loc="left")
     ax.grid(axis="y", color="#d3d7cf", lw=0.5)
+    if ax is fig.axes[0] and len(fig.axes) == 1:
+        fig.tight_layout()
+    return fig
+
+
+def plot_overview(df: pd.DataFrame, metrics: list[str], group: str, cols: int = 3) -> plt.Figure:
+    """Small multiples of :func:`plot_metric_spread` for the headline metrics (one figure for docs)."""
+    n = max(len(metrics), 1)
+    rows = (n + cols - 1) // cols
+    ngroups = df[group].nunique()
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * max(4.0, 1.2 * ngroups + 1.5), rows * 3.2),
+                             squeeze=False)
+    for ax, m in zip(axes.flat, metrics):
+        plot_metric_spread(df, m, group, title=m, ax=ax)
+        ax.set_xlabel("")
+        ax.tick_params(axis="x", labelsize=8)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.set_axis_off()
+    fig.suptitle(f"runs by {group}: box = spread over repeated runs, dots = runs", fontsize=11, x=0.01, ha="left")
     fig.tight_layout()
     return fig
 

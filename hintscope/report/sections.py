@@ -79,13 +79,16 @@ def ab_table(d: model.ReportData, base: model.ReportData) -> pd.DataFrame:
     if cmp_ is None or not (d.analysed and base.analysed):
         return pd.DataFrame(columns=["metric", "this run", "baseline", "difference"])
     try:
-        c = cmp_({"summary": d.summary}, {"summary": base.summary})
+        c = cmp_({"summary": d.summary, "accounting": d.accounting},
+                 {"summary": base.summary, "accounting": base.accounting})
     except Exception as e:  # noqa: BLE001
         d.notes.append(f"A/B comparison failed: {type(e).__name__}: {e}")
         return pd.DataFrame(columns=["metric", "this run", "baseline", "difference"])
     rows = [(k, _fmt(v.get("this")), _fmt(v.get("baseline")), _fmt(v.get("diff")))
             for k, v in c.get("metrics", {}).items() if v.get("this") is not None or v.get("baseline") is not None]
     rows.append(("hinted pages never sent (this run, from the trace)", _fmt(c.get("skipped_pages_estimate")), "", ""))
+    if c.get("guest_hinted_pages") is not None:
+        rows.append(("pages the guest hinted (guest probe)", _fmt(c.get("guest_hinted_pages")), "", ""))
     rows.append(("normal pages saved (QMP: baseline - this run)", _fmt(c.get("qmp_normal_pages_saved")), "", ""))
     if c.get("note"):
         d.notes.append("A/B: " + str(c["note"]))

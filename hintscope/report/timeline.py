@@ -174,7 +174,9 @@ def build(b: Bundle, findings: pd.DataFrame | None = None,
     io = b.table("ioctls")
     syncs = host_syncs(qe) if syncs is None else syncs
     states = _migration_states(qe) if states is None else states
-    host_ts = pd.concat([qe["ts_ns"], io["ts_ns"], states["ts_ns"][states["ts_ns"] >= 0]], ignore_index=True)
+    # Memslot ioctls happen at VM boot, long before migration: they do not stretch the axis.
+    dirty_io = io[io["name"].isin(["GET_DIRTY_LOG", "CLEAR_DIRTY_LOG", "RESET_DIRTY_RINGS"])]
+    host_ts = pd.concat([qe["ts_ns"], dirty_io["ts_ns"], states["ts_ns"][states["ts_ns"] >= 0]], ignore_index=True)
     notes: list[str] = []
     if host_ts.empty:
         notes.append("no host events (qemu_events, ioctls) in this bundle")
@@ -229,6 +231,8 @@ def build(b: Bundle, findings: pd.DataFrame | None = None,
         parts.append(findings_lane(findings))
     ev = pd.concat([p for p in parts if not p.empty], ignore_index=True) if any(not p.empty for p in parts) \
         else pd.DataFrame(columns=COLUMNS)
+    if len(ev):
+        t0 = int(ev["start_ns"].min())   # the axis starts at the first event drawn
     ev["order"] = ev["lane"].map(LANE_ORDER)
     ev = ev.sort_values(["order", "start_ns", "depth"], kind="stable").drop(columns="order").reset_index(drop=True)
     return Timeline(ev, counters, samples, t0, notes)

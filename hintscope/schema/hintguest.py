@@ -64,8 +64,8 @@ HOST_CLOCK = "host CLOCK_MONOTONIC (ts_ns, bpftrace nsecs)"
 HINTGUEST_HOST = register(Table(
     "hintguest_host",
     "Host events on the source QEMU from the lab's bpftrace script. kind: apply (entry of "
-    "qemu_guest_free_page_hint: hva, len), apply_ret (its return), sync/sync_end (memory_global_dirty_log_sync "
-    "entry / memory_global_after_dirty_log_sync entry), get (KVM_GET_DIRTY_LOG), clear (KVM_CLEAR_DIRTY_LOG: "
+    "qemu_guest_free_page_hint: hva, len), apply_ret (its return), sync (memory_global_dirty_log_sync entry; "
+    "sync_end in files from older runs), get (KVM_GET_DIRTY_LOG), clear (KVM_CLEAR_DIRTY_LOG: "
     "slot, first_page, num_pages), memslot (KVM_SET_USER_MEMORY_REGION: slot, flags, gpa, size, hva), reset "
     "(KVM_RESET_DIRTY_RINGS), pio (a guest port write seen by kvm:kvm_pio: port, val).",
     [

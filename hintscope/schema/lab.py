@@ -28,8 +28,9 @@ QMP = register(Table(
 LOST_PAGES = register(Table(
     "lost_pages",
     "Destination memory check: every guest page whose content differs between the paused source "
-    "(postmigrate) and the destination (incoming complete, not yet resumed). Empty when the copy is exact; "
-    "meta['memcheck'] holds the totals.",
+    "(postmigrate) and the destination (incoming complete, not yet resumed), except pages where only a "
+    "kvmclock record differs (KVM rewrites those on each host; their gfns are in "
+    "meta['memcheck']['kvmclock_gfns']). Empty when the copy is exact; meta['memcheck'] holds the totals.",
     [
         Col("gfn", "uint64", "gfn", "guest page frame number (GPA >> 12)"),
         Col("src_hash", "uint64", "", "blake2b-64 of the source page"),
@@ -39,8 +40,7 @@ LOST_PAGES = register(Table(
         Col("src_seq", "int64", "", "dirtier write sequence stamped in the source page; -1 if not a dirtier page"),
         Col("dst_seq", "int64", "", "dirtier write sequence stamped in the destination page; -1 if none"),
         Col("classification", "string", "", "lost-write (destination holds other content than the source), "
-            "kvmclock (only a valid pvclock record differs: KVM rewrites it on each host, not a loss), or a "
-            "refinement by the analysis (e.g. hinted-held)"),
+            "or a refinement by the analysis (e.g. hinted-held)"),
     ],
     clock="none (state after migration)",
     area=AREA,

@@ -22,6 +22,8 @@
  *   rounds=N       hint for the first N cmd ids only, then stop the background writer (log
  *                  `bg_stop`) so the migration can converge (default 3); 0 = forever.
  *   log_ms=N       heartbeat period (default 250).
+ *   stale=1        control: the start message carries id-1, so the host drops every hint
+ *                  (same writes, same timing, no qemu_guest_free_page_hint).
  *
  * Every pool block is "used" (each page stamped 'HGUS') before it is hinted: at boot for the
  * first round, for later rounds right after the host has consumed the previous round, so the
@@ -149,7 +151,7 @@ static void eol(void) { putc('\n'); }
 enum { POLITE, EARLY, LATE };
 static const char *bnames[] = {"polite", "early-reuse", "late-reuse"};
 static int behaviour = POLITE;
-static u64 pool = 0x40000, pool_blocks = 64, nblocks = 8, reuse = 4, fill_mb = 64, rounds = 3, log_ms = 250;
+static u64 pool = 0x40000, pool_blocks = 64, nblocks = 8, reuse = 4, fill_mb = 64, rounds = 3, log_ms = 250, stale;
 static char cmdline[1024];
 
 static int parse_num(const char **p, u64 *out)
@@ -203,6 +205,7 @@ static const char *parse_cmdline(const char *s)
 		else if (key(s, "nblocks", &v)) { if (!parse_num(&v, &nblocks) || !nblocks) return "nblocks: expected a positive number"; }
 		else if (key(s, "reuse", &v)) { if (!parse_num(&v, &reuse)) return "reuse: expected a number"; }
 		else if (key(s, "fill_mb", &v)) { if (!parse_num(&v, &fill_mb)) return "fill_mb: expected a number"; }
+		else if (key(s, "stale", &v)) { if (!parse_num(&v, &stale) || stale > 1) return "stale: expected 0 or 1"; }
 		else if (key(s, "rounds", &v)) { if (!parse_num(&v, &rounds)) return "rounds: expected a number"; }
 		else if (key(s, "log_ms", &v)) { if (!parse_num(&v, &log_ms) || !log_ms) return "log_ms: expected a positive number"; }
 		else if (key(s, "bg", &v)) {
@@ -411,7 +414,9 @@ static void hint_round_run(u32 id)
 	}
 	u32 s0 = avail_idx;
 	u32 slot = vq_add((u32)&cmd_buf[avail_idx % qsize], 4, 0);
-	cmd_buf[slot] = id;
+	/* stale=1 (control run): the start message carries the previous id, so QEMU stays in
+	 * REQUESTED and pushes the hints back unused; timing and writes are otherwise identical. */
+	cmd_buf[slot] = stale ? id - 1 : id;
 	for (u64 b = b0; b < b0 + nblocks; b++)
 		vq_add((u32)((pool + b * BLOCK_PAGES) << 12), BLOCK_PAGES * 4096, VRING_DESC_F_WRITE);
 	u64 t_avail = rdtsc();
@@ -431,7 +436,9 @@ static void hint_round_run(u32 id)
 
 	/* The log comes after the fact so that printing (one VM exit per byte) does not widen
 	 * or narrow the race window the behaviour is about. */
-	ev(t_avail, "start"); kx("id", id); kv("round", hint_round); kv("avail_idx", s0); eol();
+	ev(t_avail, "start"); kx("id", id); kv("round", hint_round); kv("avail_idx", s0);
+	if (stale) kx("sent_id", id - 1);
+	eol();
 	for (u64 b = b0; b < b0 + nblocks; b++) {
 		ev(t_avail, "hint"); kx("id", id); kx("gfn", pool + b * BLOCK_PAGES); kv("npages", BLOCK_PAGES);
 		kv("round", hint_round); kv("avail_idx", s0 + 1 + (b - b0)); eol();
@@ -479,7 +486,7 @@ void hintguest_main(u32 magic, u32 *mbi)
 	bg_on = 0; /* not during boot-time fill/use: nothing migrates yet */
 	ev(rdtsc(), "boot"); ks("behaviour", bnames[behaviour]); kx("pool", pool); kv("pool_blocks", pool_blocks);
 	kv("nblocks", nblocks); kv("reuse", reuse); kv("fill_mb", fill_mb); kx("bg_first", bg_first);
-	kx("bg_last", bg_last); kv("rounds", rounds); kv("mem_pages", mem_pages);
+	kx("bg_last", bg_last); kv("rounds", rounds); kv("stale", stale); kv("mem_pages", mem_pages);
 	kx("image_first", (u32)image_start >> 12); kx("image_last", ((u32)image_end >> 12) - 1); eol();
 	ev(rdtsc(), "calib"); kv("tsc_hz", tsc_hz); ks("src", tsc_calibrated ? "pit" : "guess"); eol();
 
