@@ -8,7 +8,7 @@ out="${1:-docs/regression}"
 shift || true
 py=.venv/bin/python
 [ -x "$py" ] || py=python3
-mapfile -t bundles < <(find samples -mindepth 2 -maxdepth 2 -name meta.json -printf '%h\n' | sort)
+mapfile -t bundles < <(find -L samples -mindepth 2 -maxdepth 2 -name meta.json -printf '%h\n' | sort)
 if [ "${#bundles[@]}" -eq 0 ]; then
     echo "regression_plots: no sample bundles under samples/ (each needs a meta.json)" >&2
     exit 2

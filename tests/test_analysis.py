@@ -415,3 +415,33 @@ def test_fail_on_gates_through_the_detector(tmp_path, lab_bundle, capsys):
     assert doc["summary"]["findings"]["verdict"].startswith("inconclusive")
     assert rc == det.exit_code(pd.DataFrame(columns=["kind", "severity", "confidence"]), "inconclusive", "lost-write")
     assert rc != 0
+
+
+def test_killed_capture_is_reported_incomplete(tmp_path, probed):
+    """A producer that never closed (killed) leaves status running: analysis still runs and says so."""
+    w = BundleWriter(tmp_path / "b", producer="test killed")
+    for name in ("ioctls", "bitmap_words", "memslots", "qemu_events"):
+        w.append(name, probed.table(name))
+    w.flush()  # no close(): as if SIGKILLed after the first flush
+    res = analyze(read_bundle(tmp_path / "b"))
+    d = res["summary"]["data"]
+    assert d["complete"] is False and d["status"] == "running"
+    assert any("did not finish" in p for p in d["problems"])
+    assert len(res["syncs"]) == 3  # everything flushed is still analysed
+    if res["findings"]["available"]:
+        assert res["summary"]["findings"]["verdict"] != "no unsafe ordering found"
+
+
+def test_detector_failure_is_reported_not_raised(lab_bundle, monkeypatch, capsys):
+    det = pytest.importorskip("hintscope.analysis.detector")
+
+    def boom(bundle, *a, **k):
+        raise RuntimeError("synthetic detector bug")
+
+    monkeypatch.setattr(det, "detect", boom)
+    res = analyze(read_bundle(lab_bundle))
+    assert res["findings"]["available"] is False
+    assert res["summary"]["findings"]["verdict"].startswith("detector failed: RuntimeError")
+    assert len(res["syncs"]) == 3
+    assert main(["analyze", str(lab_bundle), "--json", "--fail-on", "any"]) == 2
+    assert "detector failed" in capsys.readouterr().err

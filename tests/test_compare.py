@@ -39,6 +39,7 @@ def test_compare_groups_from_meta(runs, tmp_path, capsys):
     assert (row["runs"], row["median"], row["min"], row["max"]) == (3, 7168, 6144, 8192)
     for ext in ("png", "svg"):
         assert (tmp_path / "out" / f"hints.applied_pages.{ext}").stat().st_size > 1000
+        assert (tmp_path / "out" / f"overview.{ext}").stat().st_size > 1000
 
 
 def test_label_option_overrides_meta(runs, tmp_path):

@@ -180,9 +180,28 @@ def test_round_verdicts_follow_first_chunk_clear():
                       "gfn": [0x40000, 0x40000], "npages": [262144, 262144]})
     pages = pd.DataFrame({"gfn": [0x40000, 0x42000], "cls": ["lost-reuse-write", "reuse-ok"]})
     v = hg.round_verdicts(log, host, q, pages, {"ns_per_tsc": 1.0, "offset_ns": 0.0})
-    assert [(r["round"], r["lost"], r["chunk_cleared_by"]) for r in v] == [
-        (1, 1, "hint apply (iothread)"), (2, 0, "migration thread")]
+    assert [(r["round"], r["lost"], r["chunk_cleared_by"], r["expected"]) for r in v] == [
+        (1, 1, "hint apply (iothread)", "lost"), (2, 0, "migration thread", "kept")]
     assert v[0]["clear_minus_first_write_us"] == 0.2 and v[1]["clear_minus_first_write_us"] == -0.5
+    assert v[0]["unarmed_at_epoch_start"] is True
+
+
+def test_round_verdicts_armed_page_is_kept():
+    """A block used (written) before its chunk's last clear is armed at the next GET: a reuse write
+    traps and is logged, so even an apply-side clear after it cannot lose it."""
+    log = hg.parse_serial("\n".join([
+        "HG t=1 ev=calib tsc_hz=1000000000",
+        "HG t=100 ev=use gfn=0x42000 npages=8192 round=2 t_end=200 seq=9",
+        "HG t=5000 ev=write id=0x80000002 gfn=0x42000 seq=10 phase=early round=2",
+    ]))
+    host = pd.DataFrame({"ts_ns": [4000, 5100], "tid": [7, 9], "kind": ["sync", "apply"], "slot": -1, "a": -1,
+                         "b": -1, "c": -1, "d": -1, "gfn": [-1, 0x42000], "npages": [-1, 1024]})
+    q = pd.DataFrame({"ts_ns": [300, 5200], "wall_ns": 0, "tid": [7, 9], "kind": "clear_chunk",
+                      "gfn": 0x40000, "npages": 262144})
+    pages = pd.DataFrame({"gfn": [0x42000], "cls": ["reuse-ok"]})
+    (v,) = hg.round_verdicts(log, host, q, pages, {"ns_per_tsc": 1.0, "offset_ns": 0.0})
+    assert v["unarmed_at_epoch_start"] is False and v["expected"] == "kept" and v["lost"] == 0
+    assert v["chunk_cleared_by"] == "hint apply (iothread)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,12 +268,12 @@ def _check_bitmap_run(s: dict, pages: pd.DataFrame, behaviour: str) -> None:
         return
     assert s["reuse_writes_in_source_ram"] > 0
     for v in s.get("rounds", []):                        # needs the bpftrace trace (root)
-        if v["round"] < 1 or v["clear_minus_first_write_us"] is None:
-            continue
-        if v["clear_minus_first_write_us"] < 0:          # chunk re-armed before the writes: they trap
+        # (c'): unarmed page + the apply's CLEAR after every write -> all lost; armed page or chunk
+        # re-armed before the writes -> they trap and are kept
+        if v["expected"] == "lost":
+            assert v["lost"] == v["writes"], v
+        elif v["expected"] == "kept":
             assert v["lost"] == 0, v
-        elif behaviour == "early-reuse" and v["chunk_cleared_by"].startswith("hint apply"):
-            assert v["lost"] == v["writes"], v           # the apply's CLEAR came after every write
     if behaviour == "early-reuse":
         # round 1: INITIALLY_SET leaves every page unarmed until its chunk's first clear, and the
         # first apply clears the pool's chunk after the guest's pre-kick writes
@@ -323,3 +342,21 @@ def test_cli_parser_wires_options(tmp_path):
     assert a.func is hg.run and a.behaviour == "late-reuse" and a.dirty_ring == 4096 and a.trace == "auto"
     with pytest.raises(SystemExit):
         ap.parse_args(["hintguest", "--behaviour", "rude", "-o", "x"])
+
+
+def test_round_verdicts_without_uprobes():
+    """Tracepoints only: syncs are GET bursts, the apply thread is the one that clears but never GETs."""
+    log = hg.parse_serial("\n".join([
+        "HG t=1 ev=calib tsc_hz=1000000000",
+        "HG t=10000000 ev=write id=0x80000001 gfn=0x40000 seq=1 phase=early round=1",
+    ]))
+    ts = [5_000_000, 5_000_100, 5_000_200, 12_000_000]
+    host = pd.DataFrame({"ts_ns": ts, "tid": [7, 7, 7, 9], "kind": ["get", "get", "get", "clear"], "slot": 5,
+                         "a": -1, "b": -1, "c": -1, "d": -1, "gfn": [-1, -1, -1, 0x40000],
+                         "npages": [-1, -1, -1, 262144]})
+    q = pd.DataFrame({"ts_ns": [11_999_990], "wall_ns": 0, "tid": [9], "kind": "clear_chunk",
+                      "gfn": [0x40000], "npages": [262144]})
+    pages = pd.DataFrame({"gfn": [0x40000], "cls": ["lost-reuse-write"]})
+    (v,) = hg.round_verdicts(log, host, q, pages, {"ns_per_tsc": 1.0, "offset_ns": 0.0})
+    assert v["epoch_sync_ns"] == 5_000_000 and v["chunk_cleared_by"] == "hint apply (iothread)"
+    assert v["expected"] == "lost" and v["lost"] == 1

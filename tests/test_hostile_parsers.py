@@ -121,6 +121,8 @@ def test_trace_hostile_clock_anchors(anchors, sec):
     b"1@1.000001:kvm_clear_dirty_log slot#0 start 0x0 size 0x" + b"9" * 17,
     b"1@1.000001:migration_bitmap_sync_end dirty_pages " + b"9" * 19,
     b"2026-13-45T99:99:99.000000Z qemu-system-x86_64: bad date",
+    b"9999-12-31T23:59:59.000000Z qemu-system-x86_64: beyond datetime64[ns]",
+    b"0001-01-01T00:00:00.000000Z qemu-system-x86_64: before datetime64[ns]",
     b"\x00" * 100, b"\xff\xfe" * 100, "\u202e\u0000ünïcode".encode(),
 ])
 def test_trace_worst_lines(line):

@@ -245,3 +245,34 @@ def test_non_kvm_process_is_a_one_line_error(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "not a KVM user" in lines[0] and f"pid {sleeper.pid} (sleep)" in lines[0]
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.needs_bpf
+@pytest.mark.needs_kvm
+def test_duration_pidfile_and_trace_log_copy(tmp_path):
+    vmm = subprocess.Popen([PY, "-m", "hintscope.lab.minivmm", "--pages", "7", "--loop", "0.05", "--no-wait"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        wait_line(vmm, "READY")
+        (tmp_path / "vmm.pid").write_text(f"{vmm.pid}\n")
+        log = tmp_path / "trace.log"
+        log.write_text("12@1700000000.000001:migrate_set_state new state active\n")
+        r = subprocess.run([PY, "-m", "hintscope", "probe", "host", "--pidfile", str(tmp_path / "vmm.pid"),
+                            "--duration", "1.5", "--qemu-trace-log", str(log), "-o", str(tmp_path / "b")],
+                           capture_output=True, text=True, timeout=120, env=ENV)
+    finally:
+        vmm.kill()
+        vmm.communicate(timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == "ATTACHED"
+    b = read_bundle(tmp_path / "b")
+    assert b.meta["end_reason"] == "duration" and b.complete
+    assert b.meta["sources"]["qemu_trace"]["status"] == "captured"
+    assert b.file("qemu-trace.log").read_text() == log.read_text()
+    # the VM was created before the probe attached: GETs are seen, their bitmaps cannot be sized
+    io = b.table("ioctls")
+    gets = io[io["name"] == "GET_DIRTY_LOG"]
+    assert len(gets) >= 2 and (gets["pages"] == -1).all() and (gets["num_pages"] == -1).all()
+    assert b.meta["host_probe"]["get_unknown_slot"] == len(gets)
+    assert b.meta["sources"]["host_ioctl"]["status"] == "partial"
+    assert b.table("bitmap_words").empty

@@ -52,17 +52,20 @@ class QMP:
                 return m["return"]
 
 
-def probed_migration(tmp_path: Path, accel: str):
+QEMU10 = Path("/opt/hintscope/qemu-bpo/usr")   # scripts/install-qemu-backports.sh
+
+
+def probed_migration(tmp_path: Path, accel: str, binary: list[str] = (QEMU,), probe_args: list[str] = ()):
     """Start a paused QEMU, attach the probe, migrate to /dev/null, quit; returns (bundle, syncs)."""
     sock = tmp_path / "qmp.sock"
-    qemu = subprocess.Popen([QEMU, "-accel", accel, "-m", "64", "-display", "none", "-S", "-nodefaults",
+    qemu = subprocess.Popen([*binary, "-accel", accel, "-m", "64", "-display", "none", "-S", "-nodefaults",
                              "-qmp", f"unix:{sock},server=on,wait=off"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     probe = None
     try:
         qmp = QMP(sock)
         probe = subprocess.Popen([sys.executable, "-m", "hintscope", "probe", "host", "--pid", str(qemu.pid),
-                                  "-o", str(tmp_path / "b")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  "-o", str(tmp_path / "b"), *probe_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True, env=ENV)
         r, _, _ = select.select([probe.stdout], [], [], 120)
         line = probe.stdout.readline() if r else ""
@@ -138,3 +141,24 @@ def test_qemu_memslots_dirty_log_and_uprobes(tmp_path):
     ends = ev.loc[ev.event == "sync_fetch_end", "ts_ns"].to_numpy()
     inside = sum(((gets["ts_ns"] > s) & (gets["ts_ns"] < e)).sum() for s, e in zip(begins, ends))
     assert inside == len(gets)
+
+
+@pytest.mark.needs_kvm
+@pytest.mark.needs_bpf
+@pytest.mark.skipif(not (QEMU10 / "bin/qemu-system-x86_64").exists(), reason="QEMU 10 backport not unpacked "
+                    "(scripts/install-qemu-backports.sh)")
+def test_qemu10_page_sends_through_out_of_line_helpers(tmp_path):
+    binary = [str(QEMU10 / "bin/qemu-system-x86_64"), "-L", str(QEMU10 / "share/qemu"),
+              "-L", str(QEMU10 / "share/seabios")]
+    b, syncs = probed_migration(tmp_path, "kvm", binary, ["--page-sends"])
+    check_uprobes(b, syncs)
+    assert b.meta["vmm"]["version"].startswith("QEMU emulator version 10.")
+    # buffer_is_zero is inline from QEMU 9.0: the probe falls back to its out-of-line helpers
+    assert b.meta["sources"]["qemu_uprobes"]["symbols"]["buffer_is_zero"].startswith("attached via buffer_is_zero_ool")
+    ev = b.table("qemu_events")
+    sends = ev[ev["event"] == "page_send"]
+    ram = b.table("memslots").query("size >= 0x1000000")       # the 64 MiB RAM slot(s)
+    assert len(sends) >= (ram["size"].sum() >> 12)            # every RAM page at least once
+    assert sends["tid"].nunique() == 1 and (sends["a1"] == 4096).all()
+    lo, hi = ram["hva"].min(), (ram["hva"] + ram["size"]).max()
+    assert ((sends["a0"] >= lo) & (sends["a0"] < hi)).sum() >= (ram["size"].sum() >> 12)

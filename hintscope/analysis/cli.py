@@ -44,7 +44,7 @@ def run(args) -> int:
         return 0
     f = res["findings"]
     if not f["available"]:
-        raise HintscopeError(f"--fail-on {args.fail_on}: {sm.NO_DETECTOR}, cannot decide")
+        raise HintscopeError(f"--fail-on {args.fail_on}: {f['verdict']}, cannot decide")
     det = sm._detector()
     return int(det.exit_code(f["_raw"], f["verdict"], args.fail_on))
 

@@ -494,11 +494,22 @@ def _check_lost_writes(f: Facts, out: list) -> set:
     host-only check).
     """
     covered: set = set()
-    if not len(f.reuse):
+    reuse = f.reuse
+    if len(reuse):
+        # writes the source VM can have made: not on the destination, not after the final sync began
+        # (the VM is stopped from there on; after DONE the guest reuses every block on the destination)
+        keep = np.ones(len(reuse), bool)
+        if "side" in reuse:
+            keep &= reuse["side"].to_numpy() != "dst"
+        fin = f.syncs.loc[f.syncs["final"], "before"] if len(f.syncs) else []
+        if len(fin):
+            keep &= reuse["lo"].to_numpy(float) < float(fin.iloc[0])
+        reuse = reuse[keep]
+    if not len(reuse):
         return covered
-    ri, rg = _expand(f.reuse["pfn"].to_numpy().astype(np.int64), f.reuse["order"].to_numpy())
-    R = pd.DataFrame({"gfn": rg, "g": f.reuse["guest_ns"].to_numpy(np.int64)[ri], "kind": 1,
-                      "lo": f.reuse["lo"].to_numpy(float)[ri], "hi": f.reuse["hi"].to_numpy(float)[ri]})
+    ri, rg = _expand(reuse["pfn"].to_numpy().astype(np.int64), reuse["order"].to_numpy())
+    R = pd.DataFrame({"gfn": rg, "g": reuse["guest_ns"].to_numpy(np.int64)[ri], "kind": 1,
+                      "lo": reuse["lo"].to_numpy(float)[ri], "hi": reuse["hi"].to_numpy(float)[ri]})
     if len(f.hints):
         hi_, hg = _expand(f.hints["pfn"].to_numpy().astype(np.int64), f.hints["order"].to_numpy())
         H = pd.DataFrame({"gfn": hg, "g": f.hints["guest_ns"].to_numpy(np.int64)[hi_], "kind": 0,
@@ -610,9 +621,12 @@ def _check_host_losses(f: Facts, covered: set, out: list) -> None:
 def _check_memcheck(f: Facts, covered: set, out: list) -> None:
     """Destination pages that differ (lab ``lost_pages``): classify those no finding explains yet."""
     lp = f.lost_pages
+    if len(lp) and "classification" in lp:
+        # the lab already explained some differences (kvmclock page, hinted-held ...): not losses
+        lp = lp[lp["classification"].astype(str) == "lost-write"]
     if not len(lp):
         return
-    gfn = np.unique(lp["gfn"].to_numpy().astype(np.int64))
+    gfn = _uniq(lp["gfn"].to_numpy().astype(np.int64))
     gfn = gfn[~np.isin(gfn, list(covered))]
     if not len(gfn):
         return
@@ -677,6 +691,13 @@ def coverage(bundle, f: Facts) -> dict[str, Any]:
 
 
 def verdict(bundle, findings: pd.DataFrame) -> str:
+    """The capture's verdict (see docs/detector.md); also kept in ``findings.attrs['verdict']``."""
+    v = _verdict(bundle, findings)
+    findings.attrs["verdict"] = v
+    return v
+
+
+def _verdict(bundle, findings: pd.DataFrame) -> str:
     cov = findings.attrs.get("coverage") or coverage(bundle, load_facts(bundle))
     if len(findings):
         hard = findings[(findings["severity"] == "safety") & findings["confidence"].isin(["confirmed", "hazard"])]
@@ -738,6 +759,8 @@ def findings_to_json(findings: pd.DataFrame, verdict_text: str | None = None) ->
         r["evidence"] = [{"ts_ns": int(t), "source": s, "event": e} for t, s, e in r["evidence"]]
         r["gfns"] = [int(g) for g in r["gfns"]]
         rows.append(r)
+    if verdict_text is None:
+        verdict_text = findings.attrs.get("verdict")
     return {"verdict": verdict_text, "coverage": findings.attrs.get("coverage"), "findings": rows}
 
 

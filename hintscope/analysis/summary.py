@@ -19,6 +19,7 @@ from hintscope.analysis import hints as hints_mod
 from hintscope.analysis.context import Context
 from hintscope.analysis.syncs import sync_table
 from hintscope.bundle import Bundle
+from hintscope.errors import HintscopeError
 
 DETECTOR = "hintscope.analysis.detector"
 NO_DETECTOR = "detector not available"
@@ -133,8 +134,14 @@ def findings(b: Bundle) -> dict[str, Any]:
     det = _detector()
     if det is None:
         return {"available": False, "verdict": NO_DETECTOR, "by_kind": {}, "findings": [], "module": None}
-    f = det.detect(b)
-    v = det.verdict(b, f)
+    try:
+        f = det.detect(b)
+        v = det.verdict(b, f)
+    except HintscopeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a detector bug must not hide the rest of the analysis
+        msg = f"detector failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        return {"available": False, "verdict": msg, "by_kind": {}, "findings": [], "module": DETECTOR}
     by_kind: dict[str, int] = {}
     if isinstance(f, pd.DataFrame) and "kind" in f:
         by_kind = {str(k): int(n) for k, n in f["kind"].value_counts().items()}

@@ -70,8 +70,10 @@ class IoctlCounter:
                 return
 
     async def stop(self) -> dict[str, int]:
+        """SIGINT, then the counts bpftrace prints on exit; a HintscopeError when it printed none."""
         if self.proc is None:
             return {}
+        t0 = time.monotonic()
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGINT)
@@ -82,7 +84,9 @@ class IoctlCounter:
             out, _ = await self.proc.communicate()
         self._out += out or b""
         text = bytes(self._out).decode(errors="replace")
-        self.log_path.write_text(text)
+        self.log_path.write_text(text + f"\n# exit {self.proc.returncode} after {time.monotonic() - t0:.2f} s\n")
+        if "@n[" not in text and self.proc.returncode != 0:
+            raise HintscopeError(f"bpftrace exited {self.proc.returncode} without counts (log {self.log_path})")
         names = {v: k for k, v in CMDS.items()}
         counts = {k: 0 for k in CMDS}
         for cmd, n in LINE_RE.findall(text):

@@ -63,6 +63,7 @@ KEYS = {  # column -> (regex on the rest of the line, base)
     "round": (r"(?:^| )round=(\d{1,9})(?= |$)", 10),
     "avail_idx": (r"(?:^| )avail_idx=(\d{1,9})(?= |$)", 10),
     "tsc_hz": (r"(?:^| )tsc_hz=(\d{1,12})(?= |$)", 10),
+    "tsc_end": (r"(?:^| )t_end=(\d{1,19})(?= |$)", 10),
 }
 PHASE_RE = r"(?:^| )phase=(early|late)(?= |$)"
 
@@ -125,6 +126,7 @@ def parse_serial(text: str, source: str = "serial log") -> GuestLog:
         "tsc": tsc_u, "guest_ns": guest_ns, "line": lineno.to_numpy(), "ev": ev.to_numpy(),
         "cmd_id": cols["cmd_id"].to_numpy(), "gfn": cols["gfn"].to_numpy(), "npages": cols["npages"].to_numpy(),
         "seq": cols["seq"].to_numpy(), "round": cols["round"].to_numpy(), "phase": phase.to_numpy(),
+        "tsc_end": cols["tsc_end"].to_numpy(),
     })
     is_hint = (events["ev"] == "hint") & (events["gfn"] >= 0) & (events["npages"] > 0) & (events["cmd_id"] >= 0)
     hints = events.loc[is_hint, ["tsc", "guest_ns", "cmd_id", "round", "gfn", "npages"]].copy()
@@ -193,8 +195,12 @@ def bpftrace_unavailable_reason() -> str | None:
 class HostTrace:
     """bpftrace attached to the source QEMU; its stdout is the raw event log (files/host-trace.txt)."""
 
-    def __init__(self, qemu: str, pid: int, kick_port: int, out: Path):
-        self.script = (BPFTRACE_SCRIPT.replace("QEMU", qemu).replace("PID", str(pid))
+    def __init__(self, qemu: str, pid: int, kick_port: int, out: Path, uprobes: bool = True):
+        script = BPFTRACE_SCRIPT
+        if not uprobes:  # tracepoints only: what remains when another tool holds the QEMU uprobes
+            script = "\n".join(ln for ln in script.splitlines() if not ln.startswith(("uprobe:", "uretprobe:")))
+        self.uprobes = uprobes
+        self.script = (script.replace("QEMU", qemu).replace("PID", str(pid))
                        .replace("KICKPORT", str(kick_port)))
         self.out = out
         self.proc: asyncio.subprocess.Process | None = None
@@ -436,8 +442,19 @@ def round_verdicts(log: GuestLog, host: pd.DataFrame | None, qtrace: pd.DataFram
     k, b = clock["ns_per_tsc"], clock["offset_ns"]
     syncs = np.sort(host.loc[host["kind"] == "sync", "ts_ns"].to_numpy())
     apply_tids = set(host.loc[host["kind"] == "apply", "tid"])
+    gets = host[host["kind"] == "get"]
+    if not len(syncs) and len(gets):
+        # without the uprobes: a sync is a burst of KVM_GET_DIRTY_LOG (one per slot) on one thread
+        t = np.sort(gets["ts_ns"].to_numpy())
+        syncs = t[np.r_[True, np.diff(t) > 1_000_000]]
+    if not apply_tids:
+        # the thread that clears without ever fetching is the one applying hints (the iothread)
+        cl = host[host["kind"] == "clear"]
+        apply_tids = set(cl["tid"]) - set(gets["tid"])
     clears = qtrace[qtrace["kind"] == "clear_chunk"]
     lost = set(pages.loc[pages["cls"] == "lost-reuse-write", "gfn"])
+    ev = log.events
+    uses = ev[(ev["ev"] == "use") & (ev["gfn"] >= 0) & (ev["npages"] > 0)]
     for (rnd, cid), w in log.writes.groupby(["round", "cmd_id"]):
         w_ns = w["tsc"].to_numpy(dtype=np.float64) * k + b
         first_w = float(w_ns.min())
@@ -447,6 +464,29 @@ def round_verdicts(log: GuestLog, host: pd.DataFrame | None, qtrace: pd.DataFram
         c = clears[(clears["gfn"] <= g0) & (clears["gfn"] + clears["npages"] > g0) & (clears["ts_ns"] >= epoch)]
         first = c.iloc[0] if len(c) else None
         n_lost = int(w["gfn"].isin(lost).sum())
+        # (c') needs the page unarmed when written: dirty at the epoch's GET and not re-armed since.
+        # Pool pages are all dirty and unarmed before their chunk's first clear (INITIALLY_SET);
+        # later, only if the guest's 'use' of the block came after the chunk's last clear before
+        # the epoch's sync (then the use trapped, set the bit, and GET leaves the page writable).
+        prior = clears[(clears["gfn"] <= g0) & (clears["gfn"] + clears["npages"] > g0) & (clears["ts_ns"] < epoch)]
+        u = uses[(uses["gfn"] <= g0) & (uses["gfn"] + uses["npages"] > g0) & (uses["tsc"] * k + b < epoch)]
+        if not len(prior):
+            unarmed = True
+        elif not len(u):
+            unarmed = False
+        else:
+            last_clear = float(prior["ts_ns"].max())
+            use_start = float(u["tsc"].iloc[-1]) * k + b
+            use_end = float(u["tsc_end"].iloc[-1]) * k + b if u["tsc_end"].iloc[-1] > 0 else use_start
+            unarmed = True if use_start > last_clear else False if use_end < last_clear else None
+        cleared_after = first is not None and first["ts_ns"] > float(w_ns.max())
+        by_apply = first is not None and first["tid"] in apply_tids
+        if unarmed is False or (first is not None and first["ts_ns"] < first_w):
+            expect = "kept"
+        elif unarmed and cleared_after and by_apply:
+            expect = "lost"
+        else:
+            expect = "unsure"
         out.append({
             "round": int(rnd), "cmd_id": hex(int(cid)), "writes": int(len(w)), "lost": n_lost,
             "phase": ",".join(sorted(set(w["phase"]))),
@@ -456,6 +496,8 @@ def round_verdicts(log: GuestLog, host: pd.DataFrame | None, qtrace: pd.DataFram
             "chunk_cleared_by": (("hint apply (iothread)" if first["tid"] in apply_tids else "migration thread")
                                  if first is not None else "not in this epoch"),
             "clear_minus_first_write_us": round((first["ts_ns"] - first_w) / 1000, 1) if first is not None else None,
+            "unarmed_at_epoch_start": unarmed,
+            "expected": expect,
         })
     return out
 
@@ -651,18 +693,24 @@ async def run_hintguest(o: HintguestOptions) -> dict[str, Any]:
         kick_port = int(bal.group(1), 16) + 16 if bal else 0
         summary.update(src_pid=src.pid, dst_pid=dst.pid, src_argv=src.cfg.argv(), dst_argv=dst.cfg.argv())
         if trace_reason is None:
-            tracer = HostTrace(qemu, src.pid, kick_port, files / "host-trace.txt")
-            for attempt in range(3):  # a uprobe attach can fail while another tool attaches the same symbol
+            # A uprobe attach fails (EINVAL, dmesg "ref_ctr_offset mismatch") while another tool holds
+            # a uprobe on the same QEMU offset: retry, then fall back to the tracepoints alone.
+            tracer = None
+            for uprobes in (True, True, False):
+                t = HostTrace(qemu, src.pid, kick_port, files / "host-trace.txt", uprobes=uprobes)
                 try:
-                    await tracer.start()
+                    await t.start()
+                    tracer = t
                     break
                 except HintscopeError as e:
-                    await tracer.stop()
+                    await t.stop()
                     trace_reason = str(e)
-                    tracer = HostTrace(qemu, src.pid, kick_port, files / "host-trace.txt") if attempt < 2 else None
             if tracer is not None:
+                status = "captured" if tracer.uprobes else "partial"
+                writer.set_source("hintguest_bpftrace", status, reason=None if tracer.uprobes else
+                                  f"uprobes left out: {trace_reason}", script="files/host-trace.bt")
+                summary["trace_uprobes"] = tracer.uprobes
                 trace_reason = None
-                writer.set_source("hintguest_bpftrace", "captured", script="files/host-trace.bt")
             elif o.trace == "on":
                 raise HintscopeError(f"--trace on: {trace_reason}")
             else:
@@ -811,15 +859,17 @@ def run(args: argparse.Namespace) -> int:
           f"{r['guest_reuse_writes']} reuse writes")
     if "host" in r:
         h = r["host"]
-        print(f"host: {h['applies']} hint applies ({h['applied_bytes'] >> 20} MiB), {h['syncs']} syncs, "
-              f"{h['clears']} CLEAR_DIRTY_LOG, {h['ring_resets']} ring resets")
+        applies = (f"{h['applies']} hint applies ({h['applied_bytes'] >> 20} MiB), {h['syncs']} syncs"
+                   if s.get("trace_uprobes", True) else "hint applies and syncs not traced (uprobes unavailable)")
+        print(f"host: {applies}, {h['gets']} GET_DIRTY_LOG, {h['clears']} CLEAR_DIRTY_LOG, {h['ring_resets']} ring resets")
     print(f"memory: {r['classes']}")
     for v in s.get("rounds_from_ram", []):
         print(f"  source RAM: round {v['round']} {v['cmd_id']}: {v['lost']}/{v['writes']} reuse writes lost")
     for v in s.get("rounds", []):
         print(f"  round {v['round']} {v['cmd_id']} ({v['phase']}): {v['lost']}/{v['writes']} reuse writes lost; "
               f"pool chunk first cleared by {v['chunk_cleared_by']} "
-              f"{v['clear_minus_first_write_us']} us after the first write")
+              f"{v['clear_minus_first_write_us']} us after the first write; unarmed at epoch start: "
+              f"{v['unarmed_at_epoch_start']}; (c') predicts {v['expected']}")
     d = s.get("dst_after_cont", {})
     print(f"destination after cont: {d.get('status')}, done seen {d.get('done_seen')}, {d.get('heartbeats')} heartbeats")
     print(f"lost writes: {r['lost_reuse_writes']} reuse, {r['lost_other']} other; bundle {o.bundle}")

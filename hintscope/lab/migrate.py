@@ -513,9 +513,14 @@ async def run_lab(o: LabOptions) -> dict[str, Any]:
         with contextlib.suppress(Exception):
             shutil.copyfile(dst.cfg.serial_path, files / "dst-serial.log")
         if counter is not None:
-            with contextlib.suppress(Exception):
+            try:
                 summary["crosscheck"] = {"tool": "bpftrace syscalls:sys_exit_ioctl", "pid": src.pid,
                                          "ioctls": await counter.stop()}
+            except HintscopeError as e:
+                summary["crosscheck"] = {"tool": "bpftrace syscalls:sys_exit_ioctl", "pid": src.pid,
+                                         "ioctls": None, "error": str(e)}
+            with contextlib.suppress(Exception):
+                shutil.copyfile(counter.log_path, files / "bpftrace.log")
         try:
             if probe is not None:
                 summary["probe"]["exit"] = await probe.stop()

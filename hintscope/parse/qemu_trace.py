@@ -202,6 +202,10 @@ def _parse_chunk(data: bytes, path: str) -> TraceParse:
     if is_msg.any():
         iso = pd.to_datetime(m["iso"].where(pd.Series(is_msg)), format="%Y-%m-%dT%H:%M:%S.%f", errors="coerce",
                              utc=True)
+        # Only years a nanosecond timestamp can hold (1677..2262) convert; others are malformed.
+        year = iso.dt.year.to_numpy(dtype="float64", na_value=np.nan)
+        in_range = (year >= 1678) & (year <= 2261)
+        iso = iso.where(pd.Series(in_range, index=iso.index))
         iso_ns = iso.dt.as_unit("ns").astype("int64").to_numpy()
         iso_bad = is_msg & iso.isna().to_numpy()
         wall = np.where(is_msg, iso_ns, wall)

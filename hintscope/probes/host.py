@@ -358,17 +358,17 @@ def run(args) -> int:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     who = ap.add_mutually_exclusive_group(required=True)
     who.add_argument("--pid", type=int, help="VMM process to trace (all its threads)")
-    who.add_argument("--pidfile", help="read the pid from this file (QEMU -pidfile)")
-    ap.add_argument("-o", "--output", help="bundle directory to create (default hintscope-host-PID-TIME)")
+    who.add_argument("--pidfile", metavar="FILE", help="read the pid from this file (QEMU -pidfile)")
+    ap.add_argument("-o", "--output", metavar="BUNDLE", help="bundle directory to create (default hintscope-host-PID-TIME)")
     ap.add_argument("--append", action="store_true", help="join an existing bundle (e.g. one the lab created)")
-    ap.add_argument("--duration", type=float, help="stop after S seconds (default: until SIGINT or target exit)")
+    ap.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: until SIGINT or target exit)")
     ap.add_argument("--qemu", choices=("auto", "on", "off"), default="auto",
                     help="QEMU uprobes: auto = when /proc/PID/exe is qemu-system-* (default)")
     ap.add_argument("--page-sends", action="store_true",
                     help="also uprobe buffer_is_zero: one event per page QEMU sends (costly: a uprobe per page)")
-    ap.add_argument("--qemu-trace-log", help="QEMU -trace log to copy into the bundle (files/qemu-trace.log) at stop")
-    ap.add_argument("--ring-mb", type=int, default=DEFAULT_RING_MB, help="BPF ring buffer size, power of two (16)")
-    ap.add_argument("--flush-interval", type=float, default=1.0, help="write buffered rows every S seconds (1)")
+    ap.add_argument("--qemu-trace-log", metavar="FILE", help="QEMU -trace log to copy into the bundle (files/qemu-trace.log) at stop")
+    ap.add_argument("--ring-mb", type=int, default=DEFAULT_RING_MB, metavar="MB", help="BPF ring buffer size, power of two (16)")
+    ap.add_argument("--flush-interval", type=float, default=1.0, metavar="S", help="write buffered rows every S seconds (1)")
 
 
 EXAMPLES = """examples:

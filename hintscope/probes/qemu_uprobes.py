@@ -25,6 +25,8 @@ class Probe:
     event: str = ""    # qemu_events.event it produces
     optional: str = ""  # name of the option that enables it ("" = always)
     why: str = ""
+    # Out-of-line stand-ins when a newer QEMU made `symbol` an inline wrapper; all that exist are used.
+    alternatives: tuple[str, ...] = ()
 
 
 PROBES = [
@@ -43,7 +45,9 @@ PROBES = [
     Probe("notifier_with_return_list_notify", "q_notifier", event="precopy_notify",
           why="precopy notifiers (precopy_notify is inlined): a0 = list, a1 = reason"),
     Probe("buffer_is_zero", "q_page_send", event="page_send", optional="page_sends",
-          why="page about to be sent by the RAM save path: a0 = HVA (one uprobe hit per page)"),
+          why="page about to be sent by the RAM save path: a0 = HVA (one uprobe hit per page)",
+          # QEMU >= 9.0: buffer_is_zero is inline and calls one of these.
+          alternatives=("buffer_is_zero_ool", "buffer_is_zero_ge256")),
 ]
 
 
@@ -53,6 +57,18 @@ def is_qemu(exe: str) -> bool:
 
 def bpf_text() -> str:
     return BPF_C.read_text()
+
+
+def _attach_one(b, exe: str, pid: int, p: Probe, symbol: str) -> str:
+    try:
+        if p.ret:
+            b.attach_uretprobe(name=exe, sym=symbol, fn_name=p.fn, pid=pid)
+        else:
+            b.attach_uprobe(name=exe, sym=symbol, fn_name=p.fn, pid=pid)
+    except Exception as e:  # BCC raises bare Exception for every attach failure
+        msg = str(e)
+        return "missing" if "could not determine address" in msg else f"error: {msg.splitlines()[0][:200]}"
+    return "attached"
 
 
 def attach(b, exe: str, pid: int, page_sends: bool = False) -> dict:
@@ -71,17 +87,15 @@ def attach(b, exe: str, pid: int, page_sends: bool = False) -> dict:
             symbols[key] = f"off (--{p.optional.replace('_', '-')})"
             continue
         wanted += 1
-        try:
-            if p.ret:
-                b.attach_uretprobe(name=exe, sym=p.symbol, fn_name=p.fn, pid=pid)
-            else:
-                b.attach_uprobe(name=exe, sym=p.symbol, fn_name=p.fn, pid=pid)
-        except Exception as e:  # BCC raises bare Exception for every attach failure
-            msg = str(e)
-            symbols[key] = "missing" if "could not determine address" in msg else f"error: {msg.splitlines()[0][:200]}"
-            continue
-        symbols[key] = "attached"
-        attached += 1
+        status = _attach_one(b, exe, pid, p, p.symbol)
+        if status == "missing" and p.alternatives:
+            alt = {a: _attach_one(b, exe, pid, p, a) for a in p.alternatives}
+            used = [a for a, st in alt.items() if st == "attached"]
+            if used:
+                status = f"attached via {', '.join(used)}"
+        symbols[key] = status
+        if status.startswith("attached"):
+            attached += 1
     missing = [k for k, v in symbols.items() if v == "missing" or v.startswith("error")]
     if attached == 0:
         status, reason = "unavailable", f"no QEMU symbol could be attached in {exe}"

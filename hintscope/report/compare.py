@@ -83,12 +83,12 @@ def parse_labels(items: list[str], bundles: list[str]) -> dict[str, dict[str, st
 def collect(bundles: list[str], labels: dict[str, dict[str, str]] | None = None, progress: bool | None = None
             ) -> pd.DataFrame:
     """One row per run: bundle, labels (``label.KEY``), numeric summary metrics, findings count."""
-    from hintscope.report.render import steps
+    from hintscope.report.progress import steps
 
     rows = []
     with steps(progress) as step:
-        with step(f"analysing {len(bundles)} runs"):
-            for path in bundles:
+        with step(f"analysing {len(bundles)} runs") as update:
+            for i, path in enumerate(bundles):
                 b = read_bundle(path)
                 notes: list[str] = []
                 flat = model.flatten(model.load_summary(b, notes))
@@ -104,6 +104,7 @@ def collect(bundles: list[str], labels: dict[str, dict[str, str]] | None = None,
                         row.setdefault(f"findings.by_kind.{kind}", int(n))
                 row["notes"] = " | ".join(notes)
                 rows.append(row)
+                update(i + 1, len(bundles))
     df = pd.DataFrame(rows)
     return df
 

@@ -49,7 +49,8 @@ def run(out: Path, samples: Path) -> dict:
 
     from hintscope.bundle import read_bundle
     from hintscope.report import compare, model, perfetto
-    from hintscope.report.render import execute, steps, to_html
+    from hintscope.report.progress import steps
+    from hintscope.report.render import execute, to_html
 
     console = Console(soft_wrap=True)
     if not console.is_terminal:
@@ -68,9 +69,9 @@ def run(out: Path, samples: Path) -> dict:
         for b in bundles:
             base = _baseline_for(b, bundles)
             html = out / f"report-{b.name}.html"
-            with step(f"report {b.name}" + (f" (baseline {base.name})" if base else "")):
+            with step(f"report {b.name}" + (f" (baseline {base.name})" if base else "")) as update:
                 nb = out / f".report-{b.name}.ipynb"
-                execute(b, nb, base)
+                execute(b, nb, base, on_cell=update)
                 to_html(nb, html, title=f"hintscope report: {b.name}")
                 nb.unlink()
             files["reports"].append(html)

@@ -180,7 +180,7 @@ def export(bundle_path: str | Path, out: str | Path, findings: pd.DataFrame | No
     return write_timeline(t, out)
 
 
-def parent_of_findings(groups: dict[str, int], tw: _Writer) -> int:
+def _evidence_track(groups: dict[str, int], tw: _Writer) -> int:
     """The "evidence" track under the findings group (created on first use)."""
     if "evidence" not in groups:
         groups["evidence"] = tw.track("evidence steps", groups["finding"])
@@ -222,7 +222,7 @@ def write_timeline(t: tl.Timeline, out: str | Path) -> ExportStats:
             groups[group] = tw.track(_GROUP_NAMES[group], rank=len(groups))
         # ioctls: one sub-track per VMM thread, like the call stacks they come from.
         keys = ev["args"].map(lambda a: a.get("tid", -1)) if lane in ("get", "clear") else pd.Series(-1, index=ev.index)
-        plan = []   # (name, rows, is_instant, sub-track index)
+        plan = []   # (track name, rows, rows are instants)
         for (tid, depth), sub in ev.groupby([keys, ev["depth"]], sort=True):
             base = label if depth == 0 else str(sub["name"].iloc[0])
             if tid != -1:
@@ -247,7 +247,7 @@ def write_timeline(t: tl.Timeline, out: str | Path) -> ExportStats:
                 if not is_instant:
                     tw.slice(u, name, start, end, args)
                 elif lane == "findings":
-                    _finding(tw, u, parent_of_findings(groups, tw), name, start, args)
+                    _finding(tw, u, _evidence_track(groups, tw), name, start, args)
                 else:
                     tw.instant(u, name, start, args)
     if t.counters:

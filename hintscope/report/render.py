@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import tempfile
-import time
 from importlib import resources
 from pathlib import Path
 
 import jinja2
 
 from hintscope.errors import HintscopeError
+from hintscope.report.progress import steps
 
 NOTEBOOK = "report.ipynb"
 
@@ -71,8 +70,30 @@ def _quiet():
         lg.setLevel(old)
 
 
+def _register_engine() -> str:
+    """A papermill engine that reports each executed cell (for the progress bar)."""
+    from papermill.engines import NBClientEngine, papermill_engines
+
+    class CellProgressEngine(NBClientEngine):
+        on_cell = None   # callable(done, total), set around one execution
+
+        @classmethod
+        def execute_managed_notebook(cls, nb_man, kernel_name, **kwargs):
+            done = nb_man.cell_complete
+
+            def cell_complete(cell, cell_index=None, **kw):
+                done(cell, cell_index=cell_index, **kw)
+                if cls.on_cell is not None and cell_index is not None:
+                    cls.on_cell(cell_index + 1, len(nb_man.nb.cells))
+            nb_man.cell_complete = cell_complete
+            return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
+
+    papermill_engines.register("hintscope", CellProgressEngine)
+    return "hintscope"
+
+
 def execute(bundle: str | Path, out_ipynb: str | Path, baseline: str | Path | None = None,
-            timeout: int = 600) -> Path:
+            timeout: int = 600, on_cell=None) -> Path:
     """Execute the report notebook on ``bundle``; raises HintscopeError naming the failing cell."""
     import papermill as pm
 
@@ -83,16 +104,22 @@ def execute(bundle: str | Path, out_ipynb: str | Path, baseline: str | Path | No
     if root not in env_path.split(os.pathsep):
         os.environ["PYTHONPATH"] = root + (os.pathsep + env_path if env_path else "")
     os.environ.setdefault("MPLBACKEND", "Agg")
+    engine = _register_engine()
+    from papermill.engines import papermill_engines
+
+    papermill_engines.get_engine(engine).on_cell = on_cell
     try:
         with _quiet():
             pm.execute_notebook(str(notebook_path()), str(out_ipynb), parameters=params, kernel_name="python3",
                                 progress_bar=False, execution_timeout=timeout, log_output=False,
                                 cwd=str(Path(out_ipynb).resolve().parent),
-                                kernel_manager_class="hintscope.report.render.LocalKernelManager")
+                                kernel_manager_class="hintscope.report.render.LocalKernelManager",
+                                engine_name=engine)
     except pm.PapermillExecutionError as e:
         raise HintscopeError(f"report notebook failed on {bundle} in cell {e.exec_count}: {e.ename}: {e.evalue}") \
             from None
     finally:
+        papermill_engines.get_engine(engine).on_cell = None
         if env_path:
             os.environ["PYTHONPATH"] = env_path
         else:
@@ -132,54 +159,8 @@ def render(bundle: str | Path, out_html: str | Path, baseline: str | Path | None
     with tempfile.TemporaryDirectory(prefix="hintscope-report-") as td:
         nb_out = Path(keep_notebook) if keep_notebook else Path(td) / "report.ipynb"
         with steps(progress) as step:
-            with step("executing report notebook (papermill)"):
-                execute(bundle, nb_out, baseline)
+            with step("executing report notebook (papermill)") as update:
+                execute(bundle, nb_out, baseline, on_cell=update)
             with step("rendering HTML (nbconvert)"):
                 to_html(nb_out, out_html, title=f"hintscope report: {Path(bundle).name}")
     return out_html
-
-
-_ACTIVE: list = []   # the step function of the outermost steps() context (rich allows one live display)
-
-
-@contextlib.contextmanager
-def steps(enabled: bool | None = None):
-    """``with steps() as step: with step("doing x"): ...`` - a rich spinner per step with its time.
-
-    Nested ``steps()`` reuse the outer display, so ``demo`` can call ``render`` inside its own.
-    """
-    if _ACTIVE:
-        yield _ACTIVE[-1]
-        return
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    console = Console(stderr=True)
-    if enabled is None:
-        enabled = console.is_terminal
-    if not enabled:
-        @contextlib.contextmanager
-        def plain(desc: str):
-            t = time.monotonic()
-            yield
-            print(f"  {desc}: {time.monotonic() - t:.1f} s", file=sys.stderr)
-        _ACTIVE.append(plain)
-        try:
-            yield plain
-        finally:
-            _ACTIVE.pop()
-        return
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                  transient=False) as prog:
-        @contextlib.contextmanager
-        def step(desc: str):
-            task = prog.add_task(desc, total=1)
-            try:
-                yield
-            finally:
-                prog.update(task, completed=1)
-        _ACTIVE.append(step)
-        try:
-            yield step
-        finally:
-            _ACTIVE.pop()

@@ -25,7 +25,6 @@ MIGRATION_STATES = [
 # device, completed, failed, cancelled: the VM is stopped or migration is over.
 STOPPED_STATES = [12, 8, 9, 3]
 RETURN_REASONS = {0: "other", 1: "done", 2: "shrinker", 3: "remove"}
-PRECOPY_REASONS = {0: "SETUP", 1: "BEFORE_BITMAP_SYNC", 2: "AFTER_BITMAP_SYNC", 3: "COMPLETE", 4: "CLEANUP"}
 CMD_ID_MIN = 0x80000000
 PAGE = 4096
 
@@ -43,8 +42,6 @@ LANES: list[tuple[str, str, str]] = [
     ("findings", "finding", "findings"),
 ]
 LANE_ORDER = {lane: i for i, (lane, _, _) in enumerate(LANES)}
-LANE_LABEL = {lane: label for lane, _, label in LANES}
-LANE_GROUP = {lane: group for lane, group, _ in LANES}
 
 COLUMNS = ["lane", "name", "start_ns", "end_ns", "depth", "args"]
 
@@ -275,6 +272,11 @@ def _guest_parts(b: Bundle, to_host: Callable[[np.ndarray], np.ndarray] | None, 
             names = np.where(v == 0, "cmd id STOP", np.where(v == 1, "cmd id DONE",
                                                              ["cmd id " + hex(int(i)) for i in v]))
             parts.append(_frame("guest_cmd", names, h(ids["guest_ns"]), args=[{"cmd_id": hex(int(i))} for i in v]))
+        ob = ge[ev == "outbuf"]
+        if not ob.empty:
+            v = ob["a0"].astype("uint64").to_numpy()
+            names = ["stop msg" if i == 0 else f"start msg {hex(int(i))}" for i in v]
+            parts.append(_frame("guest_cmd", names, h(ob["guest_ns"]), args=[{"value": hex(int(i))} for i in v]))
         ret = _pair(ge[ev == "return_enter"].assign(ts_ns=lambda d: d["guest_ns"]),
                     ge[ev == "return_exit"].assign(ts_ns=lambda d: d["guest_ns"]))
         if not ret.empty:

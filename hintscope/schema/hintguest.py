@@ -30,6 +30,7 @@ HINTGUEST_EVENTS = register(Table(
         Col("seq", "int64", "", "guest write sequence (write: the value stamped; use/hb: the counter)"),
         ROUND,
         Col("phase", "string", "", "write: early (after avail idx, before kick) or late (after kick); else ''"),
+        Col("tsc_end", "int64", "", "use/fill: guest TSC when the stamping ended; -1 otherwise"),
     ],
     clock=GUEST_CLOCK,
     area=AREA,

@@ -47,8 +47,18 @@ def one_run(variant: str, seed: int, mode: str, dest_compare: bool = False) -> d
             "sim_s": t1 - t0, "detect_s": t2 - t1}
 
 
-def run_matrix(variants=None, seeds=range(20), modes=MODES, dest_compare: bool = False) -> pd.DataFrame:
-    rows = [one_run(v, s, m, dest_compare) for v in (variants or list(V.VARIANTS)) for m in modes for s in seeds]
+def _one(args) -> dict:
+    return one_run(*args)
+
+
+def run_matrix(variants=None, seeds=range(20), modes=MODES, dest_compare: bool = False, jobs: int = 1) -> pd.DataFrame:
+    todo = [(v, s, m, dest_compare) for v in (variants or list(V.VARIANTS)) for m in modes for s in seeds]
+    if jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(jobs) as ex:
+            rows = list(ex.map(_one, todo, chunksize=4))
+    else:
+        rows = [_one(t) for t in todo]
     return pd.DataFrame(rows, columns=RUN_COLS)
 
 

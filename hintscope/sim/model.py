@@ -662,11 +662,6 @@ class Sim:
         self._guest_work_done()
 
     # ---------------------------------------------------------------- results
-    def guest_ns(self, host_ts: np.ndarray) -> np.ndarray:
-        host_ts = np.asarray(host_ts, np.int64)
-        jit = self.rng.integers(-self.cfg.guest_jitter_ns, self.cfg.guest_jitter_ns + 1, len(host_ts))
-        return host_ts - (self.delta0 + ((host_ts - T0) * self.drift).astype(np.int64)) + jit
-
     def ground_truth(self):
         import pandas as pd
         if self.src_ver is None:

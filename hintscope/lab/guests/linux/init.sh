@@ -27,8 +27,12 @@ else
 fi
 if [ "$HS_PROBE" = 1 ]; then
     python3 /mnt/guest.py --out fd:3 --attached-file /run/hs/attached &
+    probe=$!
+    # BCC compiles for 5 s on an idle host and minutes on a busy one: wait while it is alive
     i=0
-    while [ ! -f /run/hs/attached ] && [ $i -lt 600 ]; do sleep 0.2; i=$((i + 1)); done
+    while [ ! -f /run/hs/attached ] && kill -0 $probe 2>/dev/null && [ $i -lt 6000 ]; do
+        sleep 0.2; i=$((i + 1))
+    done
     [ -f /run/hs/attached ] && echo "HS-INIT: probe ATTACHED, uptime $(cut -d' ' -f1 /proc/uptime)" \
         || echo "HS-INIT: probe did not attach"
 fi
