@@ -4,7 +4,6 @@ and (lab / KVM) real migrations of the guest."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 from pathlib import Path
 

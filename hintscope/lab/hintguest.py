@@ -689,6 +689,8 @@ async def run_hintguest(o: HintguestOptions) -> dict[str, Any]:
         await src.start()
         await dst.start()
         text = await _wait_serial(src.cfg.serial_path, r"^HG t=\d+ ev=ready", 60)
+        timings = summary.setdefault("timings_s", {})
+        timings["boot_to_ready"] = round(time.monotonic() - t0, 3)
         bal = re.search(r"ev=balloon .*iobase=(0x[0-9a-f]+)", text)
         kick_port = int(bal.group(1), 16) + 16 if bal else 0
         summary.update(src_pid=src.pid, dst_pid=dst.pid, src_argv=src.cfg.argv(), dst_argv=dst.cfg.argv())
@@ -719,6 +721,7 @@ async def run_hintguest(o: HintguestOptions) -> dict[str, Any]:
         else:
             writer.set_source("hintguest_bpftrace", "unavailable", reason=trace_reason)
         t_mig = time.monotonic()
+        timings["trace_attach"] = round(t_mig - t0 - timings["boot_to_ready"], 3)
         rows = await _migrate(src, f"unix:{sock}", o)
         summary["migrate_wall_s"] = round(time.monotonic() - t_mig, 3)
         writer.append("qmp", pd.DataFrame(rows))
@@ -735,6 +738,7 @@ async def run_hintguest(o: HintguestOptions) -> dict[str, Any]:
         await src.cmd("pmemsave", {"val": 0, "size": o.mem_mb << 20, "filename": str(s_img)}, timeout=120)
         await dst.cmd("pmemsave", {"val": 0, "size": o.mem_mb << 20, "filename": str(d_img)}, timeout=120)
         diff = await asyncio.to_thread(memdiff.compare_images, s_img, d_img)
+        timings["pmemsave_and_compare"] = round(time.monotonic() - t_mig - summary["migrate_wall_s"], 3)
 
         log = read_serial_log(src.cfg.serial_path)
         summary["parse_problems"] += log.problems
