@@ -65,11 +65,15 @@ def _fsync_dir(path: Path) -> None:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True, default=_json_default)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a half-written tmp would only eat the space that is missing
+        raise
     _fsync_dir(path.parent)
 
 
@@ -110,6 +114,7 @@ class BundleWriter:
         self._buf: dict[str, list[pa.Table]] = {}
         self._parts: dict[str, int] = {}
         self.rows: dict[str, int] = {}
+        self.unwritten: dict[str, int] = {}  # rows dropped because a part could not be written
         self.path.mkdir(parents=True, exist_ok=True)
         if append:
             if not (self.path / META).exists():
@@ -135,6 +140,7 @@ class BundleWriter:
                 "host": {"kernel": platform.release(), "hostname": socket.gethostname(), "machine": platform.machine()},
             })
         self._write_meta()
+        self._reserve = self._make_reserve()
 
     # -- producer API -------------------------------------------------------------------
     def set_source(self, name: str, status: str, reason: str | None = None, **details: Any) -> None:
@@ -155,22 +161,42 @@ class BundleWriter:
             self.rows[table] = self.rows.get(table, 0) + at.num_rows
 
     def flush(self) -> None:
+        """Write one part per buffered table, then meta; BundleError (one line) when the disk refuses.
+
+        Rows of a part that cannot be written are dropped and counted (meta ``unwritten_rows`` and
+        ``lost["bundle_write"]``), so a full disk never makes the producer's memory grow.
+        """
         for table, chunks in list(self._buf.items()):
             if not chunks:
                 continue
-            self._write_part(table, pa.concat_tables(chunks))
+            at = pa.concat_tables(chunks)
             self._buf[table] = []
+            try:
+                self._write_part(table, at)
+            except OSError as e:
+                self.unwritten[table] = self.unwritten.get(table, 0) + at.num_rows
+                self.meta["unwritten_rows"] = dict(sorted(self.unwritten.items()))
+                self.add_lost("bundle_write", at.num_rows)
+                raise BundleError(f"{self.path / table}: cannot write part ({e.strerror or e}); "
+                                  f"{at.num_rows} rows not saved") from None
         self._write_meta()
 
     def close(self, end_reason: str) -> None:
+        failed: BaseException | None = None
         try:
             self.flush()
+        except BaseException as e:
+            failed = e
+            raise
         finally:
+            if isinstance(failed, BundleError) and not end_reason.startswith("error"):
+                end_reason = f"error: {failed} (capture was ending: {end_reason})"
             self.meta["clock_anchors"].append(clock_anchor("end"))
             self.meta["status"] = "complete"
             self.meta["end_reason"] = end_reason
-            self.meta["rows"] = dict(sorted(self.rows.items()))
-            self._write_meta()
+            self.meta["rows"] = {t: n - self.unwritten.get(t, 0) for t, n in sorted(self.rows.items())}
+            self._write_meta(final=True)
+            self._drop_reserve()
 
     def attach_file(self, name: str) -> Path:
         """Path for a raw file stored with the bundle (e.g. a QEMU trace log)."""
@@ -188,16 +214,53 @@ class BundleWriter:
                          if (m := _PART_RE.match(f.name)) and m.group(1) == self._slug), default=-1)
         final = d / f"part-{self._slug}-{n:05d}.parquet"
         tmp = d / f".{final.name}.tmp"
-        with open(tmp, "wb") as f:
-            pq.write_table(at, f, compression="zstd")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        try:
+            with open(tmp, "wb") as f:
+                pq.write_table(at, f, compression="zstd")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         _fsync_dir(d)
         self._parts[table] = n + 1
 
-    def _write_meta(self) -> None:
-        write_json_atomic(self.meta_path, self.meta)
+    def _write_meta(self, final: bool = False) -> None:
+        try:
+            write_json_atomic(self.meta_path, self.meta)
+            return
+        except OSError as e:
+            err = e
+        # The closing meta says how the capture ended: spend the space reserved for it.
+        if final and self._drop_reserve():
+            try:
+                write_json_atomic(self.meta_path, self.meta)
+                return
+            except OSError as e:
+                err = e
+        raise BundleError(f"{self.meta_path}: cannot write meta ({err.strerror or err})")
+
+    def _make_reserve(self) -> Path | None:
+        """Space set aside at start so the closing meta can still be written on a full disk."""
+        p = self.path / f".reserve-{self._slug}"
+        try:
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, limits.META_RESERVE_BYTES)
+            finally:
+                os.close(fd)
+            return p
+        except OSError:
+            p.unlink(missing_ok=True)
+            return None
+
+    def _drop_reserve(self) -> bool:
+        p, self._reserve = getattr(self, "_reserve", None), None
+        if p is None:
+            return False
+        p.unlink(missing_ok=True)
+        return True
 
 
 _I64 = (-(1 << 63), (1 << 63) - 1)

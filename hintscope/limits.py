@@ -35,6 +35,9 @@ MAX_PART_ROWS = 50_000_000
 MAX_PART_UNCOMPRESSED = 1 << 30
 # Rows one table may hold in total after loading all parts.
 MAX_TABLE_ROWS = 200_000_000
+# Disk space a BundleWriter sets aside at start (.reserve-<producer>) so that, on a full disk,
+# the closing meta.json (end_reason, rows, unwritten_rows) can still be written.
+META_RESERVE_BYTES = 256 << 10
 
 # --- text streams ----------------------------------------------------------------------------
 MAX_LINE = 4096                    # QEMU trace / guest stream: one record per line

@@ -15,7 +15,6 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 
@@ -199,14 +198,15 @@ def test_lab_bitmap_migration_is_exact_and_counted(bitmap_run):
     assert not b.problems
     assert s["migration"]["status"] == "completed" and s["accel"] == "kvm" and s["dirty_ring"] == 0
     mc = b.meta["memcheck"]
-    assert mc["pages_compared"] == 256 * 256 and mc["lost_writes"] == 0
+    assert mc["pages_compared"] == 256 * 256 and mc["lost_writes"] == 0, mc
     assert len(b.table("lost_pages")) == 0 and mc["pages_differing"] == len(mc["kvmclock_gfns"]) <= 1
     assert s["dst_health"]["ok"], s["dst_health"]
     q = b.table("qmp")
     assert q["status"].iloc[-1] == "completed" and (np.diff(q["ts_ns"]) > 0).all()
     # QEMU's own trace log and the bpftrace count agree on CLEAR_DIRTY_LOG; syncs match QMP.
     cc = s["crosscheck"]["ioctls"]
-    assert cc["CLEAR_DIRTY_LOG"] == len(_trace_lines(p, "kvm_clear_dirty_log")) > 0
+    assert cc, s["crosscheck"]
+    assert cc["CLEAR_DIRTY_LOG"] == len(_trace_lines(p, "kvm_clear_dirty_log")) > 0, (s["crosscheck"], p)
     assert len(_trace_lines(p, "migration_bitmap_sync_end")) == q["dirty_sync_count"].iloc[-1]
     assert cc["GET_DIRTY_LOG"] > 0 and cc["RESET_DIRTY_RINGS"] == 0
 
@@ -220,6 +220,7 @@ def test_lab_bitmap_probe_sees_the_known_dirty_set(bitmap_run):
     b = read_bundle(p)
     io = b.table("ioctls")
     cc = s["crosscheck"]["ioctls"]
+    assert cc, s["crosscheck"]
     # (b) the probe's ioctl rows against two independent counters
     assert (io["name"] == "GET_DIRTY_LOG").sum() == cc["GET_DIRTY_LOG"]
     assert (io["name"] == "CLEAR_DIRTY_LOG").sum() == cc["CLEAR_DIRTY_LOG"] == len(_trace_lines(p, "kvm_clear_dirty_log"))

@@ -217,3 +217,29 @@ def test_ring_consumer_stops_at_busy_and_wraps():
     finally:
         rc.close()
         os.close(fr.fd)
+
+
+def test_migration_state_names_follow_the_qemu_version():
+    v72 = qemu_uprobes.migration_states("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)")
+    v10 = qemu_uprobes.migration_states("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)")
+    assert (v72[4], v72[8], v72[9], v72[12]) == ("active", "completed", "failed", "device")
+    assert (v10[4], v10[9], v10[10], v10[13]) == ("active", "completed", "failed", "device")
+    assert qemu_uprobes.migration_states("Python 3.11.7") is None
+
+
+def test_precopy_list_is_the_one_notified_before_each_sync():
+    from hintscope.probes.host import PrecopyListFinder
+
+    def batch(rows):
+        ev, tid, a0, a1 = zip(*rows)
+        return {"event": np.array(ev, dtype=object), "tid": np.array(tid, np.int32),
+                "a0": np.array(a0, np.uint64), "a1": np.array(a1, np.uint64)}
+
+    f = PrecopyListFinder()
+    assert f.precopy_list is None
+    # QEMU 10: the migration-state list (0xA) fires SETUP=0 and DONE=1 too; the precopy list is 0xB
+    f.feed(batch([("precopy_notify", 5, 0xA, 0), ("precopy_notify", 6, 0xB, 1)]))
+    f.feed(batch([("sync_fetch_begin", 6, 0, 0), ("page_send", 6, 0x1000, 4096), ("precopy_notify", 6, 0xB, 2),
+                  ("precopy_notify", 5, 0xA, 1), ("sync_fetch_begin", 7, 0, 0)]))   # other tid: no vote
+    f.feed(batch([("precopy_notify", 6, 0xB, 1), ("sync_fetch_begin", 6, 0, 0)]))
+    assert f.precopy_list == 0xB and f.votes == {0xB: 2}

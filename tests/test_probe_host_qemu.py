@@ -99,9 +99,13 @@ def check_uprobes(b, syncs: int) -> None:
     assert q["status"] == "captured" and q["symbols"]["qemu_guest_free_page_hint"] == "attached"
     ev = b.table("qemu_events")
     assert (ev["event"] == "sync_fetch_begin").sum() == syncs == (ev["event"] == "sync_fetch_end").sum()
-    states = ev[ev["event"] == "migrate_state"][["a1", "a2"]].values.tolist()
-    assert [1, 4] in states and [4, 8] in states
-    reasons = ev[ev["event"] == "precopy_notify"]["a1"].tolist()
+    names = q["migration_states"]                 # numbers -> names for this QEMU version
+    states = [(names[a], names[b]) for a, b in ev[ev["event"] == "migrate_state"][["a1", "a2"]].values.tolist()]
+    assert ("setup", "active") in states and states[-1][1] == "completed"
+    # QEMU >= 9 also sends migration state notifiers through notifier_with_return_list_notify
+    lst = q["precopy_list"]
+    assert lst is not None
+    reasons = ev[(ev["event"] == "precopy_notify") & (ev["a0"] == lst)]["a1"].tolist()
     assert reasons.count(1) == syncs and reasons.count(2) == syncs      # BEFORE / AFTER_BITMAP_SYNC
 
 

@@ -24,7 +24,9 @@ CMDS = {
     "RESET_DIRTY_RINGS": 0xAEC7,
 }
 
+# BEGIN fires once every other probe is attached: its READY line is the go signal.
 PROGRAM = """
+BEGIN { printf("READY\\n"); }
 tracepoint:syscalls:sys_enter_ioctl /pid == $1/ { @cmd[tid] = args->cmd; }
 tracepoint:syscalls:sys_exit_ioctl /pid == $1 && @cmd[tid]/ {
   $c = @cmd[tid] & 0xffffffff;  // cmd may come back sign-extended
@@ -64,9 +66,7 @@ class IoctlCounter:
             if not line:
                 raise HintscopeError(f"bpftrace exited before attaching: {bytes(self._out)[-300:].decode(errors='replace')}")
             self._out += line
-            if line.startswith(b"Attaching"):
-                # "Attaching N probes..." is printed just before the attach; give it a moment.
-                await asyncio.sleep(0.5)
+            if line.strip() == b"READY":
                 return
 
     async def stop(self) -> dict[str, int]:

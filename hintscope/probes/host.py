@@ -116,6 +116,34 @@ def vmm_version(exe: str) -> str | None:
     return lines[0][:200] if lines else None
 
 
+class PrecopyListFinder:
+    """Finds which NotifierWithReturnList is the precopy one.
+
+    notifier_with_return_list_notify serves every such list (QEMU >= 9 also runs the migration
+    state notifiers through it, with event numbers that collide with precopy reasons).  The
+    precopy list is the one notified with BEFORE_BITMAP_SYNC (1) right before each
+    memory_global_dirty_log_sync on the same thread.  Only these rare events are looked at.
+    """
+
+    def __init__(self):
+        self.last: dict[int, tuple[int, int]] = {}   # tid -> (list, reason) of its last notify
+        self.votes: dict[int, int] = {}
+
+    def feed(self, q: dict) -> None:
+        ev = q["event"]
+        keep = (ev == "precopy_notify") | (ev == "sync_fetch_begin")
+        for e, tid, a0, a1 in zip(ev[keep], q["tid"][keep], q["a0"][keep], q["a1"][keep]):
+            if e == "precopy_notify":
+                self.last[int(tid)] = (int(a0), int(a1))
+            elif self.last.get(int(tid), (0, -1))[1] == 1:
+                lst = self.last[int(tid)][0]
+                self.votes[lst] = self.votes.get(lst, 0) + 1
+
+    @property
+    def precopy_list(self) -> int | None:
+        return max(self.votes, key=self.votes.get) if self.votes else None
+
+
 class HostProbe:
     """In-process API: ``start()``, then ``poll()`` periodically, then ``stop(reason)``."""
 
@@ -142,6 +170,7 @@ class HostProbe:
         self._lost_seen: dict[int, int] = {}
         self._last_flush = 0.0
         self._stopped = False
+        self._precopy = PrecopyListFinder()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -186,8 +215,12 @@ class HostProbe:
             why = "disabled (--qemu off)" if self.qemu == "off" else f"target is not QEMU ({self.target.exe})"
             w.set_source("qemu_uprobes", "unavailable", why)
         self.ring = RingConsumer(self.b["events"].map_fd, self.ring_bytes)
+        version = vmm_version(self.target.exe)
+        if want_qemu:
+            # migrate_state numbers are enum positions, and the enum changed in QEMU 9.1.
+            w.meta["sources"]["qemu_uprobes"]["migration_states"] = qemu_uprobes.migration_states(version)
         w.meta["vmm"] = {
-            "pid": self.pid, "exe": self.target.exe, "version": vmm_version(self.target.exe),
+            "pid": self.pid, "exe": self.target.exe, "version": version,
             "cmdline": self._cmdline(), "kvm_fds": self.target.kvm_fds,
             "kind": "qemu" if qemu_uprobes.is_qemu(self.target.exe) else "other",
         }
@@ -222,6 +255,8 @@ class HostProbe:
             d = decode(data)
             for table, cols in d.tables.items():
                 self.w.append(table, cols)
+            if "qemu_events" in d.tables:
+                self._precopy.feed(d.tables["qemu_events"])
             self.decode_s += time.perf_counter() - t
             n += d.records
             self.bad += d.bad
@@ -286,6 +321,10 @@ class HostProbe:
         hp["ring_consumed"] = self.ring.consumed if self.ring else 0
         unknown = self._lost_seen.get(LOST_SLOT_UNKNOWN, 0)
         trunc = self._lost_seen.get(LOST_BITMAP_TRUNC, 0)
+        q = self.w.meta["sources"].get("qemu_uprobes")
+        if q is not None and q.get("status") != "unavailable":
+            # qemu_events.precopy_notify rows with a0 == this are the precopy notifiers
+            q["precopy_list"] = self._precopy.precopy_list
         hp["get_unknown_slot"] = unknown
         hp["bitmap_truncated"] = trunc
         if unknown or trunc:

@@ -11,6 +11,7 @@ functions in ``.dynsym`` (machine.md).  A symbol the build lacks is a warning in
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,25 @@ PROBES = [
           # QEMU >= 9.0: buffer_is_zero is inline and calls one of these.
           alternatives=("buffer_is_zero_ool", "buffer_is_zero_ge256")),
 ]
+
+
+# MigrationStatus values in enum order (the numbers migrate_set_state receives), read from
+# `query-qmp-schema` of Debian's 7.2.22 and of the 10.0.2 backport.  QEMU 9.1 inserted
+# postcopy-recover-setup at 7, shifting completed from 8 to 9 and failed from 9 to 10.
+MIGRATION_STATES_72 = ["none", "setup", "cancelling", "cancelled", "active", "postcopy-active", "postcopy-paused",
+                       "postcopy-recover", "completed", "failed", "colo", "pre-switchover", "device", "wait-unplug"]
+MIGRATION_STATES_91 = MIGRATION_STATES_72[:7] + ["postcopy-recover-setup"] + MIGRATION_STATES_72[7:]
+
+
+def migration_states(version: str | None) -> list[str] | None:
+    """State names by number for the QEMU that printed ``version`` (``QEMU emulator version X.Y.Z``)."""
+    m = re.search(r"QEMU emulator version (\d+)\.(\d+)", version or "")
+    if not m:
+        return None
+    major, minor = int(m.group(1)), int(m.group(2))
+    if major < 6:
+        return None  # older enums differ again; not needed here
+    return MIGRATION_STATES_91 if (major, minor) >= (9, 1) else MIGRATION_STATES_72
 
 
 def is_qemu(exe: str) -> bool:
