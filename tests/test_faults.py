@@ -276,10 +276,10 @@ def test_disk_fills_during_capture(rig, _m, tmp_path):
         r = rig(small / "b")
         r.start_migration(min_active_s=0.5)
         filler = small / "filler"
-        # Leave ~256 KiB so the fault comes within seconds (flushes are ~5 tables x ~5 KB every 0.2 s).
+        # Leave ~32 KiB so the fault comes within seconds, mid-capture (a flush writes a few KB).
         free = shutil.disk_usage(small).free
         with open(filler, "wb") as f:
-            f.write(b"\0" * max(0, free - (256 << 10)))
+            f.write(b"\0" * max(0, free - (32 << 10)))
         before = r.flushed()
         deadline = time.monotonic() + 30
         while r.probe.poll() is None and time.monotonic() < deadline:
@@ -330,13 +330,16 @@ def test_writer_on_full_disk_is_one_line_and_closes(tmp_path):
                 err = str(e)
                 break
         assert err and "\n" not in err and "No space" in err and "ioctls" in err, err
-        with pytest.raises(BundleError):
-            w.append("ioctls", ioctl_rows(10, start=10**7))
+        df = ioctl_rows(4000, start=10**7)
+        df["arg0"] = rng.integers(0, 2**63, len(df)).astype(np.uint64)
+        w.append("ioctls", df)
+        with pytest.raises(BundleError) as ei:
             w.close("duration")
+        assert "\n" not in str(ei.value)
         b = read_bundle(small / "b")
         assert b.complete and b.meta["end_reason"].startswith("error"), b.meta
         assert len(b.table("ioctls")) == written == b.meta["rows"]["ioctls"]
-        assert b.meta["unwritten_rows"]["ioctls"] == b.meta["lost"]["bundle_write"] >= 2000
+        assert b.meta["unwritten_rows"]["ioctls"] == b.meta["lost"]["bundle_write"] >= 6000
         assert not list((small / "b" / "ioctls").glob(".*.tmp")), "half-written part left behind"
     finally:
         subprocess.run(["umount", "-l", str(small)], capture_output=True)
