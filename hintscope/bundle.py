@@ -503,18 +503,31 @@ def mono_from_wall(meta: Mapping[str, Any], wall_ns: np.ndarray) -> np.ndarray:
     """Map CLOCK_REALTIME ns onto CLOCK_MONOTONIC ns through the bundle's clock anchors.
 
     With two or more anchors the offset is interpolated linearly in time (NTP slew); with
-    one it is constant.
+    one it is constant.  Offsets and times are taken relative to the first anchor in int64, so
+    only the small slew between anchors goes through float64: exact to the nanosecond (float64
+    of the absolute ~1.8e18 values would be off by up to 256 ns).
     """
     anchors = sorted(meta.get("clock_anchors", []), key=lambda a: a["realtime_ns"])
     if not anchors:
         raise BundleError("bundle meta has no clock anchors; cannot map wall-clock events")
-    r = np.array([a["realtime_ns"] for a in anchors], dtype=np.float64)
-    off = np.array([a["monotonic_ns"] - a["realtime_ns"] for a in anchors], dtype=np.float64)
-    w = np.asarray(wall_ns, dtype=np.int64)
-    d = np.rint(np.interp(w.astype(np.float64), r, off))
-    # Anchors are read from meta (hostile input): refuse a mapping that leaves int64 rather than wrap.
-    # Real offsets are about -1.8e18 (2026); 2**62 leaves a century of headroom.
-    if len(d) and not (np.isfinite(d).all() and np.abs(d).max() < 2.0**62
-                       and np.abs(w.astype(np.float64) + d).max() < 2.0**62):
+    # Anchors are read from meta (hostile input): refuse values whose arithmetic would leave int64
+    # rather than wrap.  Real values are about 1.8e18 (2026); 2**62 leaves a century of headroom.
+    lim = 1 << 62
+    r_py = [int(a["realtime_ns"]) for a in anchors]
+    off_py = [int(a["monotonic_ns"]) - int(a["realtime_ns"]) for a in anchors]
+    if any(abs(x) >= lim for x in r_py + off_py) or any(abs(o - off_py[0]) >= 1 << 53 for o in off_py):
         raise BundleError("bundle meta clock anchors map wall-clock events outside the int64 ns range")
-    return w + d.astype(np.int64)
+    r = np.array(r_py, dtype=np.int64)
+    off = np.array(off_py, dtype=np.int64)
+    w = np.asarray(wall_ns, dtype=np.int64)
+    if len(w) and (np.abs(w.astype(np.float64)).max() >= 2.0**62
+                   or np.abs(w.astype(np.float64) + float(off[0])).max() >= 2.0**62):
+        raise BundleError("bundle meta clock anchors map wall-clock events outside the int64 ns range")
+    # Times relative to the first anchor are exact in int64; outside the anchors np.interp holds the
+    # end offset, so clipping to the anchor span first keeps the float conversion exact for anchors
+    # less than 104 days (2**53 ns) apart.
+    rel_r = r - r[0]
+    rel_w = np.clip(w, r[0], r[-1]) - r[0]
+    slew = np.rint(np.interp(rel_w.astype(np.float64), rel_r.astype(np.float64),
+                             (off - off[0]).astype(np.float64))).astype(np.int64)
+    return w + off[0] + slew

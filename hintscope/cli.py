@@ -18,6 +18,7 @@ COMMANDS: list[tuple[str | None, str]] = [
     ("probe", "hintscope.probes.host"),
     ("probe", "hintscope.probes.guest"),
     ("lab", "hintscope.lab.migrate"),
+    ("lab", "hintscope.lab.hintguest"),
     ("lab", "hintscope.lab.image"),
     (None, "hintscope.analysis.cli"),
     (None, "hintscope.sim.cli"),

@@ -119,3 +119,14 @@ def test_mono_from_wall_interpolates():
     out = mono_from_wall(meta, np.array([10_000, 10_500, 11_000]))
     assert list(out) == [1_000, 1_505, 2_010]
 
+
+def test_mono_from_wall_is_exact_at_real_epoch_values():
+    # 2026 wall clock (~1.8e18 ns): float64 steps there are 256 ns; the mapping must be exact
+    r0, m0 = 1_795_641_808_000_000_123, 5_000_000_001
+    meta = {"clock_anchors": [{"monotonic_ns": m0, "realtime_ns": r0},
+                              {"monotonic_ns": m0 + 10**12 + 7, "realtime_ns": r0 + 10**12}]}  # 7 ns slew
+    w = np.array([r0 - 5, r0, r0 + 1, r0 + 333_333_333_333, r0 + 10**12, r0 + 10**12 + 999], dtype=np.int64)
+    want = [m0 + (x - r0) + min(max(x - r0, 0), 10**12) * 7 // 10**12 for x in w.tolist()]
+    want[3] = m0 + 333_333_333_333 + 2      # 7 * 1/3 = 2.33 rounds to 2
+    assert mono_from_wall(meta, w).tolist() == want
+

@@ -192,7 +192,8 @@ def check_after(out: Path, before: dict[str, int], end_reasons: tuple[str, ...] 
     return res
 
 
-@pytest.mark.parametrize("sig, reason", [(signal.SIGINT, "sigint"), (signal.SIGTERM, "sigterm")])
+@pytest.mark.parametrize("sig, reason", [(signal.SIGINT, "sigint"),
+                                         pytest.param(signal.SIGTERM, "sigterm", marks=pytest.mark.lab)])
 @pytest.mark.parametrize("_m", [pytest.param(0, marks=REAL)])
 def test_probe_signal_mid_migration(rig, sig, reason, _m):
     r = rig()

@@ -378,3 +378,28 @@ for p in b.problems: print(p)
     out = r.stdout.splitlines()
     assert int(out[0]) == 5, out
     assert any("part-evil-00000.parquet" in p for p in out[1:]), out
+
+
+@pytest.mark.lab
+def test_million_tiny_parts_default_cap(base_bundle):
+    """10**6 one-part hard links with the default cap: bounded time, the cap's parts load, the rest are named."""
+    import time
+
+    td, d = _copy(base_bundle)
+    with td:
+        one = d / "ioctls" / "part-probe_host-00000.parquet"
+        for i in range(1_000_000):
+            os.link(one, d / "ioctls" / f"part-evil-{i:07d}.parquet")
+        code = f"""
+from hintscope.bundle import read_bundle
+b = read_bundle({str(d)!r})
+print(len(b.table('ioctls')))
+for p in b.problems: print(p)
+"""
+        t0 = time.monotonic()
+        r = limits.run_capped(code, timeout=600)
+        print(f"\nMILLION-PARTS: {time.monotonic() - t0:.1f} s, {r.stdout.splitlines()[:2]}")
+        assert not r.timed_out and not r.traceback and r.returncode == 0, r.stderr[-2000:]
+        lines = r.stdout.splitlines()
+        assert int(lines[0]) == limits.MAX_PARTS_PER_TABLE * ROWS
+        assert any("not read" in ln for ln in lines[1:])

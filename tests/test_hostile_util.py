@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hintscope.errors import HintscopeError
 
 # CI keeps the fuzzers short; HINTSCOPE_FUZZ_EXAMPLES=2000 for a long local run.
-EXAMPLES = int(os.environ.get("HINTSCOPE_FUZZ_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("HINTSCOPE_FUZZ_EXAMPLES", "30"))
 # Shrinking a failure of these file-writing tests can take minutes: off unless asked for.
 _PHASES = tuple(Phase) if os.environ.get("HINTSCOPE_FUZZ_SHRINK") == "1" else \
     (Phase.explicit, Phase.reuse, Phase.generate, Phase.target)

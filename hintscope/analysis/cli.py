@@ -128,6 +128,8 @@ def render(res: dict[str, Any]) -> None:
     t.add_row("findings", ", ".join(f"{k}: {v}" for k, v in f["by_kind"].items()) or ("none" if f["detector"]
                                                                                       else "-"))
     t.add_row("verdict", str(f["verdict"]))
+    if f.get("basis") and f["basis"] != f["verdict"]:
+        t.add_row("verdict basis", str(f["basis"]))
     con.print(t)
     for p in d["problems"]:
         con.print(f"[yellow]problem:[/yellow] {p}", markup=True, highlight=False)
@@ -140,6 +142,7 @@ def render(res: dict[str, Any]) -> None:
         con.print(t)
     for x in res["cross_checks"]:
         con.print(f"[cyan]cross-check:[/cyan] {x}", highlight=False)
+    render_findings(con, res.get("findings") or {}, t0)
     if "baseline" in res:
         bl = res["baseline"]
         t = Table(title="A/B against baseline")
@@ -151,3 +154,23 @@ def render(res: dict[str, Any]) -> None:
         t.add_row("pages the guest hinted", _n(bl.get("guest_hinted_pages")), "", "")
         t.add_row("normal pages saved (QMP)", _n(bl["qmp_normal_pages_saved"]), "", "")
         con.print(t)
+
+
+MAX_FINDINGS_SHOWN = 12
+
+
+def render_findings(con, fnd: dict[str, Any], t0: int) -> None:
+    """Each finding's sentence and its evidence chain (host clock: ns and ms from the first sync)."""
+    f = fnd.get("_raw")
+    if f is None or not hasattr(f, "itertuples") or not len(f):
+        return
+    con.print(f"[bold]findings[/bold] ({len(f)}; evidence on the host clock, ms from the first sync)")
+    for r in list(f.itertuples(index=False))[:MAX_FINDINGS_SHOWN]:
+        gfns = (f"gfn {int(r.gfn_first):#x}" if r.gfn_count == 1 else
+                f"{int(r.gfn_count)} pages {int(r.gfn_first):#x}..{int(r.gfn_last):#x}") if r.gfn_count else "-"
+        con.print(f"- {r.kind} ({r.confidence}, {r.severity}) {gfns}: {r.sentence}", highlight=False, markup=False)
+        for ts, side, what in (r.evidence or []):
+            when = f"{int(ts):>16d}  {(int(ts) - t0) / 1e6:>10.3f}" if int(ts) >= 0 else f"{'-':>16}  {'':>10}"
+            con.print(f"    {when}  {side:<8} {what}", highlight=False, markup=False)
+    if len(f) > MAX_FINDINGS_SHOWN:
+        con.print(f"  ... {len(f) - MAX_FINDINGS_SHOWN} more (--json lists all)")

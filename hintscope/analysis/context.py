@@ -13,14 +13,10 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
-from hintscope.analysis import harvest, memslots as ms
+from hintscope.analysis import harvest, memslots as ms, qemu_states
+from hintscope.analysis.qemu_states import FINAL_STATES  # noqa: F401 - re-exported
 from hintscope.bundle import Bundle
 from hintscope.parse import qemu_trace
-
-# QEMU MigrationStatus enum (qapi/migration.json order), as migrate_set_state passes it.
-MIGRATION_STATES = ["none", "setup", "cancelling", "cancelled", "active", "postcopy-active", "postcopy-paused",
-                    "postcopy-recover", "completed", "failed", "colo", "pre-switchover", "device", "wait-unplug"]
-FINAL_STATES = {"completed", "failed", "cancelled"}
 
 # Page-level expansion of hint applies (4 KiB rows) stops here: 2**26 pages = 256 GiB of hints,
 # beyond any guest this runs on; a hostile length cannot make the analysis allocate without bound.
@@ -52,7 +48,16 @@ class Context:
     # -- raw tables --------------------------------------------------------------------
     @cached_property
     def qe(self) -> pd.DataFrame:
-        return self.bundle.table("qemu_events").sort_values("ts_ns", kind="stable", ignore_index=True)
+        """QEMU uprobe events by time; precopy_notify rows of other notifier lists dropped (qemu_states)."""
+        qe = self.bundle.table("qemu_events").sort_values("ts_ns", kind="stable", ignore_index=True)
+        return qemu_states.keep_precopy_rows(qe, self.bundle.meta, self.problems)
+
+    @cached_property
+    def state_names(self) -> qemu_states.StateNames:
+        """MigrationStatus names by number for the traced QEMU (``basis`` says where they came from)."""
+        names = qemu_states.state_names(self.bundle.meta)
+        self.problems.extend(names.problems)
+        return names
 
     @cached_property
     def ioctls(self) -> pd.DataFrame:
@@ -206,12 +211,9 @@ class Context:
     @cached_property
     def states(self) -> pd.DataFrame:
         """Migration state changes: ts_ns, state (name), from the probe if it saw any, else the QEMU trace."""
-        qe = self.qe
-        m = qe[qe["event"] == "migrate_state"]
-        if len(m):
-            new = m["a2"].to_numpy().astype(np.int64)
-            names = [MIGRATION_STATES[s] if 0 <= s < len(MIGRATION_STATES) else f"state {s}" for s in new]
-            return pd.DataFrame({"ts_ns": m["ts_ns"].to_numpy(np.int64), "state": names})
+        st = qemu_states.state_rows(self.qe, self.state_names)
+        if len(st):
+            return st
         t = self.trace
         m = t[t["event"] == "migrate_set_state"]
         return pd.DataFrame({"ts_ns": m["ts_ns"].to_numpy(np.int64), "state": m["state"].astype(str).to_numpy()})

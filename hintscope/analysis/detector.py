@@ -20,6 +20,7 @@ import pandas as pd
 
 from hintscope.analysis import clock_align, epochs, harvest
 from hintscope.analysis.context import Context
+from hintscope.analysis.qemu_states import FINAL_STATES
 
 SEVERITY = {
     "stale-epoch-apply": "safety", "lost-write": "safety", "rearm-wipe": "safety", "stale-id-apply": "safety",
@@ -59,6 +60,8 @@ class Facts:
     qe: pd.DataFrame
     missing: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    no_hint_applied: str | None = None    # the basis when the capture proves no hint was applied
+    state_names: str = ""                 # where the migrate_state names came from (qemu_states)
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -105,7 +108,7 @@ def _sane_blocks(df: pd.DataFrame, name: str, problems: list[str]) -> pd.DataFra
 def load_facts(bundle) -> Facts:
     ctx = Context(bundle)
     qe = ctx.qe
-    syncs = epochs.sync_table(qe)
+    syncs = epochs.sync_table(qe, ctx.states)
     ap = ctx.hint_pages
     a = ctx.hint_applies
     gfn0 = ap.groupby("apply")["gfn"].min().reindex(range(len(a))).fillna(-1).to_numpy(np.int64)
@@ -158,11 +161,56 @@ def load_facts(bundle) -> Facts:
         f.missing.append("memslots (HVA and slot offsets cannot be turned into guest pages)")
     if f.mode == "unknown" or not len(harv):
         f.missing.append("dirty-log harvest (KVM_GET_DIRTY_LOG bitmaps or dirty-ring pushes)")
+    hint_sym = _hint_symbol_status(bundle)
+    if hint_sym is not None and not hint_sym.startswith("attached") and "hint_apply" not in ev and not len(hints):
+        f.missing.append(f"hint applies (qemu_guest_free_page_hint uprobe {hint_sym})")
     if f.send_source != "page_send":
-        f.missing.append(f"page sends (buffer_is_zero uprobe; have: {f.send_source})")
+        f.missing.append(f"{MISSING_SENDS} (buffer_is_zero uprobe; have: {f.send_source})")
     if not len(ge) and not len(hints):
-        f.missing.append("guest balloon events (guest probe)")
+        f.missing.append(f"{MISSING_GUEST} (guest probe)")
+    f.state_names = ctx.state_names.basis
+    f.no_hint_applied = _no_hint_applied(bundle, qe, ctx.states, hint_sym)
     return f
+
+
+MISSING_SENDS = "page sends"
+MISSING_GUEST = "guest balloon events"
+
+
+def _hint_symbol_status(bundle) -> str | None:
+    """The probe's attach status of qemu_guest_free_page_hint (meta), None when the bundle does not say."""
+    src = (getattr(bundle, "meta", None) or {}).get("sources")
+    q = src.get("qemu_uprobes") if isinstance(src, dict) else None
+    sym = q.get("symbols") if isinstance(q, dict) else None
+    st = sym.get("qemu_guest_free_page_hint") if isinstance(sym, dict) else None
+    return " ".join(st.split())[:120] if isinstance(st, str) else None
+
+
+def _no_hint_applied(bundle, qe: pd.DataFrame, states: pd.DataFrame, hint_sym: str | None) -> str | None:
+    """A basis sentence when the capture proves QEMU applied no hint during the whole migration, else None.
+
+    The apply uprobe was attached, its source fully captured with no lost events, the capture
+    finished, the probe saw the migration from setup to completed, and qemu_guest_free_page_hint
+    never ran: then no page can have been filtered, so page sends and guest events are not needed
+    to answer the hint-ordering question.
+    """
+    meta = getattr(bundle, "meta", None) or {}
+    q = (meta.get("sources") or {}).get("qemu_uprobes") if isinstance(meta.get("sources"), dict) else None
+    if hint_sym != "attached" or not isinstance(q, dict) or q.get("status") != "captured":
+        return None
+    lost = meta.get("lost") if isinstance(meta.get("lost"), dict) else {}
+    if any(not isinstance(v, int) or v != 0 for v in lost.values()) or not getattr(bundle, "complete", False):
+        return None
+    st = states[states["ts_ns"] >= 0]
+    seen = set(st["state"].tolist())
+    if not {"setup", "completed"} <= seen:
+        return None
+    if (st.loc[st["state"] == "setup", "ts_ns"].min() > st.loc[st["state"] == "completed", "ts_ns"].max()):
+        return None
+    if len(qe) and qe["event"].isin(["hint_apply", "hint_apply_ret"]).any():
+        return None
+    return ("no hint was applied (qemu_guest_free_page_hint attached, 0 calls from migration setup to "
+            "completed), so no page can have been filtered")
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -223,6 +271,7 @@ def _check_orderings(f: Facts, m: pd.DataFrame, out: list) -> dict[str, np.ndarr
     de = s["fetch_end"].to_numpy(np.int64)
     af = s["after"].to_numpy(np.int64)
     bf = s["before"].to_numpy(np.int64)
+    num = s["sync"].to_numpy(np.int64)         # the analysis sync table's numbers (syncs.py)
     a = m["a"].to_numpy(np.int64)
     ae = m["a_end"].to_numpy(np.int64)
     # (b) stale epoch: the hint was queued before a sync's fetch began, the apply came after it ended
@@ -243,11 +292,12 @@ def _check_orderings(f: Facts, m: pd.DataFrame, out: list) -> dict[str, np.ndarr
             r = rows[d == dk]
             r0 = r.iloc[0]
             ev = [(r0["h_lo"], "guest", f"hint add pfn {_hex(r0['gfn0'])} id {_hex(r0['h_id'])} (earliest host time)"),
-                  (ds[dk], "qemu", f"sync {dk} fetch begins"), (de[dk], "qemu", f"sync {dk} fetch ends"),
+                  (ds[dk], "qemu", f"sync {num[dk]} fetch begins"),
+                  (de[dk], "qemu", f"sync {num[dk]} fetch ends"),
                   (r0["a"], "qemu", f"hint_apply gfn {_hex(r0['gfn0'])} ({len(r)} applies)")]
             out.append(_finding("stale-epoch-apply", conf, _pages_of(r["apply"].to_numpy(), f), ev,
-                                f"{len(r)} hint(s) queued by the guest before sync {dk} fetched the dirty log were "
-                                f"applied after that fetch ended, so writes the sync caught can be dropped from "
+                                f"{len(r)} hint(s) queued by the guest before sync {num[dk]} fetched the dirty log "
+                                f"were applied after that fetch ended, so writes the sync caught can be dropped from "
                                 f"the migration bitmap" + ("" if conf == "hazard" else
                                                            " (the clock band cannot settle the order)") + "."))
     # d2: apply overlapping [fetch begin, AFTER] of some sync
@@ -261,11 +311,12 @@ def _check_orderings(f: Facts, m: pd.DataFrame, out: list) -> dict[str, np.ndarr
         r0 = r.iloc[0]
         k0 = int(kk[0])
         out.append(_finding("apply-during-sync", "hazard", _pages_of(r["apply"].to_numpy(), f),
-                            [(bf[k0], "qemu", f"sync {k0} BEFORE_BITMAP_SYNC"), (ds[k0], "qemu", "fetch begins"),
+                            [(bf[k0], "qemu", f"sync {num[k0]} BEFORE_BITMAP_SYNC"),
+                             (ds[k0], "qemu", f"sync {num[k0]} fetch begins"),
                              (r0["a"], "qemu", f"hint_apply gfn {_hex(r0['gfn0'])}"),
                              (int(endw[during][0]), "qemu", "AFTER_BITMAP_SYNC")],
                             f"{len(r)} hint apply(s) ran while a bitmap sync was fetching or merging "
-                            f"(syncs {', '.join(map(str, np.unique(kk)[:6]))}); QEMU 7.2 stops hinting before "
+                            f"(syncs {', '.join(map(str, num[np.unique(kk)[:6]]))}); QEMU 7.2 stops hinting before "
                             f"each sync, so a bit the sync just set can be cleared."))
     # d4: after the final BEFORE, after DONE (CLEANUP) or after migration reached a final state
     imposs_t = BIG
@@ -276,7 +327,7 @@ def _check_orderings(f: Facts, m: pd.DataFrame, out: list) -> dict[str, np.ndarr
     cl = qe.loc[(qe["event"] == "precopy_notify") & (qe["a1"].astype(np.int64) == 4), "ts_ns"]
     if len(cl):
         imposs_t = min(imposs_t, int(cl.min()))
-    st = qe.loc[(qe["event"] == "migrate_state") & qe["a2"].astype(np.int64).isin([3, 8, 9]), "ts_ns"]
+    st = f.states.loc[f.states["state"].isin(FINAL_STATES) & (f.states["ts_ns"] >= 0), "ts_ns"]
     if len(st):
         imposs_t = min(imposs_t, int(st.min()))
     late = a > imposs_t
@@ -406,8 +457,8 @@ def _check_bulk_stall(f: Facts, out: list) -> None:
     if g > STALL_MIN_NS and g > STALL_FACTOR * max(med, 1.0):
         t0 = t1 if i == 0 else int(st[i - 1])
         napply = int(((f.applies["a"] >= t0) & (f.applies["a"] < t0 + g)).sum())
-        out.append(_finding("bulk-stall", "confirmed", [], [(t1, "qemu", "AFTER_BITMAP_SYNC 0: bulk round starts"),
-                                                            (t0, "qemu", "sender idle from"),
+        bulk = f"sync {int(s['sync'].iloc[0])} AFTER_BITMAP_SYNC: bulk round starts"
+        out.append(_finding("bulk-stall", "confirmed", [], [(t1, "qemu", bulk), (t0, "qemu", "sender idle from"),
                                                             (t0 + g, "qemu", "next page_send")],
                             f"the migration thread sent nothing for {g / 1e6:.1f} ms in the bulk round "
                             f"({napply} hint applies in that gap; median gap between sends {med / 1e3:.1f} us), "
@@ -672,6 +723,8 @@ def detect(bundle, facts: Facts | None = None) -> pd.DataFrame:
     _check_bulk_stall(f, out)
     covered = _check_lost_writes(f, out)
     _check_host_losses(f, covered, out)
+    from hintscope.analysis import lost_pages  # lab memory check + hintguest write log (c')
+    lost_pages.check(bundle, covered, out, f.problems)
     _check_memcheck(f, covered, out)
     df = pd.DataFrame(out, columns=FINDING_COLUMNS)
     df.attrs["coverage"] = coverage(bundle, f)
@@ -687,25 +740,33 @@ def coverage(bundle, f: Facts) -> dict[str, Any]:
     return {"mode": f.mode, "missing": list(f.missing), "lost_events": lost, "sources_not_captured": partial,
             "complete": complete, "problems": list(f.problems)[:20], "clock": f.band.summary(),
             "send_source": f.send_source, "syncs": int(len(f.syncs)), "applies": int(len(f.applies)),
-            "guest_hints": int(len(f.hints))}
+            "guest_hints": int(len(f.hints)), "no_hint_applied": f.no_hint_applied,
+            "state_names": f.state_names}
 
 
 def verdict(bundle, findings: pd.DataFrame) -> str:
-    """The capture's verdict (see docs/detector.md); also kept in ``findings.attrs['verdict']``."""
-    v = _verdict(bundle, findings)
+    """The capture's verdict (see docs/detector.md); also kept in ``findings.attrs['verdict']``, with
+    the reason for it in ``findings.attrs['verdict_basis']``."""
+    v, basis = _verdict(bundle, findings)
     findings.attrs["verdict"] = v
+    findings.attrs["verdict_basis"] = basis
     return v
 
 
-def _verdict(bundle, findings: pd.DataFrame) -> str:
+def _verdict(bundle, findings: pd.DataFrame) -> tuple[str, str]:
     cov = findings.attrs.get("coverage") or coverage(bundle, load_facts(bundle))
     if len(findings):
         hard = findings[(findings["severity"] == "safety") & findings["confidence"].isin(["confirmed", "hazard"])]
         if len(hard):
-            return "unsafe ordering found"
+            return "unsafe ordering found", f"{len(hard)} safety finding(s) confirmed or hazard"
     why = []
-    if cov["missing"]:
-        why.append("missing " + "; ".join(cov["missing"]))
+    no_apply = cov.get("no_hint_applied")
+    missing = cov["missing"]
+    if no_apply:
+        # nothing was filtered: page sends and guest events cannot change the hint-ordering answer
+        missing = [m for m in missing if not m.startswith((MISSING_SENDS, MISSING_GUEST))]
+    if missing:
+        why.append("missing " + "; ".join(missing))
     if cov["lost_events"]:
         why.append("lost events (" + ", ".join(f"{k} {v}" for k, v in cov["lost_events"].items()) + ")")
     if cov["sources_not_captured"]:
@@ -714,7 +775,7 @@ def _verdict(bundle, findings: pd.DataFrame) -> str:
     if not cov["complete"]:
         why.append("capture did not finish")
     clk = cov["clock"]
-    if cov["guest_hints"] and (clk["width_ns"] is None or clk["width_ns"] > CLOCK_MAX_NS):
+    if cov["guest_hints"] and not no_apply and (clk["width_ns"] is None or clk["width_ns"] > CLOCK_MAX_NS):
         w = "unknown" if clk["width_ns"] is None else f"{clk['width_ns'] / 1e6:.2f} ms"
         why.append(f"guest/host clock band too wide ({w})")
     if not cov["syncs"]:
@@ -724,8 +785,9 @@ def _verdict(bundle, findings: pd.DataFrame) -> str:
         if len(amb):
             why.append(f"{len(amb)} ordering(s) the clock band cannot settle")
     if why:
-        return "inconclusive: " + "; ".join(why)
-    return "no unsafe ordering found"
+        v = "inconclusive: " + "; ".join(why)
+        return v, v
+    return "no unsafe ordering found", no_apply or "every check ran on complete evidence"
 
 
 FAIL_ON = ("lost-write", "hazard", "any")
@@ -761,7 +823,8 @@ def findings_to_json(findings: pd.DataFrame, verdict_text: str | None = None) ->
         rows.append(r)
     if verdict_text is None:
         verdict_text = findings.attrs.get("verdict")
-    return {"verdict": verdict_text, "coverage": findings.attrs.get("coverage"), "findings": rows}
+    return {"verdict": verdict_text, "verdict_basis": findings.attrs.get("verdict_basis"),
+            "coverage": findings.attrs.get("coverage"), "findings": rows}
 
 
 def findings_json_text(findings: pd.DataFrame, verdict_text: str | None = None) -> str:

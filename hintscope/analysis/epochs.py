@@ -4,6 +4,9 @@ Sync d = BEFORE_d (precopy_notify reason 1) -> fetch window [d_s, d_e] (sync_fet
 -> AFTER_d (reason 2).  Epoch k = [AFTER_k, BEFORE_{k+1}); its id is 0x80000001 + k for every
 AFTER while the VM runs.  The final sync is the last one before migration reaches a final state
 (its AFTER sets DONE, not a new id).  Missing fetch events fall back to BEFORE/AFTER.
+
+The rows and their ``sync`` numbers are those of ``analysis/syncs.py`` (same boundary events, same
+numbering), so a finding's "sync N" is row N of the analysis' sync table.
 """
 
 from __future__ import annotations
@@ -11,19 +14,16 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from hintscope.analysis.qemu_states import FINAL_STATES
+from hintscope.analysis.syncs import probe_boundary_events, sync_numbers
+
 CMD_ID_MIN = 0x80000000
-COMPLETED, FAILED, CANCELLED = 8, 9, 3
-SYNC_COLS = ["before", "fetch_begin", "fetch_end", "after", "final", "epoch_id"]
+SYNC_COLS = ["sync", "before", "fetch_begin", "fetch_end", "after", "final", "epoch_id"]
 
 
-def sync_table(qe: pd.DataFrame) -> pd.DataFrame:
-    ev = qe["event"].to_numpy()
-    ts = qe["ts_ns"].to_numpy(np.int64)
-    reason = qe["a1"].to_numpy().astype(np.int64)
-    before = np.sort(ts[(ev == "precopy_notify") & (reason == 1)])
-    after = np.sort(ts[(ev == "precopy_notify") & (reason == 2)])
-    fb = np.sort(ts[ev == "sync_fetch_begin"])
-    fe = np.sort(ts[ev == "sync_fetch_end"])
+def sync_table(qe: pd.DataFrame, states: pd.DataFrame) -> pd.DataFrame:
+    """``qe``: ``Context.qe``; ``states``: ``Context.states`` (ts_ns, state name)."""
+    before, after, fb, fe = probe_boundary_events(qe)
     if not len(before):
         # fetch-only capture: one sync per fetch window
         before = fb.copy()
@@ -42,8 +42,8 @@ def sync_table(qe: pd.DataFrame) -> pd.DataFrame:
     s_af = first_after(after, before)
     s_af = np.where(s_af < nxt_before, s_af, big)
     s_fe = np.where(s_fe <= np.minimum(s_af, nxt_before), s_fe, np.where(s_af < big, s_af, s_fb))
-    state_new = qe["a2"].to_numpy().astype(np.int64)
-    end_states = ts[(ev == "migrate_state") & np.isin(state_new, [COMPLETED, FAILED, CANCELLED])]
+    st_ts = states["ts_ns"].to_numpy(np.int64)
+    end_states = st_ts[states["state"].isin(FINAL_STATES).to_numpy() & (st_ts >= 0)]
     final = np.zeros(len(before), bool)
     if len(end_states):
         k = np.searchsorted(before, end_states.min(), side="left") - 1
@@ -51,8 +51,8 @@ def sync_table(qe: pd.DataFrame) -> pd.DataFrame:
             final[k] = True
     running_after = ~final & (s_af < big)
     epoch_id = np.where(running_after, CMD_ID_MIN + np.cumsum(running_after), 0)
-    return pd.DataFrame({"before": before, "fetch_begin": s_fb, "fetch_end": s_fe, "after": s_af,
-                         "final": final, "epoch_id": epoch_id.astype(np.int64)})
+    return pd.DataFrame({"sync": sync_numbers(len(before)), "before": before, "fetch_begin": s_fb,
+                         "fetch_end": s_fe, "after": s_af, "final": final, "epoch_id": epoch_id.astype(np.int64)})
 
 
 def epoch_id_at(syncs: pd.DataFrame, t: np.ndarray) -> np.ndarray:

@@ -83,6 +83,7 @@ def completeness(c: Context) -> dict[str, Any]:
         "tables": present,
         "memslot_source": c.memslot_source,
         "send_source": c.send_source,
+        "migration_state_names": c.state_names.basis,
         "problems": list(dict.fromkeys(c.problems)),
     }
 
@@ -158,7 +159,8 @@ def findings(b: Bundle) -> dict[str, Any]:
             fj = json.loads(fj)
         except ValueError:
             pass
-    return {"available": True, "verdict": v, "by_kind": by_kind, "findings": fj, "_raw": f}
+    basis = f.attrs.get("verdict_basis") if isinstance(f, pd.DataFrame) else None
+    return {"available": True, "verdict": v, "basis": basis, "by_kind": by_kind, "findings": fj, "_raw": f}
 
 
 def summarize(b: Bundle | Context, syncs: pd.DataFrame | None = None, acct: dict | None = None,
@@ -178,7 +180,8 @@ def summarize(b: Bundle | Context, syncs: pd.DataFrame | None = None, acct: dict
         "harvested_pages": int(s.loc[s["harvested"] > 0, "harvested"].sum()) if len(s) else 0,
         "hints": {**a["totals"], "send_source": a["source"]},
         "data": completeness(c),
-        "findings": {"detector": f["available"], "verdict": f["verdict"], "by_kind": f["by_kind"]},
+        "findings": {"detector": f["available"], "verdict": f["verdict"], "basis": f.get("basis"),
+                     "by_kind": f["by_kind"]},
     }
 
 

@@ -67,8 +67,21 @@ def _first_in(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return np.where(v < hi, v, -1).astype(np.int64)
 
 
-def _boundaries(c: Context) -> tuple[pd.DataFrame, str]:
-    qe, tr, io = c.qe, c.trace, c.ioctls
+# Syncs are numbered from 1 in capture order, here and in every other view of them (the detector's
+# epochs, the report's timeline): "sync N" names the same sync everywhere.
+FIRST_SYNC = 1
+
+
+def sync_numbers(n: int) -> np.ndarray:
+    return np.arange(FIRST_SYNC, FIRST_SYNC + n, dtype=np.int64)
+
+
+def probe_boundary_events(qe: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted times of BEFORE_BITMAP_SYNC, AFTER_BITMAP_SYNC, fetch begin and fetch end uprobe rows.
+
+    ``qe`` must be ``Context.qe`` (precopy rows of other notifier lists already dropped).  One sync
+    per BEFORE, else one per fetch begin: the detector's epochs (analysis/epochs.py) use the same rows.
+    """
     ev = qe["event"].to_numpy(dtype=object)
     ts = qe["ts_ns"].to_numpy(np.int64)
     a1 = qe["a1"].to_numpy().astype(np.int64)
@@ -76,6 +89,12 @@ def _boundaries(c: Context) -> tuple[pd.DataFrame, str]:
     after = np.sort(ts[(ev == "precopy_notify") & (a1 == 2)])
     fb = np.sort(ts[ev == "sync_fetch_begin"])
     fe = np.sort(ts[ev == "sync_fetch_end"])
+    return before, after, fb, fe
+
+
+def _boundaries(c: Context) -> tuple[pd.DataFrame, str]:
+    tr, io = c.trace, c.ioctls
+    before, after, fb, fe = probe_boundary_events(c.qe)
     big = np.iinfo(np.int64).max
     if len(before):
         nxt = np.r_[before[1:], big]
@@ -260,7 +279,7 @@ def sync_table(b: Bundle | Context) -> pd.DataFrame:
     s, source = _boundaries(c)
     s = s.reset_index(drop=True)
     n = len(s)
-    s.insert(0, "sync", np.arange(1, n + 1, dtype=np.int64))
+    s.insert(0, "sync", sync_numbers(n))
     s.insert(1, "source", source)
     _match_trace(s, c.trace, source)
     start, end = windows(s)

@@ -25,6 +25,7 @@ LDFLAGS = ["-m", "elf_i386", "-nostdlib", "-static", "-z", "max-page-size=0x1000
 # guest name -> (sources in link order, linker script)
 GUESTS = {
     "dirtier": (["boot.S", "dirtier.c"], "link.ld"),
+    "hintguest": (["boot.S", "hintguest.c"], "link.ld"),   # free page hinting guest (lab/hintguest.py)
 }
 
 

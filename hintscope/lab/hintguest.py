@@ -245,6 +245,27 @@ class HostTrace:
                 f.close()
 
 
+def probe_host_lines(bundle: Path) -> str:
+    """hintscope's probe events (qemu_events) as host-trace lines: applies (A/a) and syncs (S).
+
+    When the probe is attached it holds the QEMU uprobes, so the bpftrace script runs tracepoints
+    only; these lines put the probe's applies and syncs into hintguest_host for the per-round view."""
+    from hintscope.bundle import read_bundle
+
+    qe = read_bundle(bundle).table("qemu_events")
+    if not len(qe):
+        return ""
+    ts, tid = qe["ts_ns"].astype("int64").astype(str), qe["tid"].astype("int64").astype(str)
+    a0, a1 = qe["a0"].astype("uint64").astype(str), qe["a1"].astype("uint64").astype(str)
+    ev = qe["event"]
+    lines = pd.concat([
+        ("A " + ts + " " + tid + " " + a0 + " " + a1)[ev == "hint_apply"],
+        ("a " + ts + " " + tid)[ev == "hint_apply_ret"],
+        ("S " + ts + " " + tid)[ev == "sync_fetch_begin"],
+    ])
+    return "\n".join(lines) + "\n" if len(lines) else ""
+
+
 HOST_KINDS = {"A": "apply", "a": "apply_ret", "S": "sync", "s": "sync_end", "G": "get", "C": "clear",
               "M": "memslot", "R": "reset", "P": "pio"}
 
@@ -563,6 +584,8 @@ class HintguestOptions:
     downtime_ms: int = 300
     timeout_s: float = 90.0
     trace: str = "auto"            # auto | on | off (bpftrace on the source)
+    probe: str = "auto"            # auto | on | off (hintscope's own host probe on the source)
+    page_sends: bool = False       # probe --page-sends: a uprobe hit per page sent (~50 us each here)
     qemu: str | None = None
     keep_workdir: bool = False
     stale_id: bool = False         # control: hints carry a stale id and are dropped by QEMU
@@ -664,6 +687,10 @@ async def run_hintguest(o: HintguestOptions) -> dict[str, Any]:
     trace_reason = bpftrace_unavailable_reason() if o.trace != "off" else "--trace off"
     if o.trace == "on" and trace_reason:
         raise HintscopeError(f"--trace on: {trace_reason}")
+    from hintscope.lab import migrate as labmig  # the lab's probe driver (ATTACHED handshake, SIGINT stop)
+    probe_reason = "--probe off" if o.probe == "off" else labmig.probe_unavailable_reason()
+    if o.probe == "on" and probe_reason:
+        raise HintscopeError(f"--probe on: {probe_reason}")
     t0 = time.monotonic()
     elf = await asyncio.to_thread(build.build_guest, GUEST)
     writer = BundleWriter(bundle, PRODUCER)
@@ -682,13 +709,37 @@ async def run_hintguest(o: HintguestOptions) -> dict[str, Any]:
                                else "bitmap (manual protect)", "append": o.append(), "guest_elf": str(elf),
                                "qemu": qemu, "qemu_version": qemu_version(qemu), "parse_problems": []}
     writer.meta["hintguest"] = summary
+    # QEMU's trace log, mapped onto the host clock by the analysis through the bundle's clock anchors
+    writer.meta["qemu_trace"] = {"file": "files/qemu-trace.log", "events": TRACE_EVENTS, "vmm": "source",
+                                 "clock": "CLOCK_REALTIME (-msg timestamp=on)"}
+    writer.set_source("qemu_trace", "captured", None, file="files/qemu-trace.log")
+    writer.flush()
     tracer: HostTrace | None = None
+    probe = None
+    probe_task = None
     end = "error: interrupted"
     scratch = work / "ram"
     try:
         await src.start()
+        if probe_reason is None:
+            # hintscope's own probe joins this bundle; its BCC compile overlaps the guest's boot
+            probe = labmig.HostProbe(src.pid, bundle, None, work / "probe.log",
+                                     extra=["--append"] + (["--page-sends"] if o.page_sends else []))
+            probe_task = asyncio.create_task(probe.start())
         await dst.start()
         text = await _wait_serial(src.cfg.serial_path, r"^HG t=\d+ ev=ready", 60)
+        if probe_task is not None:
+            try:
+                await probe_task
+                summary["probe"] = {"used": True, "argv": probe.argv}
+            except HintscopeError as e:
+                await probe.stop()
+                probe = None
+                if o.probe == "on":
+                    raise
+                summary["probe"] = {"used": False, "reason": str(e)}
+        else:
+            summary["probe"] = {"used": False, "reason": probe_reason}
         timings = summary.setdefault("timings_s", {})
         timings["boot_to_ready"] = round(time.monotonic() - t0, 3)
         bal = re.search(r"ev=balloon .*iobase=(0x[0-9a-f]+)", text)
@@ -698,7 +749,9 @@ async def run_hintguest(o: HintguestOptions) -> dict[str, Any]:
             # A uprobe attach fails (EINVAL, dmesg "ref_ctr_offset mismatch") while another tool holds
             # a uprobe on the same QEMU offset: retry, then fall back to the tracepoints alone.
             tracer = None
-            for uprobes in (True, True, False):
+            # With hintscope's probe attached it owns the QEMU uprobes (two tools on the same offsets
+            # collide); bpftrace then adds only what the probe lacks: the guest's kicks (kvm_pio).
+            for uprobes in ((False,) if probe is not None else (True, True, False)):
                 t = HostTrace(qemu, src.pid, kick_port, files / "host-trace.txt", uprobes=uprobes)
                 try:
                     await t.start()
@@ -708,10 +761,11 @@ async def run_hintguest(o: HintguestOptions) -> dict[str, Any]:
                     await t.stop()
                     trace_reason = str(e)
             if tracer is not None:
-                status = "captured" if tracer.uprobes else "partial"
+                status = "captured" if tracer.uprobes or probe is not None else "partial"
                 writer.set_source("hintguest_bpftrace", status, reason=None if tracer.uprobes else
+                                  "uprobes from hintscope's host probe" if probe is not None else
                                   f"uprobes left out: {trace_reason}", script="files/host-trace.bt")
-                summary["trace_uprobes"] = tracer.uprobes
+                summary["trace_uprobes"] = tracer.uprobes or probe is not None
                 trace_reason = None
             elif o.trace == "on":
                 raise HintscopeError(f"--trace on: {trace_reason}")
@@ -733,18 +787,31 @@ async def run_hintguest(o: HintguestOptions) -> dict[str, Any]:
         await _wait_status(dst, "paused", 30)
         if tracer:
             await tracer.stop()
+        if probe is not None:
+            summary["probe"]["exit"] = await probe.stop()
         scratch.mkdir()
         s_img, d_img = scratch / "src.ram", scratch / "dst.ram"
         await src.cmd("pmemsave", {"val": 0, "size": o.mem_mb << 20, "filename": str(s_img)}, timeout=120)
         await dst.cmd("pmemsave", {"val": 0, "size": o.mem_mb << 20, "filename": str(d_img)}, timeout=120)
         diff = await asyncio.to_thread(memdiff.compare_images, s_img, d_img)
+        # The generic memory-check table, unclassified: every page whose content differs (kvmclock aside).
+        # Whether a difference is a loss (or a hinted page the guest never rewrote) is the analysis' call.
+        d_all = diff.differing
+        kvm_sel = d_all["classification"] == "kvmclock" if len(d_all) else np.zeros(0, bool)
+        writer.append("lost_pages", d_all[~kvm_sel])
+        mc = diff.summary()
+        mc["kvmclock_gfns"] = [int(g) for g in d_all.loc[kvm_sel, "gfn"]]
+        writer.meta["memcheck"] = summary["memcheck"] = mc
         timings["pmemsave_and_compare"] = round(time.monotonic() - t_mig - summary["migrate_wall_s"], 3)
 
         log = read_serial_log(src.cfg.serial_path)
         summary["parse_problems"] += log.problems
         host = None
         if tracer:
-            host, hp = parse_host_trace((files / "host-trace.txt").read_text(errors="replace"), "host trace")
+            host_text = (files / "host-trace.txt").read_text(errors="replace")
+            if probe is not None:  # applies and syncs come from the probe's uprobes
+                host_text += probe_host_lines(bundle)
+            host, hp = parse_host_trace(host_text, "host trace")
             summary["parse_problems"] += hp
             writer.append("hintguest_host", host)
         pool0 = int(log.boot.get("pool", "0x40000"), 16)
@@ -769,6 +836,9 @@ async def run_hintguest(o: HintguestOptions) -> dict[str, Any]:
         writer.append("hintguest_writes", log.writes)
         writer.append("hintguest_pages", pages)
         summary["result"] = result_summary(log, host, pages, diff.pages_compared)
+        # pages differing counts hinted blocks the guest never rewrote; the writes lost are these
+        mc["lost_writes"] = summary["result"]["lost_reuse_writes"] + summary["result"]["lost_other"]
+        mc["hinted_held_pages"] = int(summary["result"]["classes"].get("hinted-held", 0))
         summary["clock"] = kick_clock(log, host)
         summary["rounds"] = round_verdicts(log, host, qtrace, pages, summary["clock"])
         summary["dst_after_cont"] = await _dst_health(dst)
@@ -786,6 +856,14 @@ async def run_hintguest(o: HintguestOptions) -> dict[str, Any]:
     finally:
         if tracer:
             await tracer.stop()
+        if probe_task is not None and not probe_task.done():
+            probe_task.cancel()
+            with contextlib.suppress(BaseException):
+                await probe_task
+        if probe is not None:
+            await probe.stop()
+            with contextlib.suppress(OSError):
+                shutil.copyfile(work / "probe.log", files / "probe.log")
         for vm in (src, dst):
             await vm.stop()
             with contextlib.suppress(OSError):
@@ -840,6 +918,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="migration bandwidth during the guest's rounds (raised to 1 GiB/s after)")
     p.add_argument("--timeout", type=float, default=90.0)
     p.add_argument("--trace", default="auto", choices=["auto", "on", "off"], help="bpftrace on the source QEMU")
+    p.add_argument("--probe", default="auto", choices=["auto", "on", "off"],
+                   help="hintscope's host probe on the source QEMU (auto: when root and BCC are there)")
+    p.add_argument("--page-sends", action="store_true",
+                   help="probe every page send (buffer_is_zero uprobe; ~50 us per page on this host)")
     p.add_argument("--stale-id", action="store_true",
                    help="control: the start message carries a stale id, so QEMU drops every hint")
     p.add_argument("--qemu", default=None, metavar="PATH")
@@ -853,8 +935,40 @@ def run(args: argparse.Namespace) -> int:
     o = HintguestOptions(bundle=Path(args.output), behaviour=args.behaviour, dirty_ring=args.dirty_ring,
                          nblocks=args.nblocks, reuse=args.reuse, rounds=args.rounds, bandwidth_mb=args.bandwidth,
                          timeout_s=args.timeout, trace=args.trace, qemu=args.qemu, keep_workdir=args.keep_workdir,
-                         stale_id=args.stale_id)
+                         stale_id=args.stale_id, probe=args.probe, page_sends=args.page_sends)
+    return report_run(o, asyncio.run(run_hintguest(o)))
+
+
+def run_from_migrate(args: argparse.Namespace) -> int:
+    """``hintscope lab migrate --guest hintguest``: the shared options that apply, hintguest defaults
+    for the rest (2 GiB, 8 blocks x 4 reuse pages, 3 rounds, 32 MiB/s while the rounds run)."""
+    o = HintguestOptions(bundle=Path(args.output), behaviour=args.behaviour, dirty_ring=args.dirty_ring,
+                         stale_id=args.stale_id, qemu=args.qemu, keep_workdir=args.keep_workdir,
+                         probe=args.probe, timeout_s=max(float(args.timeout), 90.0))
+    return report_run(o, asyncio.run(run_hintguest(o)))
+
+
+def make_sample(path: str | os.PathLike, behaviour: str = "early-reuse", **kw: Any) -> dict[str, Any]:
+    """Record a committed-size sample (about 1 MB; root, KVM and BCC needed): one probed bitmap-mode run.
+
+    The 5-6 MB QEMU trace log is dropped afterwards: the pool's ram_save_page sends, syncs and chunk
+    clears stay in ``hintguest_qemu_trace``, which the analysis uses when the log is absent
+    (``analysis.lost_pages.sends``). ``meta-sample.json`` records that."""
+    o = HintguestOptions(bundle=Path(path), behaviour=behaviour, probe="on", **kw)
     s = asyncio.run(run_hintguest(o))
+    log = Path(path) / "files" / "qemu-trace.log"
+    size = log.stat().st_size if log.exists() else 0
+    log.unlink(missing_ok=True)
+    w = BundleWriter(Path(path), "sample", append=True)
+    w.meta["sample"] = {"made_by": "hintscope.lab.hintguest.make_sample", "behaviour": behaviour,
+                        "dropped": {"files/qemu-trace.log": size},
+                        "note": "QEMU trace log dropped for size; hintguest_qemu_trace keeps the hint pool's "
+                                "ram_save_page sends, the syncs and the clear_bmap chunk clears"}
+    w.close(end_reason="target-exit")
+    return s
+
+
+def report_run(o: HintguestOptions, s: dict[str, Any]) -> int:
     r = s["result"]
     mig = s["migration"]
     print(f"{s['behaviour']} / {s['mode']}: migration {mig['status']} in {mig['total-time']} ms, "

@@ -186,15 +186,18 @@ def probe_unavailable_reason() -> str | None:
 class HostProbe:
     """``python -m hintscope probe host`` attached to one PID, stopped with SIGINT."""
 
-    def __init__(self, pid: int, bundle: Path, trace_log: Path | None, log_path: Path):
+    def __init__(self, pid: int, bundle: Path, trace_log: Path | None, log_path: Path,
+                 extra: list[str] | None = None):
         self.pid, self.bundle, self.trace_log, self.log_path = pid, bundle, trace_log, log_path
+        self.extra = list(extra or [])  # e.g. ["--append"] to join a bundle the caller created
         self.proc: asyncio.subprocess.Process | None = None
         self.argv: list[str] = []
         self._drain: asyncio.Task | None = None
         self._log = None
 
     async def start(self, timeout: float = 120.0) -> None:
-        argv = [sys.executable, "-m", "hintscope", "probe", "host", "--pid", str(self.pid), "-o", str(self.bundle)]
+        argv = [sys.executable, "-m", "hintscope", "probe", "host", "--pid", str(self.pid), "-o", str(self.bundle),
+                *self.extra]
         # A log outside the bundle is copied in by the probe at stop; the lab's own log is already
         # at files/qemu-trace.log (copying it onto itself would fail).
         if (self.trace_log is not None and self.bundle.resolve() not in self.trace_log.resolve().parents
@@ -605,8 +608,13 @@ def make_sample(path: str | os.PathLike, **kw: Any) -> dict[str, Any]:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("migrate", help="run a probed QEMU live migration of a lab guest (root for the probe)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--guest", default="dirtier", choices=["dirtier", "linux"],
-                   help="lab guest (default dirtier; linux = Debian guest under TCG, see lab/linux.py)")
+    p.add_argument("--guest", default="dirtier", choices=["dirtier", "linux", "hintguest"],
+                   help="lab guest (default dirtier; linux = Debian guest under TCG, see lab/linux.py; "
+                        "hintguest = bare-metal free page hinting guest, 2 GiB, see lab/hintguest.py)")
+    p.add_argument("--behaviour", default="polite", choices=["polite", "early-reuse", "late-reuse"],
+                   help="--guest hintguest: what the guest does with blocks it hinted (docs/hintguest.md)")
+    p.add_argument("--stale-id", action="store_true",
+                   help="--guest hintguest control: the start message carries a stale id, QEMU drops every hint")
     p.add_argument("--pages", default="0x400-0x4ff", help="gfns the guest writes: GFN or GFN-GFN, comma list")
     p.add_argument("--rate", type=int, default=20000, help="page writes per second (0 = unlimited; ~60k max here)")
     p.add_argument("--rounds", type=int, default=0, help="stop writing after N passes over --pages (0 = never)")
@@ -637,6 +645,9 @@ def run(args: argparse.Namespace) -> int:
     if args.guest == "linux":
         from hintscope.lab import linux
         return linux.run(args)
+    if args.guest == "hintguest":
+        from hintscope.lab import hintguest
+        return hintguest.run_from_migrate(args)
     o = LabOptions(bundle=Path(args.output), guest=args.guest, pages=args.pages, rate=args.rate,
                    rounds=args.rounds, fill_mb=args.prefill, downtime_ms=args.downtime, accel=args.accel,
                    dirty_ring=args.dirty_ring, mem_mb=args.mem,

@@ -152,7 +152,7 @@ def load(b: Bundle) -> ReportData:
         summary = host_summary(b)
         findings = load_findings(b, notes) if _optional("hintscope.analysis.detector", "detect") else \
             pd.DataFrame(columns=FINDING_COLUMNS)
-        syncs = tl.host_syncs(b.table("qemu_events"))
+        syncs = tl.host_syncs(b.table("qemu_events"), b.meta)
         t = tl.build(b, findings)
         d = ReportData(b, summary, findings, syncs, t, notes=notes)
     else:
@@ -174,8 +174,8 @@ def host_summary(b: Bundle) -> dict[str, Any]:
     """
     qe = b.table("qemu_events")
     io = b.table("ioctls")
-    syncs = tl.host_syncs(qe)
-    st = tl._migration_states(qe)
+    syncs = tl.host_syncs(qe, b.meta)
+    st = tl._migration_states(qe, b.meta)
     outcome = str(st["state"].iloc[-1]) if len(st) else "unknown"
     mig: dict[str, Any] = {"outcome": outcome, "source": "state events" if len(st) else "none"}
     t0 = st.loc[st["state"] == "setup", "ts_ns"]

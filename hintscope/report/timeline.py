@@ -15,15 +15,12 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from hintscope.analysis import qemu_states
+from hintscope.analysis.syncs import probe_boundary_events, sync_numbers
 from hintscope.bundle import Bundle
 
-# QEMU 7.2 qapi MigrationStatus, in enum order (migrate_set_state passes the enum value).
-MIGRATION_STATES = [
-    "none", "setup", "cancelling", "cancelled", "active", "postcopy-active", "postcopy-paused",
-    "postcopy-recover", "completed", "failed", "colo", "pre-switchover", "device", "wait-unplug",
-]
-# device, completed, failed, cancelled: the VM is stopped or migration is over.
-STOPPED_STATES = [12, 8, 9, 3]
+# migrate_state numbers and precopy_notify lists depend on the traced QEMU: analysis/qemu_states.py
+# interprets them from the bundle's meta (the same code the analysis uses).
 RETURN_REASONS = {0: "other", 1: "done", 2: "shrinker", 3: "remove"}
 CMD_ID_MIN = 0x80000000
 PAGE = 4096
@@ -99,28 +96,27 @@ def _first_in(sorted_ts: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarr
     return np.where((i < len(sorted_ts)) & (v < hi), v, -1).astype(np.int64)
 
 
-def host_syncs(qe: pd.DataFrame) -> pd.DataFrame:
+def host_syncs(qe: pd.DataFrame, meta: dict | None = None) -> pd.DataFrame:
     """Sync d = BEFORE_d -> AFTER_d from the precopy notifier; fetch window from the sync uprobes.
 
-    Columns: sync (1-based), before_ns, after_ns (-1: the final sync has no AFTER),
-    fetch_start_ns, fetch_end_ns (-1 when not seen).
+    Columns: sync (numbered as in analysis/syncs.py), before_ns, after_ns (-1: the final sync has
+    no AFTER), fetch_start_ns, fetch_end_ns (-1 when not seen).  ``meta``: the bundle's, which says
+    which precopy_notify rows are precopy ones and what the migrate_state numbers mean.
     """
-    pn = qe[qe["event"] == "precopy_notify"]
-    before = np.sort(pn.loc[pn["a1"] == 1, "ts_ns"].to_numpy()).astype(np.int64)
-    after = np.sort(pn.loc[pn["a1"] == 2, "ts_ns"].to_numpy()).astype(np.int64)
+    meta = meta or {}
+    qe = qemu_states.keep_precopy_rows(qe, meta, [])
+    before, after, fb, fe = probe_boundary_events(qe)
     nxt = np.r_[before[1:], np.iinfo(np.int64).max].astype(np.int64)
     aft = _first_in(after, before, nxt)
-    fb = np.sort(qe.loc[qe["event"] == "sync_fetch_begin", "ts_ns"].to_numpy()).astype(np.int64)
-    fe = np.sort(qe.loc[qe["event"] == "sync_fetch_end", "ts_ns"].to_numpy()).astype(np.int64)
     fs = _first_in(fb, before, nxt)
     fend = np.where(fs >= 0, _first_in(fe, fs, nxt), -1)
     # An AFTER once the VM is stopped (device state or later) sets DONE: it opens no epoch.
-    ms = qe[qe["event"] == "migrate_state"]
-    stop = ms.loc[ms["a2"].isin(STOPPED_STATES), "ts_ns"]
+    ms = _migration_states(qe, meta)
+    stop = ms.loc[ms["state"].isin(qemu_states.STOPPED_STATES), "ts_ns"]
     t_stop = int(stop.min()) if len(stop) else np.iinfo(np.int64).max
     opens = (aft >= 0) & (before < t_stop)
     return pd.DataFrame({
-        "sync": np.arange(1, len(before) + 1, dtype=np.int64),
+        "sync": sync_numbers(len(before)),
         "before_ns": before,
         "after_ns": aft,
         "fetch_start_ns": fs,
@@ -129,12 +125,9 @@ def host_syncs(qe: pd.DataFrame) -> pd.DataFrame:
     })
 
 
-def _migration_states(qe: pd.DataFrame) -> pd.DataFrame:
-    ms = qe[qe["event"] == "migrate_state"].sort_values("ts_ns")
-    new = ms["a2"].to_numpy().astype(np.int64)
-    return pd.DataFrame({"ts_ns": ms["ts_ns"].to_numpy(np.int64),
-                         "state": [MIGRATION_STATES[s] if 0 <= s < len(MIGRATION_STATES) else f"state {s}"
-                                   for s in new]})
+def _migration_states(qe: pd.DataFrame, meta: dict | None = None) -> pd.DataFrame:
+    """ts_ns, state (name for the traced QEMU's numbering) of the migrate_state uprobe rows."""
+    return qemu_states.state_rows(qe, qemu_states.state_names(meta or {}))
 
 
 def _migration_lane(states: pd.DataFrame, end_ns: int) -> pd.DataFrame:
@@ -169,8 +162,8 @@ def build(b: Bundle, findings: pd.DataFrame | None = None,
     (which also cover QEMU-trace-only bundles); without them, from the uprobe events alone."""
     qe = b.table("qemu_events")
     io = b.table("ioctls")
-    syncs = host_syncs(qe) if syncs is None else syncs
-    states = _migration_states(qe) if states is None else states
+    syncs = host_syncs(qe, b.meta) if syncs is None else syncs
+    states = _migration_states(qe, b.meta) if states is None else states
     # Memslot ioctls happen at VM boot, long before migration: they do not stretch the axis.
     dirty_io = io[io["name"].isin(["GET_DIRTY_LOG", "CLEAR_DIRTY_LOG", "RESET_DIRTY_RINGS"])]
     host_ts = pd.concat([qe["ts_ns"], dirty_io["ts_ns"], states["ts_ns"][states["ts_ns"] >= 0]], ignore_index=True)
