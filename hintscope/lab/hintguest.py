@@ -964,6 +964,8 @@ def make_sample(path: str | os.PathLike, behaviour: str = "early-reuse", **kw: A
                         "dropped": {"files/qemu-trace.log": size},
                         "note": "QEMU trace log dropped for size; hintguest_qemu_trace keeps the hint pool's "
                                 "ram_save_page sends, the syncs and the clear_bmap chunk clears"}
+    w.set_source("qemu_trace", "partial", reason="files/qemu-trace.log dropped from the sample for size; the hint "
+                 "pool's ram_save_page sends, syncs and chunk clears are in hintguest_qemu_trace")
     w.close(end_reason="target-exit")
     return s
 
