@@ -216,7 +216,9 @@ class BundleWriter:
         tmp = d / f".{final.name}.tmp"
         try:
             with open(tmp, "wb") as f:
-                pq.write_table(at, f, compression="zstd")
+                # Page CRCs: Parquet has no other data checksum, and a flipped bit would
+                # otherwise change a value silently (docs/reliability.md).
+                pq.write_table(at, f, compression="zstd", write_page_checksum=True)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
@@ -376,7 +378,7 @@ class Bundle:
             self.problems.append(f"{d}: {len(files)} parts, more than {limits.MAX_PARTS_PER_TABLE}; "
                                  f"the last {len(files) - limits.MAX_PARTS_PER_TABLE} parts were not read")
             files = files[: limits.MAX_PARTS_PER_TABLE]
-        total = 0
+        total = n_read = 0
         for f in files:
             try:
                 at = self._read_part(t, f, limits.MAX_TABLE_ROWS - total)
@@ -392,9 +394,13 @@ class Bundle:
                 continue
             total += at.num_rows
             parts.append(at)
+            n_read += 1
+            if len(parts) >= 256:
+                # Thousands of tiny tables cost ~20 KB each in Arrow overhead: merge as we go.
+                parts = [pa.concat_tables(parts).combine_chunks()]
         at = pa.concat_tables(parts) if parts else t.arrow_schema.empty_table()
         df = at.to_pandas()
-        if "ts_ns" in df.columns and len(parts) > 1:
+        if "ts_ns" in df.columns and n_read > 1:
             df = df.sort_values("ts_ns", kind="stable", ignore_index=True)
         self._cache[name] = df
         return df
@@ -406,7 +412,7 @@ class Bundle:
         if not stat.S_ISREG(st.st_mode):  # a FIFO would block, a symlink may point anywhere
             raise BundleError(f"{f}: not a regular file, skipped")
         with open(f, "rb") as fh:
-            pf = pq.ParquetFile(fh)
+            pf = pq.ParquetFile(fh, page_checksum_verification=True)
             md = pf.metadata
             if md.num_rows > min(limits.MAX_PART_ROWS, rows_left):
                 raise BundleError(f"{f}: declares {md.num_rows} rows, more than the cap "
@@ -419,7 +425,7 @@ class Bundle:
             # Strings stay dictionary-encoded until their decoded size is known (a repeated
             # long value is a compression bomb that the footer does not reveal).
             if strings:
-                pf = pq.ParquetFile(fh, metadata=md, read_dictionary=strings)
+                pf = pq.ParquetFile(fh, metadata=md, read_dictionary=strings, page_checksum_verification=True)
             at = pf.read()
         for c in strings:
             col = at.column(c)

@@ -25,10 +25,10 @@ from typing import Iterator
 # --- bundles ---------------------------------------------------------------------------------
 # meta.json / meta-*.json: hintscope writes a few KiB.
 MAX_META_BYTES = 16 << 20
-# Parquet parts per table: one per flush (the probe flushes about once a second), so an
-# hours-long capture stays well below this.  Beyond it the remaining parts are not read and
-# the skip is noted in Bundle.problems (reading 10**6 tiny parts would take many minutes).
-MAX_PARTS_PER_TABLE = 50_000
+# Parquet parts per table: one per flush (the probe flushes about once a second), so a 5 h
+# capture stays below this.  Beyond it the remaining parts are not read and the skip is noted
+# in Bundle.problems (opening a part costs ~3 ms: 10**6 parts would take most of an hour).
+MAX_PARTS_PER_TABLE = 20_000
 # Rows one part may declare in its footer: a flush holds at most a few seconds of events.
 MAX_PART_ROWS = 50_000_000
 # Uncompressed bytes one part may declare: guards against compression bombs before decoding.

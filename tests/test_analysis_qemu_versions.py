@@ -133,10 +133,13 @@ def test_precopy_rows_of_other_lists_are_dropped(sim):
     ref = sync_table(Context(sim))
     kept = sync_table(Context(_with_other_list(sim, PRECOPY)))
     pd.testing.assert_frame_equal(kept, ref)
-    # without the probe's precopy_list the collision is real: an extra BEFORE splits a sync
-    assert len(sync_table(Context(_with_other_list(sim, None)))) != len(ref)
+    # without the probe's precopy_list the collision is real: an extra BEFORE splits a sync (and it is noted)
+    c = Context(_with_other_list(sim, None))
+    assert len(sync_table(c)) != len(ref)
+    assert any("2 notifier lists" in p for p in c.problems)
     b = _with_other_list(sim, PRECOPY)
-    pd.testing.assert_frame_equal(tl.host_syncs(b.table("qemu_events"), b.meta), tl.host_syncs(sim.table("qemu_events")))
+    pd.testing.assert_frame_equal(tl.host_syncs(b.table("qemu_events"), b.meta),
+                                  tl.host_syncs(sim.table("qemu_events")))
     assert detector.detect(b)["kind"].tolist() == detector.detect(sim)["kind"].tolist()
 
 
@@ -249,3 +252,14 @@ def test_detector_sync_numbers_are_the_analysis_sync_numbers(variant, mode, kind
         col = "fetch_start_ns" if "fetch begins" in text else "fetch_end_ns" if "fetch ends" in text else "before_ns"
         assert s.loc[n, col] == t, (text, t, s.loc[n, col])
     assert (epochs.sync_table(Context(b).qe, Context(b).states)["sync"].to_numpy() == s.index.to_numpy()).all()
+
+
+def test_verdict_basis_reaches_the_summary_and_report():
+    from hintscope.analysis import summary
+    from hintscope.report import model, sections
+
+    b = read_bundle(SAMPLES / "lab-bitmap")
+    s = summary.summarize(b)["findings"]
+    assert s["verdict"] == "no unsafe ordering found" and "no hint was applied" in s["basis"]
+    t = sections.summary_table(model.load(b))
+    assert any("no hint was applied" in str(v) for v in t.to_numpy().ravel())

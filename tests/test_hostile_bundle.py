@@ -388,8 +388,13 @@ def test_million_tiny_parts_default_cap(base_bundle):
     td, d = _copy(base_bundle)
     with td:
         one = d / "ioctls" / "part-probe_host-00000.parquet"
+        srcs = []
+        for k in range(20):  # a file takes at most 65000 links
+            c = d / f"src-{k}.parquet"
+            shutil.copyfile(one, c)
+            srcs.append(c)
         for i in range(1_000_000):
-            os.link(one, d / "ioctls" / f"part-evil-{i:07d}.parquet")
+            os.link(srcs[i // 60_000], d / "ioctls" / f"part-evil-{i:07d}.parquet")
         code = f"""
 from hintscope.bundle import read_bundle
 b = read_bundle({str(d)!r})

@@ -280,6 +280,10 @@ def _evidence(r: pd.Series, send_source: str, io: pd.DataFrame, fb: np.ndarray, 
                 if c is not None else "")
         where = (f"inside qemu_guest_free_page_hint of block {int(r['ca_gfn']):#x}" if r["clr_in_apply"]
                  else f"tid {int(r['clr_tid'])}, outside any hint apply")
+        if c is not None and np.isfinite(r["w_ns"]) and int(c["enter_ns"]) <= r["w_ns"]:
+            # KVM walks the mask in page order during the ioctl: a write inside the call that is
+            # lost came before KVM reached its page
+            where += f"; the write fell inside this {(int(c['ts_ns']) - int(c['enter_ns'])) / 1e3:.0f} us call"
         gap = (f", {(r['clr_ns'] - r['w_ns']) / 1e6:.3f} ms after the write" if np.isfinite(r["w_ns"]) else "")
         ev.append((_t(r["clr_ns"]), "kvm", f"KVM_CLEAR_DIRTY_LOG {what} mask holds gfn {g:#x}: re-armed, dirty bit "
                                            f"dropped ({where}{gap})"))

@@ -87,7 +87,13 @@ def keep_precopy_rows(qe: pd.DataFrame, meta: Mapping[str, Any], problems: list[
     """``qe`` without the ``precopy_notify`` rows of other notifier lists (see the module docstring)."""
     lst, probs = precopy_list(meta)
     problems.extend(probs)
-    if lst is None or not len(qe):
+    if not len(qe):
+        return qe
+    if lst is None:
+        lists = qe.loc[qe["event"] == "precopy_notify", "a0"].nunique()
+        if lists > 1:
+            problems.append(f"precopy_notify rows come from {lists} notifier lists and meta names no precopy_list "
+                            "(QEMU >= 9 migration-state notifiers?): sync boundaries may include other notifications")
         return qe
     pn = (qe["event"] == "precopy_notify").to_numpy()
     other = pn & (qe["a0"].to_numpy().astype(np.uint64) != np.uint64(lst))

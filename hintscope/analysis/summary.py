@@ -160,6 +160,7 @@ def findings(b: Bundle) -> dict[str, Any]:
         except ValueError:
             pass
     basis = f.attrs.get("verdict_basis") if isinstance(f, pd.DataFrame) else None
+    basis = None if basis == v else basis     # an inconclusive verdict already says why
     return {"available": True, "verdict": v, "basis": basis, "by_kind": by_kind, "findings": fj, "_raw": f}
 
 
@@ -180,8 +181,8 @@ def summarize(b: Bundle | Context, syncs: pd.DataFrame | None = None, acct: dict
         "harvested_pages": int(s.loc[s["harvested"] > 0, "harvested"].sum()) if len(s) else 0,
         "hints": {**a["totals"], "send_source": a["source"]},
         "data": completeness(c),
-        "findings": {"detector": f["available"], "verdict": f["verdict"], "basis": f.get("basis"),
-                     "by_kind": f["by_kind"]},
+        "findings": {"detector": f["available"], "verdict": f["verdict"], "by_kind": f["by_kind"],
+                     **({"basis": f["basis"]} if f.get("basis") else {})},
     }
 
 

@@ -1,8 +1,8 @@
 """Builds the bare-metal lab guests from source with gcc/as/ld into a cache directory.
 
-The cache key is a hash of every source file, the flags and the compiler version, so an edited
-source (or another compiler) gives a fresh build and an unchanged one is reused. The cache lives
-in $HINTSCOPE_CACHE, else ~/.cache/hintscope.
+The cache key is a hash of every source file (and every header beside one or in guests/common/),
+the flags and the compiler version, so an edited source (or another compiler) gives a fresh build and
+an unchanged one is reused. The cache lives in $HINTSCOPE_CACHE, else ~/.cache/hintscope.
 """
 
 from __future__ import annotations
@@ -22,11 +22,16 @@ CFLAGS = ["-m32", "-march=i686", "-ffreestanding", "-nostdlib", "-fno-pic", "-fn
           "-fno-asynchronous-unwind-tables", "-fno-builtin", "-O2", "-Wall", "-Werror", "-std=gnu11"]
 LDFLAGS = ["-m", "elf_i386", "-nostdlib", "-static", "-z", "max-page-size=0x1000", "--build-id=none"]
 
-# guest name -> (sources in link order, linker script)
+# guest name -> (sources in link order, linker script), paths relative to guests/. common/ holds the
+# multiboot entry (it calls the guest's guest_main), the linker script and baremetal.{h,c}; it is on
+# the include path. The guest's own source links before baremetal.c: its page-aligned .bss then keeps
+# the addresses (and image end) it had before the common code was split out.
 GUESTS = {
-    "dirtier": (["boot.S", "dirtier.c"], "link.ld"),
-    "hintguest": (["boot.S", "hintguest.c"], "link.ld"),   # free page hinting guest (lab/hintguest.py)
+    "dirtier": (["common/boot.S", "dirtier/dirtier.c", "common/baremetal.c"], "common/link.ld"),
+    # free page hinting guest (lab/hintguest.py)
+    "hintguest": (["common/boot.S", "hintguest/hintguest.c", "common/baremetal.c"], "common/link.ld"),
 }
+COMMON_DIR = GUESTS_DIR / "common"
 
 
 def cache_dir() -> Path:
@@ -41,10 +46,12 @@ def _tool(name: str) -> str:
     return path
 
 
-def _cache_key(src_dir: Path, files: list[str]) -> str:
+def _cache_key(paths: list[Path]) -> str:
+    # headers are not listed: take every one beside a listed file, and the common ones
+    headers = {h for d in {p.parent for p in paths} | {COMMON_DIR} for h in d.glob("*.h")}
     h = hashlib.sha256()
-    for f in files:
-        h.update(f.encode() + b"\0" + (src_dir / f).read_bytes() + b"\0")
+    for p in paths + sorted(headers - set(paths)):
+        h.update(str(p.relative_to(GUESTS_DIR)).encode() + b"\0" + p.read_bytes() + b"\0")
     h.update(" ".join(CFLAGS + LDFLAGS).encode())
     h.update(subprocess.run([_tool("gcc"), "--version"], capture_output=True, text=True).stdout.encode())
     return h.hexdigest()[:16]
@@ -62,8 +69,8 @@ def build_guest(name: str = "dirtier", force: bool = False) -> Path:
     if name not in GUESTS:
         raise HintscopeError(f"unknown lab guest {name!r} (known: {', '.join(GUESTS)})")
     sources, script = GUESTS[name]
-    src_dir = GUESTS_DIR / name
-    key = _cache_key(src_dir, sources + [script])
+    srcs, lds = [GUESTS_DIR / s for s in sources], GUESTS_DIR / script
+    key = _cache_key(srcs + [lds])
     out = cache_dir() / "guests" / f"{name}-{key}.elf"
     if out.is_file() and not force:
         return out
@@ -73,12 +80,12 @@ def build_guest(name: str = "dirtier", force: bool = False) -> Path:
     with tempfile.TemporaryDirectory(prefix=f"hs-build-{name}-") as tmp:
         t = Path(tmp)
         objs = []
-        for s in sources:
-            o = t / (Path(s).stem + ".o")
-            _run([gcc, *CFLAGS, "-c", str(src_dir / s), "-o", str(o)], t)
+        for i, s in enumerate(srcs):
+            o = t / f"{i:02d}-{s.stem}.o"
+            _run([gcc, *CFLAGS, "-I", str(COMMON_DIR), "-c", str(s), "-o", str(o)], t)
             objs.append(str(o))
         elf = t / f"{name}.elf"
-        _run([ld, *LDFLAGS, "-T", str(src_dir / script), "-o", str(elf), *objs], t)
+        _run([ld, *LDFLAGS, "-T", str(lds), "-o", str(elf), *objs], t)
         _check_multiboot(elf)
         tmp_out = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         shutil.copyfile(elf, tmp_out)

@@ -38,8 +38,8 @@ import pandas as pd
 from hintscope.bundle import BundleWriter
 from hintscope.errors import HintscopeError
 from hintscope.lab import image as lab_image
-from hintscope.lab.migrate import (HostProbe, LabOptions, drive_migration, memory_check, probe_unavailable_reason, qmp_row,
-                                   wait_status)  # noqa: F401
+from hintscope.lab.migrate import (HostProbe, LabOptions, drive_migration, memory_check, probe_unavailable_reason,
+                                   wait_status)
 from hintscope.lab.qemu import (TRACE_EVENTS, Qemu, QemuConfig, available_trace_events, find_qemu,
                                 qemu_version)
 from hintscope.parse import guest_stream
@@ -219,10 +219,8 @@ async def run_linux(o: LinuxOptions) -> dict[str, Any]:
     if (bundle / "meta.json").exists():
         raise HintscopeError(f"{bundle}: a bundle already exists there (choose another -o)")
     probe_reason = probe_unavailable_reason() if o.probe != "off" else "--probe off"
-    if o.probe == "auto" and probe_reason is None:
-        # The host probe traces KVM dirty-log ioctls and refuses a VMM without a KVM fd;
-        # a TCG guest has none, so only an explicit --probe on tries it.
-        probe_reason = "TCG guest: the host probe needs a KVM VMM (use --probe on to try anyway)"
+    # Under TCG the host probe has no KVM ioctls to trace, but its QEMU uprobes (hint applies,
+    # sync windows, migration states) are what the skipped-page accounting needs.
     if o.probe == "on" and probe_reason:
         raise HintscopeError(f"--probe on: {probe_reason}")
     use_probe = probe_reason is None
@@ -390,7 +388,8 @@ def _finish_guest(writer: BundleWriter, summary: dict, files: Path, diff, o: Lin
         "hint_runs": int(hints["run"].nunique()) if len(hints) else 0,
         "returned_blocks": rets["reason"].value_counts().to_dict() if len(rets) else {},
         "reuse_events": int(len(t["guest_reuse"])),
-        "cmd_ids": [int(x) for x in ev.loc[ev["event"] == "cmd_id", "a0"].tolist()[:50]],
+        # distinct ids in order of first read (the driver re-reads the id once per hinted block)
+        "cmd_ids": [int(x) for x in pd.unique(ev.loc[ev["event"] == "cmd_id", "a0"].to_numpy())[:50]],
         "done_processed": bool(((ev["event"] == "return_exit") & (ev["a1"] == 1)).any()),
         "switch_guest_ns": switch,
     })

@@ -373,8 +373,6 @@ async def run_lab(o: LabOptions) -> dict[str, Any]:
         raise HintscopeError(f"{bundle}: a bundle already exists there (choose another -o)")
     if o.probe == "off":
         probe_reason = "--probe off"
-    elif accel != "kvm" and o.probe == "auto":
-        probe_reason = "the host probe traces KVM users; this run uses TCG"
     else:
         probe_reason = probe_unavailable_reason()
     if o.probe == "on" and probe_reason:

@@ -129,7 +129,7 @@ SUMMARY_ROWS = [
     ("hints.resent_pages", "resent pages (sent again after the hint)"),
     ("hints.bytes_saved_upper_bound", "bytes saved (upper bound)"),
     ("hints.applies_outside_epochs", "applies outside any epoch"), ("hints.send_source", "page sends from"),
-    ("findings.verdict", "verdict"),
+    ("findings.verdict", "verdict"), ("findings.basis", "verdict basis"),
 ]
 
 

@@ -15,90 +15,15 @@
  * Serial (0x3F8) lines all start with "DIRTIER ": ready / error / hb / done.
  * Runs with interrupts off and no paging; time comes from the TSC, calibrated on PIT channel 2.
  */
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
+#include "baremetal.h"
 
 #define MAGIC 0x59545244u /* "DRTY" little-endian */
 #define MAX_RANGES 64
-#define COM1 0x3F8
-
-extern char image_start[], image_end[], bss_start[], stack_bottom[], stack_top[];
-
-static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
-static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
-static inline u64 rdtsc(void) { u32 lo, hi; __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi)); return ((u64)hi << 32) | lo; }
-
-/* 64/32 division without libgcc: two divl steps. */
-static u64 udiv64(u64 n, u32 d, u32 *rem)
-{
-	u32 hi = (u32)(n >> 32), lo = (u32)n, qhi = hi / d, r = hi % d, qlo;
-	__asm__("divl %4" : "=a"(qlo), "=d"(r) : "a"(lo), "d"(r), "rm"(d));
-	if (rem)
-		*rem = r;
-	return ((u64)qhi << 32) | qlo;
-}
-
-/* ---- serial ---- */
-static void serial_init(void)
-{
-	outb(COM1 + 1, 0x00);
-	outb(COM1 + 3, 0x80);
-	outb(COM1 + 0, 0x01); /* 115200 */
-	outb(COM1 + 1, 0x00);
-	outb(COM1 + 3, 0x03); /* 8N1 */
-	outb(COM1 + 2, 0xC7);
-	outb(COM1 + 4, 0x03);
-}
-static void putc(char c)
-{
-	for (u32 i = 0; i < 100000 && !(inb(COM1 + 5) & 0x20); i++)
-		;
-	outb(COM1, (u8)c);
-}
-static void puts(const char *s) { while (*s) putc(*s++); }
-static void putdec(u64 v)
-{
-	char b[24];
-	int i = 0;
-	u32 r;
-	do { v = udiv64(v, 10, &r); b[i++] = (char)('0' + r); } while (v);
-	while (i) putc(b[--i]);
-}
-static void puthex(u64 v)
-{
-	int i = 60;
-	puts("0x");
-	while (i > 0 && !((v >> i) & 0xf)) i -= 4;
-	for (; i >= 0; i -= 4) putc("0123456789abcdef"[(v >> i) & 0xf]);
-}
 
 /* ---- parameters ---- */
 static struct { u32 first, last; } ranges[MAX_RANGES];
 static int nranges;
 static u64 rate = 20000, rounds, log_ms = 500, fill_mb, fill_at = 0x1000;
-static char cmdline[1024];
-
-static int parse_num(const char **p, u64 *out)
-{
-	const char *s = *p;
-	u64 v = 0;
-	int base = 10, n = 0;
-	if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) { base = 16; s += 2; }
-	for (;; s++, n++) {
-		int d;
-		if (*s >= '0' && *s <= '9') d = *s - '0';
-		else if (base == 16 && *s >= 'a' && *s <= 'f') d = *s - 'a' + 10;
-		else if (base == 16 && *s >= 'A' && *s <= 'F') d = *s - 'A' + 10;
-		else break;
-		if (v >> 56) return 0; /* absurdly large */
-		v = v * base + d;
-	}
-	*p = s;
-	*out = v;
-	return n > 0;
-}
 
 static int end_of_token(char c) { return c == 0 || c == ' '; }
 
@@ -122,51 +47,21 @@ static const char *parse_pages(const char *s)
 	return nranges ? 0 : "pages: empty";
 }
 
-static int key(const char *s, const char *k, const char **val)
-{
-	while (*k && *s == *k) { s++; k++; }
-	if (*k || *s != '=') return 0;
-	*val = s + 1;
-	return 1;
-}
-
 static const char *parse_cmdline(const char *s)
 {
 	ranges[0].first = 0x400; ranges[0].last = 0x4ff; nranges = 1;
 	while (*s) {
 		const char *v, *err;
 		while (*s == ' ') s++;
-		if (key(s, "pages", &v)) { if ((err = parse_pages(v))) return err; }
-		else if (key(s, "rate", &v)) { if (!parse_num(&v, &rate)) return "rate: expected a number"; }
-		else if (key(s, "rounds", &v)) { if (!parse_num(&v, &rounds)) return "rounds: expected a number"; }
-		else if (key(s, "fill_mb", &v)) { if (!parse_num(&v, &fill_mb)) return "fill_mb: expected a number"; }
-		else if (key(s, "fill_at", &v)) { if (!parse_num(&v, &fill_at)) return "fill_at: expected a number"; }
-		else if (key(s, "log_ms", &v)) { if (!parse_num(&v, &log_ms) || !log_ms) return "log_ms: expected a positive number"; }
+		if (cmdline_key(s, "pages", &v)) { if ((err = parse_pages(v))) return err; }
+		else if (cmdline_key(s, "rate", &v)) { if (!parse_num(&v, &rate)) return "rate: expected a number"; }
+		else if (cmdline_key(s, "rounds", &v)) { if (!parse_num(&v, &rounds)) return "rounds: expected a number"; }
+		else if (cmdline_key(s, "fill_mb", &v)) { if (!parse_num(&v, &fill_mb)) return "fill_mb: expected a number"; }
+		else if (cmdline_key(s, "fill_at", &v)) { if (!parse_num(&v, &fill_at)) return "fill_at: expected a number"; }
+		else if (cmdline_key(s, "log_ms", &v)) { if (!parse_num(&v, &log_ms) || !log_ms) return "log_ms: expected a positive number"; }
 		while (*s && *s != ' ') s++;
 	}
 	return 0;
-}
-
-/* ---- time ---- */
-static u64 tsc_hz;
-static int tsc_calibrated;
-
-/* 50 ms one-shot on PIT channel 2, gated through port 0x61; its output shows in bit 5. */
-static void calibrate_tsc(void)
-{
-	const u32 latch = 1193182 / 20;
-	u64 t0, t1;
-	u32 i;
-	outb(0x61, (inb(0x61) & ~0x02) | 0x01);
-	outb(0x43, 0xB0);
-	outb(0x42, latch & 0xff);
-	outb(0x42, latch >> 8);
-	t0 = rdtsc();
-	for (i = 0; i < (1u << 28) && !(inb(0x61) & 0x20); i++)
-		;
-	t1 = rdtsc();
-	tsc_calibrated = i < (1u << 28) && t1 > t0;
-	tsc_hz = tsc_calibrated ? (t1 - t0) * 20 : 2000000000ull;
 }
 
 static void check_ranges(const char **err, u64 mem_pages)
@@ -187,23 +82,14 @@ static void check_ranges(const char **err, u64 mem_pages)
 
 struct record { u32 magic, gfn; u64 seq; u32 round, ngfn; };
 
-void dirtier_main(u32 magic, u32 *mbi)
+void guest_main(u32 magic, u32 *mbi)
 {
-	const char *err = 0;
+	const char *err;
 	u64 mem_pages = 0, npages = 0, seq = 0, round = 0, hb = 0;
 	serial_init();
-	if (magic != 0x2BADB002) err = "not booted by a multiboot loader";
-	else {
-		if ((mbi[0] & 4) && mbi[4]) { /* copy: the info area is not ours to keep */
-			const char *c = (const char *)mbi[4];
-			u32 i = 0;
-			for (; c[i] && i < sizeof(cmdline) - 1; i++) cmdline[i] = c[i];
-			cmdline[i] = 0;
-		}
-		mem_pages = (mbi[0] & 1) ? (0x100000ull + (u64)mbi[2] * 1024) >> 12 : 0;
-		err = parse_cmdline(cmdline);
-		if (!err) check_ranges(&err, mem_pages);
-	}
+	err = multiboot_read(magic, mbi, &mem_pages);
+	if (!err) err = parse_cmdline(mb_cmdline);
+	if (!err) check_ranges(&err, mem_pages);
 	if (err) { puts("DIRTIER error: "); puts(err); puts("\n"); return; }
 	calibrate_tsc();
 	for (int i = 0; i < nranges; i++) npages += ranges[i].last - ranges[i].first + 1;

@@ -32,12 +32,8 @@
  * Serial (0x3F8): one event per line, `HG t=<tsc> ev=<name> key=value ...`. Interrupts stay off;
  * the config space and used ring are polled.
  */
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
+#include "baremetal.h"
 
-#define COM1 0x3F8
 #define BLOCK_PAGES 1024u                 /* 4 MiB: Linux's MAX_ORDER-1 hint granularity */
 #define MAGIC_USE 0x53554748u             /* "HGUS" */
 #define MAGIC_REUSE 0x57524748u           /* "HGRW" */
@@ -69,26 +65,6 @@ typedef unsigned long long u64;
 #define S_FAILED 128
 #define VRING_DESC_F_WRITE 2
 
-extern char image_start[], image_end[];
-
-static inline void outb(u16 p, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(p)); }
-static inline void outw(u16 p, u16 v) { __asm__ volatile("outw %0, %1" ::"a"(v), "Nd"(p)); }
-static inline void outl(u16 p, u32 v) { __asm__ volatile("outl %0, %1" ::"a"(v), "Nd"(p)); }
-static inline u8 inb(u16 p) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(p)); return v; }
-static inline u16 inw(u16 p) { u16 v; __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(p)); return v; }
-static inline u32 inl(u16 p) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(p)); return v; }
-static inline u64 rdtsc(void) { u32 lo, hi; __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi)); return ((u64)hi << 32) | lo; }
-#define barrier() __asm__ volatile("" ::: "memory")
-
-static u64 udiv64(u64 n, u32 d, u32 *rem)
-{
-	u32 hi = (u32)(n >> 32), lo = (u32)n, qhi = hi / d, r = hi % d, qlo;
-	__asm__("divl %4" : "=a"(qlo), "=d"(r) : "a"(lo), "d"(r), "rm"(d));
-	if (rem)
-		*rem = r;
-	return ((u64)qhi << 32) | qlo;
-}
-
 /* ---- background writer (keeps later rounds coming; see bg_tick) ---- */
 static u64 bg_first = 0x1000, bg_last = 0x4fff, bg_g = 0x1000, bg_pass;
 static int bg_on = 1;
@@ -105,40 +81,11 @@ static void bg_tick(u32 n)
 	}
 }
 
-/* ---- serial ---- */
-static void serial_init(void)
+/* ---- serial (baremetal.c) ---- */
+static void bg_on_print(char c)
 {
-	outb(COM1 + 1, 0x00);
-	outb(COM1 + 3, 0x80);
-	outb(COM1 + 0, 0x01);
-	outb(COM1 + 1, 0x00);
-	outb(COM1 + 3, 0x03);
-	outb(COM1 + 2, 0xC7);
-	outb(COM1 + 4, 0x03);
-}
-static void putc(char c)
-{
-	for (u32 i = 0; i < 100000 && !(inb(COM1 + 5) & 0x20); i++)
-		;
-	outb(COM1, (u8)c);
 	if (c == ' ' || c == '\n')
 		bg_tick(4);
-}
-static void puts(const char *s) { while (*s) putc(*s++); }
-static void putdec(u64 v)
-{
-	char b[24];
-	int i = 0;
-	u32 r;
-	do { v = udiv64(v, 10, &r); b[i++] = (char)('0' + r); } while (v);
-	while (i) putc(b[--i]);
-}
-static void puthex(u64 v)
-{
-	int i = 60;
-	puts("0x");
-	while (i > 0 && !((v >> i) & 0xf)) i -= 4;
-	for (; i >= 0; i -= 4) putc("0123456789abcdef"[(v >> i) & 0xf]);
 }
 /* Every event line starts with the TSC at which the event happened (not when it is printed). */
 static void ev(u64 t, const char *name) { puts("HG t="); putdec(t); puts(" ev="); puts(name); }
@@ -152,34 +99,11 @@ enum { POLITE, EARLY, LATE };
 static const char *bnames[] = {"polite", "early-reuse", "late-reuse"};
 static int behaviour = POLITE;
 static u64 pool = 0x40000, pool_blocks = 64, nblocks = 8, reuse = 4, fill_mb = 64, rounds = 3, log_ms = 250, stale;
-static char cmdline[1024];
 
-static int parse_num(const char **p, u64 *out)
+/* A number must end the token (or start a range). */
+static int parse_val(const char **p, u64 *out)
 {
-	const char *s = *p;
-	u64 v = 0;
-	int base = 10, n = 0;
-	if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) { base = 16; s += 2; }
-	for (;; s++, n++) {
-		int d;
-		if (*s >= '0' && *s <= '9') d = *s - '0';
-		else if (base == 16 && *s >= 'a' && *s <= 'f') d = *s - 'a' + 10;
-		else if (base == 16 && *s >= 'A' && *s <= 'F') d = *s - 'A' + 10;
-		else break;
-		if (v >> 56) return 0;
-		v = v * base + d;
-	}
-	*p = s;
-	*out = v;
-	return n > 0 && (*s == 0 || *s == ' ' || *s == '-');
-}
-
-static int key(const char *s, const char *k, const char **val)
-{
-	while (*k && *s == *k) { s++; k++; }
-	if (*k || *s != '=') return 0;
-	*val = s + 1;
-	return 1;
+	return parse_num(p, out) && (**p == 0 || **p == ' ' || **p == '-');
 }
 
 static int word(const char *s, const char *w)
@@ -193,23 +117,23 @@ static const char *parse_cmdline(const char *s)
 	while (*s) {
 		const char *v;
 		while (*s == ' ') s++;
-		if (key(s, "behaviour", &v)) {
+		if (cmdline_key(s, "behaviour", &v)) {
 			int i;
 			for (i = 0; i < 3 && !word(v, bnames[i]); i++)
 				;
 			if (i == 3) return "behaviour: expected polite, early-reuse or late-reuse";
 			behaviour = i;
 		}
-		else if (key(s, "pool", &v)) { if (!parse_num(&v, &pool)) return "pool: expected a gfn"; }
-		else if (key(s, "pool_blocks", &v)) { if (!parse_num(&v, &pool_blocks)) return "pool_blocks: expected a number"; }
-		else if (key(s, "nblocks", &v)) { if (!parse_num(&v, &nblocks) || !nblocks) return "nblocks: expected a positive number"; }
-		else if (key(s, "reuse", &v)) { if (!parse_num(&v, &reuse)) return "reuse: expected a number"; }
-		else if (key(s, "fill_mb", &v)) { if (!parse_num(&v, &fill_mb)) return "fill_mb: expected a number"; }
-		else if (key(s, "stale", &v)) { if (!parse_num(&v, &stale) || stale > 1) return "stale: expected 0 or 1"; }
-		else if (key(s, "rounds", &v)) { if (!parse_num(&v, &rounds)) return "rounds: expected a number"; }
-		else if (key(s, "log_ms", &v)) { if (!parse_num(&v, &log_ms) || !log_ms) return "log_ms: expected a positive number"; }
-		else if (key(s, "bg", &v)) {
-			if (!parse_num(&v, &bg_first) || *v++ != '-' || !parse_num(&v, &bg_last) || bg_last < bg_first)
+		else if (cmdline_key(s, "pool", &v)) { if (!parse_val(&v, &pool)) return "pool: expected a gfn"; }
+		else if (cmdline_key(s, "pool_blocks", &v)) { if (!parse_val(&v, &pool_blocks)) return "pool_blocks: expected a number"; }
+		else if (cmdline_key(s, "nblocks", &v)) { if (!parse_val(&v, &nblocks) || !nblocks) return "nblocks: expected a positive number"; }
+		else if (cmdline_key(s, "reuse", &v)) { if (!parse_val(&v, &reuse)) return "reuse: expected a number"; }
+		else if (cmdline_key(s, "fill_mb", &v)) { if (!parse_val(&v, &fill_mb)) return "fill_mb: expected a number"; }
+		else if (cmdline_key(s, "stale", &v)) { if (!parse_val(&v, &stale) || stale > 1) return "stale: expected 0 or 1"; }
+		else if (cmdline_key(s, "rounds", &v)) { if (!parse_val(&v, &rounds)) return "rounds: expected a number"; }
+		else if (cmdline_key(s, "log_ms", &v)) { if (!parse_val(&v, &log_ms) || !log_ms) return "log_ms: expected a positive number"; }
+		else if (cmdline_key(s, "bg", &v)) {
+			if (!parse_val(&v, &bg_first) || *v++ != '-' || !parse_val(&v, &bg_last) || bg_last < bg_first)
 				return "bg: expected GFN-GFN";
 		}
 		while (*s && *s != ' ') s++;
@@ -229,27 +153,6 @@ static const char *check_params(u64 mem_pages)
 	if (bg_last >= pool && bg_first < pool + pool_blocks * BLOCK_PAGES) return "bg: overlaps the pool";
 	if (fill_mb && (0x1000 < img_end || 0x1000 + fill_mb * 256 > pool)) return "fill_mb: the fill must end below the pool";
 	return 0;
-}
-
-/* ---- time ---- */
-static u64 tsc_hz;
-static int tsc_calibrated;
-
-static void calibrate_tsc(void)
-{
-	const u32 latch = 1193182 / 20;
-	u64 t0, t1;
-	u32 i;
-	outb(0x61, (inb(0x61) & ~0x02) | 0x01);
-	outb(0x43, 0xB0);
-	outb(0x42, latch & 0xff);
-	outb(0x42, latch >> 8);
-	t0 = rdtsc();
-	for (i = 0; i < (1u << 28) && !(inb(0x61) & 0x20); i++)
-		;
-	t1 = rdtsc();
-	tsc_calibrated = i < (1u << 28) && t1 > t0;
-	tsc_hz = tsc_calibrated ? (t1 - t0) * 20 : 2000000000ull;
 }
 
 /* ---- PCI ---- */
@@ -463,23 +366,15 @@ static void hint_round_run(u32 id)
 	use_blocks(b0 + nblocks, nblocks, hint_round + 1);
 }
 
-void hintguest_main(u32 magic, u32 *mbi)
+void guest_main(u32 magic, u32 *mbi)
 {
-	const char *err = 0;
+	const char *err;
 	u64 mem_pages = 0;
+	serial_hook = bg_on_print;
 	serial_init();
-	if (magic != 0x2BADB002) err = "not booted by a multiboot loader";
-	else {
-		if ((mbi[0] & 4) && mbi[4]) {
-			const char *c = (const char *)mbi[4];
-			u32 i = 0;
-			for (; c[i] && i < sizeof(cmdline) - 1; i++) cmdline[i] = c[i];
-			cmdline[i] = 0;
-		}
-		mem_pages = (mbi[0] & 1) ? (0x100000ull + (u64)mbi[2] * 1024) >> 12 : 0;
-		err = parse_cmdline(cmdline);
-		if (!err) err = check_params(mem_pages);
-	}
+	err = multiboot_read(magic, mbi, &mem_pages);
+	if (!err) err = parse_cmdline(mb_cmdline);
+	if (!err) err = check_params(mem_pages);
 	if (err) { ev(rdtsc(), "error"); puts(" msg=\""); puts(err); puts("\"\n"); return; }
 	calibrate_tsc();
 	bg_g = bg_first;
