@@ -532,3 +532,14 @@ def test_lab_hintscope_explains_hintguest_losses(tmp_path, behaviour):
     assert _gfns(f, "rearm-wipe", "confirmed") == lost
     assert not _gfns(f, "lost-write-not-hint")
     assert v == "unsafe ordering found"
+
+
+def test_hostile_hint_rows_do_not_break_the_explanation(tmp_path):
+    """Guest-made hint rows with impossible sizes or negative pages are ignored, not expanded."""
+    def hostile(h):
+        bad = h.iloc[:2].copy()
+        bad["npages"] = [1 << 40, -5]
+        bad["gfn"] = [-(1 << 40), 0x40000]
+        return pd.concat([h, bad], ignore_index=True)
+    b, f, _ = _detect(_copy_with(tmp_path, EARLY, "hintguest_hints", hostile))
+    assert _gfns(f, "rearm-wipe", "confirmed") == _lost_written(b)

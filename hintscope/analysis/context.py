@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 
 from hintscope.analysis import harvest, memslots as ms, qemu_states
-from hintscope.analysis.qemu_states import FINAL_STATES  # noqa: F401 - re-exported
 from hintscope.bundle import Bundle
 from hintscope.parse import qemu_trace
 

@@ -164,6 +164,18 @@ def findings(b: Bundle) -> dict[str, Any]:
     return {"available": True, "verdict": v, "basis": basis, "by_kind": by_kind, "findings": fj, "_raw": f}
 
 
+MEMCHECK_KEYS = ("pages_compared", "pages_differing", "lost_writes", "hinted_held", "dst_zero", "kvmclock_pages")
+
+
+def memcheck(meta: dict[str, Any]) -> dict[str, int] | None:
+    """The destination memory check's counts (lab meta), integers only: meta is untrusted."""
+    mc = meta.get("memcheck")
+    if not isinstance(mc, dict):
+        return None
+    return {k: int(mc[k]) for k in MEMCHECK_KEYS
+            if isinstance(mc.get(k), int) and not isinstance(mc.get(k), bool) and 0 <= mc[k] < 1 << 62}
+
+
 def summarize(b: Bundle | Context, syncs: pd.DataFrame | None = None, acct: dict | None = None,
               fnd: dict | None = None) -> dict[str, Any]:
     """The summary dict (JSON-able)."""
@@ -181,6 +193,7 @@ def summarize(b: Bundle | Context, syncs: pd.DataFrame | None = None, acct: dict
         "harvested_pages": int(s.loc[s["harvested"] > 0, "harvested"].sum()) if len(s) else 0,
         "hints": {**a["totals"], "send_source": a["source"]},
         "data": completeness(c),
+        "memcheck": memcheck(c.bundle.meta),
         "findings": {"detector": f["available"], "verdict": f["verdict"], "by_kind": f["by_kind"],
                      **({"basis": f["basis"]} if f.get("basis") else {})},
     }

@@ -27,7 +27,7 @@ from hintscope.report import model
 PLOT_METRICS = [
     "migration.total_time_ms", "migration.downtime_ms", "migration.transferred", "migration.normal",
     "syncs", "epochs", "harvested_pages", "hints.applies", "hints.applied_pages", "hints.skipped_pages",
-    "hints.late_pages", "hints.resent_pages", "hints.bytes_saved_upper_bound", "findings",
+    "hints.late_pages", "hints.resent_pages", "hints.bytes_saved_upper_bound", "memcheck.lost_writes", "findings",
 ]
 # The small multiples of overview.png/svg.
 OVERVIEW = ["migration.total_time_ms", "migration.transferred", "syncs", "hints.applied_pages",
