@@ -229,10 +229,11 @@ def plot_metric_spread(df: pd.DataFrame, metric: str, group: str, title: str | N
     groups = [g for g in sorted(df[group].astype(str).unique())]
     data = [df.loc[df[group].astype(str) == g, metric].dropna().to_numpy(dtype=float) for g in groups]
     if ax is None:
-        fig, ax = plt.subplots(figsize=(max(4.5, 1.4 * len(groups) + 2), 3.6))
+        fig, ax = plt.subplots(figsize=(max(4.5, 1.4 * len(groups) + 2), 3.6 + 0.25 * groups[0].count(", ")))
     else:
         fig = ax.figure
-    ax.boxplot(data, tick_labels=groups, widths=0.5, showfliers=False,
+    # One label per line keeps multi-label groups ("qemu=7.2, vcpus=2, hint=on") readable.
+    ax.boxplot(data, tick_labels=[g.replace(", ", "\n") for g in groups], widths=0.5, showfliers=False,
                medianprops={"color": "#cc0000"}, boxprops={"color": "#555753"})
     rng = np.random.default_rng(0)   # fixed jitter: the same runs give the same picture
     for i, d in enumerate(data, start=1):
