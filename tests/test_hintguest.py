@@ -360,7 +360,7 @@ def test_lab_migrate_dispatches_hintguest(tmp_path, monkeypatch):
     assert rc == 2 and o.behaviour == "early-reuse" and o.dirty_ring == 65536 and o.stale_id and o.probe == "off"
     assert o.qemu == "/usr/bin/qemu-system-x86_64" and o.bundle == tmp_path / "b" and o.timeout_s >= 90
     assert cli.build_parser().parse_args(["lab", "hintguest", "--page-sends", "-o", "x"]).page_sends
-    assert build.GUESTS["hintguest"] == (["boot.S", "hintguest.c"], "link.ld")
+    assert build.GUESTS["hintguest"] == (["common/boot.S", "hintguest/hintguest.c", "common/baremetal.c"], "common/link.ld")
 
 
 def test_round_verdicts_without_uprobes():
