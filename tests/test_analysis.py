@@ -445,3 +445,16 @@ def test_detector_failure_is_reported_not_raised(lab_bundle, monkeypatch, capsys
     assert len(res["syncs"]) == 3
     assert main(["analyze", str(lab_bundle), "--json", "--fail-on", "any"]) == 2
     assert "detector failed" in capsys.readouterr().err
+
+
+def test_ram_map_translates_hvas_when_there_are_no_kvm_slots():
+    # TCG runs have no KVM memslots; the lab's gpa2hva ranges stand in for them.
+    from hintscope.analysis import memslots as ms
+    base = 0x7F00_0000_0000
+    rm = pd.DataFrame({"ts_ns": [5], "gpa": np.array([0], np.uint64), "size": np.array([1 << 30], np.uint64),
+                       "hva": np.array([base], np.uint64)})
+    ev, src = ms.slot_events(pd.DataFrame({"ret": pd.Series(dtype="int64")}), None, rm)
+    assert src == "ram_map"
+    gpa, slot = ms.hva_to_gpa(np.array([base + 0x5000, base + (1 << 30), base - 1]), np.array([1, 1, 1]),
+                              ms.intervals(ev))
+    assert list(gpa) == [0x5000, -1, -1] and list(slot) == [ms.RAM_MAP_SLOT, -1, -1]

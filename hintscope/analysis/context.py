@@ -84,7 +84,7 @@ class Context:
     # -- memslots ----------------------------------------------------------------------
     @cached_property
     def _slots(self) -> tuple[pd.DataFrame, str]:
-        ev, src = ms.slot_events(self.bundle.table("memslots"), self.trace)
+        ev, src = ms.slot_events(self.bundle.table("memslots"), self.trace, self.bundle.table("ram_map"))
         iv = ms.intervals(ev)
         if p := ms.intervals_problem(iv):
             self.problems.append(p)

@@ -5,7 +5,8 @@ migration starts, and splits/merges slots while the firmware remaps low memory),
 translation is valid at a time: every lookup takes the event's ``ts_ns``.
 
 Sources, best first: the probe's ``memslots`` table (KVM_SET_USER_MEMORY_REGION at syscall
-exit), then QEMU's own ``kvm_set_user_memory`` trace events.  A slot first seen after an event
+exit), then QEMU's own ``kvm_set_user_memory`` trace events, then (TCG, no KVM slots) the lab's
+``ram_map`` table from QEMU's ``gpa2hva``.  A slot first seen after an event
 is assumed to have existed already (a probe attached to a running VMM sees a slot only when
 QEMU re-registers it at migration start).  Only address space 0 is used for HVA -> GPA: x86 SMM
 (as_id 1) maps the same RAM at other GPAs.
@@ -21,19 +22,28 @@ PAGE_SHIFT = 12
 _I64_MIN = np.iinfo(np.int64).min
 _I64_MAX = np.iinfo(np.int64).max
 
+RAM_MAP_SLOT = 0x7FFF
 EVENT_COLS = ["ts_ns", "as_id", "slot", "flags", "gpa", "size", "hva"]
 INTERVAL_COLS = ["as_id", "slot", "flags", "gpa", "size", "hva", "start_ns", "end_ns"]
 
 
-def slot_events(memslots: pd.DataFrame | None = None, qemu_trace: pd.DataFrame | None = None) -> tuple[pd.DataFrame, str]:
+def slot_events(memslots: pd.DataFrame | None = None, qemu_trace: pd.DataFrame | None = None,
+                ram_map: pd.DataFrame | None = None) -> tuple[pd.DataFrame, str]:
     """Successful memslot changes (``EVENT_COLS``) and the name of the source used."""
+    m = None
     if memslots is not None and len(memslots):
         m = memslots[memslots["ret"] == 0]
         src = "memslots"
     elif qemu_trace is not None and len(qemu_trace):
         m = qemu_trace[(qemu_trace["event"] == "kvm_set_user_memory") & (qemu_trace["ret"] == 0)]
         src = "qemu_trace"
-    else:
+    if (m is None or not len(m)) and ram_map is not None and len(ram_map):
+        # No KVM (TCG): the lab asked QEMU where RAM lives; each range acts as a slot that
+        # exists for the whole run. Ids from 0x7fff down: above KVM's user slots, and not -1
+        # (which hva_to_gpa returns for "unmapped").
+        m = ram_map.assign(as_id=0, slot=RAM_MAP_SLOT - np.arange(len(ram_map)), flags=0)
+        src = "ram_map"
+    if m is None or not len(m):
         return pd.DataFrame({c: pd.Series(dtype="int64") for c in EVENT_COLS}), "none"
     out = pd.DataFrame({c: m[c].to_numpy().astype(np.int64) for c in EVENT_COLS})
     return out.sort_values("ts_ns", kind="stable", ignore_index=True), src

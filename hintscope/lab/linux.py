@@ -40,7 +40,7 @@ from hintscope.errors import HintscopeError
 from hintscope.lab import image as lab_image
 from hintscope.lab.migrate import (HostProbe, LabOptions, drive_migration, memory_check, probe_unavailable_reason,
                                    wait_status)
-from hintscope.lab.qemu import (TRACE_EVENTS, Qemu, QemuConfig, available_trace_events, find_qemu,
+from hintscope.lab.qemu import (TRACE_EVENTS, Qemu, ram_map, QemuConfig, available_trace_events, find_qemu,
                                 qemu_version)
 from hintscope.parse import guest_stream
 
@@ -275,6 +275,7 @@ async def run_linux(o: LinuxOptions) -> dict[str, Any]:
         if not use_probe:
             writer.meta["vmm"] = {"pid": src.pid, "binary": qemu, "version": version}
         writer.set_source("lab_qmp", "captured", interval_ms=o.poll_ms)
+        writer.append("ram_map", await ram_map(src, o.mem_mb << 20))
         writer.meta["qemu_trace"] = {"file": "files/qemu-trace.log", "events": events, "pid": src.pid,
                                      "clock": "CLOCK_REALTIME (-msg timestamp=on)", "vmm": "source"}
         writer.meta["lab"] = summary

@@ -41,7 +41,7 @@ from hintscope.bundle import BundleWriter
 from hintscope.errors import HintscopeError
 from hintscope.lab import build, memdiff
 from hintscope.lab.crosscheck import IoctlCounter
-from hintscope.lab.qemu import (TRACE_EVENTS, Qemu, QemuConfig, available_trace_events, find_qemu,
+from hintscope.lab.qemu import (TRACE_EVENTS, Qemu, ram_map, QemuConfig, available_trace_events, find_qemu,
                                 qemu_version, resolve_accel)
 
 PRODUCER = "lab migrate"
@@ -432,6 +432,7 @@ async def run_lab(o: LabOptions) -> dict[str, Any]:
             raise _first_leaf(eg) from None
         ready = _kv(ready_t.result().group(1)[:2000])  # guest text: bounded
         writer = BundleWriter(bundle, PRODUCER, append=use_probe)
+        writer.append("ram_map", await ram_map(src, o.mem_mb << 20))
         if not use_probe:
             writer.meta["vmm"] = {"pid": src.pid, "binary": qemu, "version": version}
         writer.set_source("lab_qmp", "captured", interval_ms=o.poll_ms)

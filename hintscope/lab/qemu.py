@@ -226,3 +226,21 @@ class Qemu:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+
+async def ram_map(q: "Qemu", mem_bytes: int) -> dict[str, list[int]]:
+    """Guest RAM's HVA ranges in ``q``, from QEMU's own HMP ``gpa2hva`` (columns of table ``ram_map``).
+
+    The lab guests stay below 3 GiB, so x86 RAM is one range from GPA 0 (the VGA/ROM hole is
+    an overlay, not a gap in pc.ram); the last page is checked to prove the range is linear.
+    """
+    async def gpa2hva(gpa: int) -> int | None:
+        out = await q.cmd("human-monitor-command", {"command-line": f"gpa2hva {gpa:#x}"})
+        m = re.search(r"is (0x[0-9a-fA-F]+)", str(out))
+        return int(m.group(1), 16) if m else None
+
+    ts = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    first, last = await gpa2hva(0), await gpa2hva(mem_bytes - 4096)
+    if first is None or last is None or last - first != mem_bytes - 4096:
+        raise HintscopeError(f"QEMU {q.cfg.name}: guest RAM is not one linear HVA range (gpa2hva {first}, {last})")
+    return {"ts_ns": [ts], "gpa": [0], "size": [mem_bytes], "hva": [first]}

@@ -59,3 +59,17 @@ GUEST_TRUTH_PAGES = register(Table(
     clock="none (configuration)",
     area=AREA,
 ))
+
+RAM_MAP = register(Table(
+    "ram_map",
+    "Where guest RAM sits in the VMM's address space, asked of QEMU itself (HMP `gpa2hva`) by the lab: "
+    "one row per contiguous guest-physical range. Used to translate HVAs (hint applies, page sends) to "
+    "GPAs when there are no KVM memslots to trace (TCG).",
+    [
+        Col("ts_ns", "int64", "ns", "host CLOCK_MONOTONIC time of the query"),
+        Col("gpa", "uint64", "gpa", "first guest physical address of the range"),
+        Col("size", "uint64", "bytes", "length of the range"),
+        Col("hva", "uint64", "hva", "host virtual address of `gpa` in the source QEMU"),
+    ],
+    area=AREA,
+))
