@@ -311,13 +311,23 @@ def evidence_steps(ev: Any) -> list[tuple[int, str, str]]:
     return out
 
 
+def _decisive_ns(steps: list[tuple[int, str, str]]) -> int:
+    timed = [(t, side, text) for t, side, text in steps if t >= 0]
+    acts = [t for t, side, text in timed if side != "memcheck" and not text.startswith("migration completed")]
+    return max(acts or [t for t, _, _ in timed], default=-1)
+
+
 def findings_lane(findings: pd.DataFrame) -> pd.DataFrame:
-    """One instant per finding at its last timed evidence step (when the hazard is complete)."""
+    """One instant per finding at its last timed evidence step (when the hazard is complete).
+
+    Steps that only observe the outcome at the end of the migration (the memory check, "migration
+    completed ... never sent") are skipped when earlier steps exist, so the mark sits where the
+    damage was done, not at the switchover.
+    """
     if "ts_ns" in findings.columns:
         ts = findings["ts_ns"].fillna(-1).astype("int64").to_numpy()
     elif "evidence" in findings.columns:
-        ts = np.array([max((t for t, _, _ in evidence_steps(e) if t >= 0), default=-1)
-                       for e in findings["evidence"]], dtype=np.int64)
+        ts = np.array([_decisive_ns(evidence_steps(e)) for e in findings["evidence"]], dtype=np.int64)
     else:
         return _frame("findings", [], [])
     keep = ts >= 0
