@@ -53,7 +53,7 @@ def machine() -> dict:
     except OSError:
         pass
     return {"host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count(), "cpu_model": model,
-            "python": platform.python_version(), "loadavg_start": os.getloadavg(),
+            "python": platform.python_version(), "loadavg_at_write": os.getloadavg(),
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "mem_total_kb": next((int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines()
                                   if l.startswith("MemTotal")), None),
@@ -68,7 +68,6 @@ def table(rows: list[list[str]], head: list[str]) -> str:
 
 def write(name: str, res: dict, out: str | None = None) -> Path:
     res.setdefault("machine", machine())
-    res["machine"]["loadavg_end"] = os.getloadavg()
     res["argv"] = sys.argv
     p = Path(out) if out else RESULTS / f"{name}.json"
     p.parent.mkdir(parents=True, exist_ok=True)

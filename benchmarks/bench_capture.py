@@ -102,7 +102,7 @@ def run_one(tool: str, exe: Path, work: Path, secs: float, rate: int, ring_mb: i
     elif tool == "perf":
         tr = subprocess.Popen(["perf", "record", "-q", "-e", "syscalls:sys_exit_ioctl", "--filter", "ret == -22", "-p", str(pid), "-o", str(out)],
                               stdout=log, stderr=log)
-        time.sleep(1.5)   # perf prints nothing once attached; its attach takes well under this
+        time.sleep(3.0)   # perf prints nothing once attached; at load ~9, 1.5 s was sometimes too short
     cpu0 = B.cpu_s(tr.pid) if tr else 0.0
     go.touch()
     o, _ = src.communicate(timeout=secs + 60)
@@ -195,7 +195,9 @@ def main() -> int:
     for rate in rates:
         none = {r["rep"]: r["producer_rate"] for r in runs if r["tool"] == "none" and r["rate_target"] == rate}
         for tool in tools:
-            rs = [r for r in runs if r["tool"] == tool and r["rate_target"] == rate]
+            # perf prints nothing when attached: a run where it saw nothing at all never attached in time
+            rs = [r for r in runs if r["tool"] == tool and r["rate_target"] == rate
+                  and not (tool == "perf" and r.get("seen") == 0)]
             prod = B.summary([r["producer_rate"] for r in rs])
             slow = B.summary([r["producer_rate"] / none[r["rep"]] for r in rs if r["rep"] in none])
             s = {"producer_rate": prod, "producer_rate_vs_untraced": slow}

@@ -303,3 +303,9 @@ def test_qmp_snapshot_numbers(v):
     if r is not None:
         to_arrow("qmp", pd.DataFrame([r]))
         assert r["transferred"] == -1 or isinstance(r["transferred"], int)
+
+
+def test_guest_stream_gap_count_does_not_wrap(tmp_path):
+    (tmp_path / "s").write_text(f"E 0 1 0 1 6 1 2 3\nE {2**63 - 1} 2 0 1 6 1 2 3\n")
+    r = guest_stream.parse_streams([(tmp_path / "s", "src")])
+    assert f"{2**63 - 2} probe records missing" in " ".join(r.problems), r.problems

@@ -229,7 +229,8 @@ def parse_streams(files: list[tuple[str | os.PathLike, str]]) -> GuestStream:
     ev = _dedupe(ev, ["seq"], ["guest_ns", "cpu", "tid", "kind", "a0", "a1", "a2"], "probe event", problems)
     ev = ev.sort_values("seq", kind="stable", ignore_index=True)
     if len(ev):
-        gaps = int(ev["seq"].iloc[-1] - ev["seq"].iloc[0] + 1 - len(ev))
+        # Python ints: a forged seq near 2**63 would wrap the int64 difference.
+        gaps = int(ev["seq"].iloc[-1]) - int(ev["seq"].iloc[0]) + 1 - len(ev)
         if gaps:
             problems.append(f"guest stream: {gaps} probe records missing (sequence gaps)")
     reps = pd.concat([o["reports"] for o in parts], ignore_index=True)
