@@ -13,7 +13,7 @@ from pathlib import Path
 from hintscope.bundle import BundleWriter, read_bundle
 from hintscope.parse import qemu_trace
 
-src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+src, dst = Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve()
 if dst.exists():
     sys.exit(f"{dst}: exists")
 shutil.copytree(src, dst)

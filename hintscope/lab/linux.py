@@ -62,6 +62,7 @@ class LinuxOptions:
     qemu: str | None = None
     probe: str = "auto"            # host probe: auto | on | off
     guest_probe: bool = True
+    page_sends: bool = False       # host probe --page-sends (zero-page sends too; ~50 us per page)
     fill_mb: int = 400
     pressure_mb: int = 0
     writer_mb: int = 16
@@ -266,7 +267,8 @@ async def run_linux(o: LinuxOptions) -> dict[str, Any]:
         await dst.start()
         timings["boot_to_ready"] = round(await _wait_ready(src, ports["src"], o.boot_timeout_s), 2)
         if use_probe:
-            probe = HostProbe(src.pid, bundle, trace_log, work / "probe.log")
+            probe = HostProbe(src.pid, bundle, trace_log, work / "probe.log",
+                              extra=["--page-sends"] if o.page_sends else None)
             t2 = time.monotonic()
             await probe.start()
             timings["host_probe_attach"] = round(time.monotonic() - t2, 2)
@@ -420,6 +422,8 @@ def add_arguments(p) -> None:
         ("--writer", dict(type=int, default=16, metavar="MB", help="stamped writer buffer in MiB (16)")),
         ("--no-guest-probe", dict(action="store_true", help="do not run the BCC probe inside the guest")),
         ("--health", dict(type=float, default=15.0, metavar="S", help="seconds to watch the destination (15)")),
+        ("--page-sends", dict(action="store_true",
+                              help="host probe --page-sends: every page sent, zero pages included (~50 us a page)")),
     ]
     for flag, kw in opts:
         if flag not in p._option_string_actions:  # the shared parser may grow the same option
@@ -434,7 +438,8 @@ def run(args) -> int:
                      pressure_mb=args.pressure, writer_mb=args.writer, bandwidth_mb=bw,
                      timeout_s=max(args.timeout, 120.0), memcheck=not args.no_memcheck,
                      downtime_ms=getattr(args, "downtime", 300),
-                     keep_workdir=args.keep_workdir, health_s=args.health)
+                     keep_workdir=args.keep_workdir, health_s=args.health,
+                     page_sends=getattr(args, "page_sends", False))
     s = asyncio.run(run_linux(o))
     print_summary(s)
     h = s.get("dst_health", {})
