@@ -101,3 +101,17 @@ def test_analyze_survives_extreme_values(sim_bundle, table, col_pick, how):
         b = read_bundle(d)
         _check(*run_analyze(d))
         assert all(one_line(p) for p in b.problems)
+
+
+@pytest.mark.parametrize("table", ["ioctls", "qemu_events"])
+def test_analyze_ts_at_int64_max(sim_bundle, table):
+    """Every ts_ns = 2**63-1: analysis sentinels (t_end + 1) overflowed before the clamp in syncs/hints."""
+    with tempfile.TemporaryDirectory(prefix="hs-hostile-an-") as td:
+        d = Path(td) / "b"
+        shutil.copytree(sim_bundle, d)
+        for f in (d / table).glob("part-*.parquet"):
+            at = pq.read_table(f)
+            i = at.column_names.index("ts_ns")
+            at = at.set_column(i, "ts_ns", pa.array(np.full(at.num_rows, np.iinfo(np.int64).max, np.int64)))
+            pq.write_table(at, f)
+        _check(*run_analyze(d))

@@ -40,7 +40,8 @@ def epochs(syncs: pd.DataFrame, end_ns: int) -> pd.DataFrame:
     before = syncs["before_ns"].to_numpy(np.int64) if len(syncs) else st
     start = np.where(after >= 0, after, en)
     nb = np.r_[before[1:], -1]
-    ns = np.r_[st[1:], max(end_ns, int(en.max()) if len(en) else 0) + 1]
+    # Clamped: a hostile ts_ns of 2**63-1 must not overflow the sentinel.
+    ns = np.r_[st[1:], min(max(end_ns, int(en.max()) if len(en) else 0), _BIG - 1) + 1]
     end = np.where(nb >= 0, nb, ns)
     ep = syncs["epoch"].to_numpy(np.int64) if len(syncs) else st
     keep = ep > 0

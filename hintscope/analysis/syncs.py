@@ -158,7 +158,8 @@ def _between(t: np.ndarray, start: np.ndarray, end: np.ndarray, t_end: int) -> n
     if not len(start):
         return np.full(len(t), -1, np.int64)
     d = np.searchsorted(end, t, side="left") - 1
-    nxt = np.r_[start[1:], t_end + 1]
+    # Clamped: a hostile ts_ns of 2**63-1 must not overflow the sentinel.
+    nxt = np.r_[start[1:], min(int(t_end), np.iinfo(np.int64).max - 1) + 1]
     ok = (d >= 0) & (t < nxt[np.maximum(d, 0)])
     return np.where(ok, d, -1)
 
