@@ -238,6 +238,19 @@ def test_no_hint_applied_needs_every_condition(change, tmp_path):
     assert f.attrs["coverage"]["no_hint_applied"] is None
 
 
+def test_capture_stopped_before_the_migration_ended_is_inconclusive(tmp_path):
+    # A probe stopped by a signal mid-migration closes its bundle cleanly ("complete"); the
+    # verdict must still say the capture misses the end of the migration.
+    b = read_bundle(SAMPLES / "lab-bitmap")
+    qe = b.table("qemu_events")
+    final = [V72.index(s) for s in ("completed", "failed", "cancelled")]
+    qe = qe[~((qe["event"] == "migrate_state") & qe["a2"].isin(final))]
+    b = MemoryBundle(b.meta, {t: b.table(t) for t in b.tables()} | {"qemu_events": qe}, list(b.problems))
+    f = detector.detect(b)
+    v = detector.verdict(b, f)
+    assert v.startswith("inconclusive") and "does not show the migration ending" in v
+
+
 # ------------------------------------------------------------------------------------- sync numbering
 @pytest.mark.parametrize("variant, mode, kind", [("filter-after-sync", "manual", "stale-epoch-apply"),
                                                  ("sync-in-io-handler", "get", "apply-during-sync")])

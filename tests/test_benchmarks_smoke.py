@@ -88,3 +88,10 @@ def test_bench_lab_overhead_quick(tmp_path):
     assert on["records"] and on["records"] > 0
     assert on["lost_total"] == 0
     assert all(r["lost_pages"] == 0 for r in runs)
+
+
+def test_bench_analysis_memory_quick(tmp_path):
+    res = run_quick("bench_analysis_memory.py", tmp_path)
+    assert res["in_memory_bytes"] > 0 and res["bundle_disk_bytes"] > 0
+    assert "ring_push" in res["tables"]
+    assert res["peak_over_base_bytes"]["median"] > 0

@@ -737,7 +737,10 @@ def coverage(bundle, f: Facts) -> dict[str, Any]:
     partial = {k: v.get("status") for k, v in (meta.get("sources") or {}).items()
                if isinstance(v, dict) and v.get("status") != "captured"}
     complete = bool(getattr(bundle, "complete", True))
-    return {"mode": f.mode, "missing": list(f.missing), "lost_events": lost, "sources_not_captured": partial,
+    # A probe stopped mid-migration (signal, crash, disk full) still closes its bundle cleanly;
+    # what tells the capture is partial is that it never saw the migration end.
+    ended = bool(f.states["state"].isin(FINAL_STATES).any()) if len(f.states) else False
+    return {"mode": f.mode, "migration_end_seen": ended, "missing": list(f.missing), "lost_events": lost, "sources_not_captured": partial,
             "complete": complete, "problems": list(f.problems)[:20], "clock": f.band.summary(),
             "send_source": f.send_source, "syncs": int(len(f.syncs)), "applies": int(len(f.applies)),
             "guest_hints": int(len(f.hints)), "no_hint_applied": f.no_hint_applied,
@@ -774,6 +777,8 @@ def _verdict(bundle, findings: pd.DataFrame) -> tuple[str, str]:
                                                              cov["sources_not_captured"].items()) + ")")
     if not cov["complete"]:
         why.append("capture did not finish")
+    if not cov.get("migration_end_seen", True):
+        why.append("the capture does not show the migration ending (no completed, failed or cancelled state)")
     clk = cov["clock"]
     if cov["guest_hints"] and not no_apply and (clk["width_ns"] is None or clk["width_ns"] > CLOCK_MAX_NS):
         w = "unknown" if clk["width_ns"] is None else f"{clk['width_ns'] / 1e6:.2f} ms"
