@@ -458,3 +458,15 @@ def test_ram_map_translates_hvas_when_there_are_no_kvm_slots():
     gpa, slot = ms.hva_to_gpa(np.array([base + 0x5000, base + (1 << 30), base - 1]), np.array([1, 1, 1]),
                               ms.intervals(ev))
     assert list(gpa) == [0x5000, -1, -1] and list(slot) == [ms.RAM_MAP_SLOT, -1, -1]
+
+
+def test_guest_ids_and_blocks_match_host_on_the_linux_sample():
+    # Real run (samples/linux-hint-on): every block the guest hinted was applied by the host, and
+    # the ids the guest read are the host's first epochs, in order.
+    b = read_bundle(Path(__file__).resolve().parents[1] / "samples" / "linux-hint-on")
+    mt = accounting(b)["matching"]
+    assert mt["blocks_hinted"] == mt["blocks_applied"] == 150 and mt["blocks_not_applied"] == 0
+    read = [int(x, 16) for x in mt["guest_ids_read"]]
+    assert read == list(range(0x80000001, 0x80000001 + len(read))) and len(read) <= mt["host_ids"]
+    assert mt["ids_not_issued"] == []
+    assert [d["applied_blocks"] for d in mt["per_id"]] == [d["guest_blocks"] for d in mt["per_id"]]

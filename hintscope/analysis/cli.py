@@ -108,6 +108,15 @@ def render(res: dict[str, Any]) -> None:
         g = a["guest"]
         con.print(f"guest hinted {g['blocks']} blocks = {g['pages']:,} pages: "
                   + ", ".join(f"{x['cmd_id']}: {x['pages']:,}" for x in g["per_cmd_id"]))
+    if a.get("matching"):
+        mt = a["matching"]
+        con.print(f"guest vs host: {mt['host_ids']} cmd id(s) issued by the host, guest read "
+                  f"{', '.join(mt['guest_ids_read']) or 'none'}"
+                  + (f"; never read by the guest: {', '.join(mt['ids_unread'])}" if mt["ids_unread"] else "")
+                  + (f"; read but not issued in this capture: {', '.join(mt['ids_not_issued'])}"
+                     if mt["ids_not_issued"] else "")
+                  + f"; hinted blocks {mt['blocks_hinted']}: applied {mt['blocks_applied']}, "
+                    f"dropped or never popped {mt['blocks_not_applied']}")
 
     m = summ["migration"]
     t = Table(title="summary", show_header=False)

@@ -141,7 +141,8 @@ def accounting(b: Bundle | Context, syncs: pd.DataFrame | None = None) -> dict[s
     if not captured:
         totals = {k: None for k in totals}
     return {"per_epoch": per_epoch, "totals": totals, "source": src, "source_caveat": SEND_SOURCES[src],
-            "applies_captured": captured, "guest": guest_hints(c)}
+            "applies_captured": captured, "guest": guest_hints(c),
+            "matching": match_guest_host(c, s) if captured else None}
 
 
 def applies_captured(c: Context) -> bool:
@@ -173,3 +174,40 @@ def guest_hints(c: Context) -> dict[str, Any] | None:
     return {"blocks": int(len(g)), "pages": int(pages.sum()),
             "per_cmd_id": [{"cmd_id": hex(int(r.cmd_id)), "blocks": int(r.blocks), "pages": int(r.pages)}
                            for r in by.itertuples(index=False)]}
+
+
+CMD_ID_MIN = 0x80000000
+
+
+def match_guest_host(c: Context, syncs: pd.DataFrame) -> dict[str, Any] | None:
+    """Every cmd id the host issued against the guest's reads, every hinted block against an apply.
+
+    The host issues one id per sync with the VM running (AFTER_BITMAP_SYNC -> REQUESTED); the
+    probe cannot read the id's value, so host epoch k is matched to the k-th distinct id >= 0x80000000
+    the guest read (ids rise by one, so a gap is an id the guest never saw). A hinted block is
+    matched when some apply covers its first page (guest pfn = gfn); one that no apply covers was
+    dropped by the host (popped with a stale id or after STOP) or never popped before migration ended.
+    """
+    try:
+        ge, gh = c.bundle.table("guest_events"), c.bundle.table("guest_hints")
+    except KeyError:
+        return None
+    if not len(gh) and not len(ge):
+        return None
+    ids = ge.loc[ge["event"] == "cmd_id", "a0"].to_numpy().astype(np.int64)
+    read = np.unique(ids[ids >= CMD_ID_MIN])
+    host_epochs = np.unique(syncs.loc[syncs["epoch"] > 0, "epoch"].to_numpy(np.int64)) if len(syncs) else np.array([])
+    first = int(read.min()) if len(read) else CMD_ID_MIN + 1
+    expect = first + np.arange(len(host_epochs), dtype=np.int64)
+    pfn = gh["pfn"].to_numpy().astype(np.int64)
+    applied_gfns = np.unique(c.hint_pages["gfn"].to_numpy(np.int64))
+    applied = np.isin(pfn, applied_gfns)
+    gid = gh["cmd_id"].to_numpy().astype(np.int64)
+    per_id = [{"epoch": int(k), "cmd_id": hex(int(i)), "guest_read": bool(np.isin(i, read)),
+               "guest_blocks": int((gid == i).sum()), "applied_blocks": int(((gid == i) & applied).sum())}
+              for k, i in zip(host_epochs, expect)]
+    return {"host_ids": int(len(host_epochs)), "guest_ids_read": [hex(int(i)) for i in read],
+            "ids_unread": [d["cmd_id"] for d in per_id if not d["guest_read"]],
+            "ids_not_issued": [hex(int(i)) for i in read if not np.isin(i, expect)],
+            "per_id": per_id, "blocks_hinted": int(len(gh)), "blocks_applied": int(applied.sum()),
+            "blocks_not_applied": int((~applied).sum())}
