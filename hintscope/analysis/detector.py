@@ -30,7 +30,7 @@ SEVERITY = {
 LOST_KINDS = ("lost-write", "rearm-wipe", "lost-write-not-hint")
 FINDING_COLUMNS = ["kind", "confidence", "severity", "gfn_first", "gfn_last", "gfn_count", "gfns", "evidence",
                    "sentence"]
-MAX_GFNS = 4096                 # gfns kept per finding (gfn_count has the true number)
+MAX_GFNS = 1 << 16             # gfns kept per finding (gfn_count has the true number)
 MAX_EVIDENCE = 8
 CLOCK_MAX_NS = 1_000_000        # a wider guest/host band cannot order guest facts against syncs
 STALL_MIN_NS = 2_000_000        # sender idle long enough to call a bulk-round stall
