@@ -99,7 +99,11 @@ def to_arrow(table: str, frame: pd.DataFrame | Mapping[str, Any]) -> pa.Table:
     for c in t.cols:
         v = frame[c.name]
         if isinstance(v, pd.Series):
-            v = v.to_numpy()
+            v = v.array if isinstance(v.dtype, pd.CategoricalDtype) else v.to_numpy()
+        if isinstance(v, pd.Categorical):
+            # Dictionary -> values in C; pa.array(categorical, type=string) builds Python strings.
+            arrays.append(pa.array(v, from_pandas=True).cast(c.arrow_type))
+            continue
         arrays.append(pa.array(v, type=c.arrow_type, from_pandas=True))
     return pa.Table.from_arrays(arrays, schema=t.arrow_schema)
 
@@ -166,6 +170,7 @@ class BundleWriter:
         Rows of a part that cannot be written are dropped and counted (meta ``unwritten_rows`` and
         ``lost["bundle_write"]``), so a full disk never makes the producer's memory grow.
         """
+        failed = None
         for table, chunks in list(self._buf.items()):
             if not chunks:
                 continue
@@ -174,11 +179,15 @@ class BundleWriter:
             try:
                 self._write_part(table, at)
             except OSError as e:
+                # Keep going: every table's rows must end up written or counted, or meta "rows"
+                # (set by close() right after a failed flush) would claim rows that were never saved.
                 self.unwritten[table] = self.unwritten.get(table, 0) + at.num_rows
                 self.meta["unwritten_rows"] = dict(sorted(self.unwritten.items()))
                 self.add_lost("bundle_write", at.num_rows)
-                raise BundleError(f"{self.path / table}: cannot write part ({e.strerror or e}); "
-                                  f"{at.num_rows} rows not saved") from None
+                failed = failed or BundleError(f"{self.path / table}: cannot write part ({e.strerror or e}); "
+                                               f"{at.num_rows} rows not saved")
+        if failed is not None:
+            raise failed
         self._write_meta()
 
     def close(self, end_reason: str) -> None:

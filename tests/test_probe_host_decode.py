@@ -243,3 +243,26 @@ def test_precopy_list_is_the_one_notified_before_each_sync():
                   ("precopy_notify", 5, 0xA, 1), ("sync_fetch_begin", 7, 0, 0)]))   # other tid: no vote
     f.feed(batch([("precopy_notify", 6, 0xB, 1), ("sync_fetch_begin", 6, 0, 0)]))
     assert f.precopy_list == 0xB and f.votes == {0xB: 2}
+
+
+def test_name_columns_are_dictionary_encoded_and_stored_as_strings(tmp_path):
+    import pandas as pd
+
+    d = D.decode(sample_buffer())
+    cols = {"ioctls": "name", "bitmap_words": "op", "qemu_events": "event"}
+    for table, col in cols.items():
+        assert isinstance(d.tables[table][col], pd.Categorical), table
+    # duplicate names from distinct codes collapse into one category
+    assert list(D._names(np.array([1, 2, 3, 1]), {1: "a", 2: "a"}, "u{}")) == ["a", "a", "u3", "a"]
+    assert len(D._names(np.array([], np.uint16), {}, "u{}")) == 0
+    w = BundleWriter(tmp_path / "b", producer="test")
+    for table, c in d.tables.items():
+        w.append(table, c)
+    w.append("qemu_events", pd.DataFrame(d.tables["qemu_events"]))     # a category-dtype Series too
+    w.close(end_reason="duration")
+    b = read_bundle(tmp_path / "b")
+    for table, col in cols.items():
+        got = b.table(table)[col]
+        assert got.tolist()[: len(d.tables[table][col])] == list(d.tables[table][col])
+        assert not isinstance(got.dtype, pd.CategoricalDtype)
+    assert b.table("qemu_events")["event"].tolist() == ["hint_apply", "precopy_notify", "event_99"] * 2

@@ -11,6 +11,9 @@ from hintscope.bundle import read_bundle
 from hintscope.errors import HintscopeError
 
 FAIL_ON = ["lost-write", "hazard", "any"]
+# Rich lays out a table by measuring every cell: 40k syncs took over 100 s.  The terminal shows the
+# first rows of the long tables; --json keeps everything.
+MAX_ROWS_SHOWN = 200
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -58,25 +61,42 @@ def _n(v: Any) -> str:
     return "-" if v is None or (isinstance(v, (int, float)) and v < 0) else f"{int(v):,}"
 
 
+def _more(con, total: int, what: str) -> None:
+    if total > MAX_ROWS_SHOWN:
+        con.print(f"... {total - MAX_ROWS_SHOWN:,} more {what} not shown (first {MAX_ROWS_SHOWN} of {total:,}; "
+                  "--json has all)")
+
+
 def render(res: dict[str, Any]) -> None:
     from rich.console import Console
+    import pandas as pd
     from rich.table import Table
 
     con = Console()
     s = res["syncs"]
     summ = res["summary"]
-    times = [int(x) for col in ("before_ns", "fetch_start_ns", "trace_start_ns") for x in s[col] if int(x) >= 0]
+    times = [int(v[v >= 0].min()) for v in (s[col].to_numpy("int64") for col in
+                                            ("before_ns", "fetch_start_ns", "trace_start_ns")) if (v >= 0).any()]
     t0 = min(times) if times else 0
+    full = s
+    s = s.iloc[:MAX_ROWS_SHOWN]
     con.print(f"[bold]{summ['bundle']}[/bold]  (times in ms from the first sync)")
 
     t = Table(title=f"migration bitmap syncs: timing (source: {summ['sync_source']})")
-    for h in ["sync", "epoch", "BEFORE", "fetch start", "fetch end", "AFTER", "GETs", "re-arm CLEARs"]:
+    lossy = bool(full["incomplete"].any()) if "incomplete" in full and len(full) else False
+    for h in ["sync", "epoch", "BEFORE", "fetch start", "fetch end", "AFTER", "GETs", "re-arm CLEARs"] + \
+            (["lost events"] if lossy else []):
         t.add_column(h, justify="right")
     for r in s.itertuples(index=False):
         t.add_row(str(r.sync), _n(r.epoch), _ms(r.before_ns, t0), _ms(r.fetch_start_ns, t0), _ms(r.fetch_end_ns, t0),
-                  _ms(r.after_ns, t0), _n(r.get_calls), _n(r.clear_calls))
+                  _ms(r.after_ns, t0), _n(r.get_calls), _n(r.clear_calls),
+                  *(["[red]yes[/red]" if r.incomplete else ""] if lossy else []))
     con.print(t)
-    ring = bool((s["ring_pages"] >= 0).any()) if len(s) else False
+    _more(con, len(full), "syncs")
+    if lossy:
+        con.print(f"[red]{int(full['incomplete'].sum())} of {len(full)} syncs overlap probe intervals with lost events "
+                  "(meta lost_series): their counts may miss records[/red]")
+    ring = bool((full["ring_pages"] >= 0).any()) if len(full) else False
     t = Table(title="migration bitmap syncs: pages")
     heads = ["sync", "harvested", "by slot"] + (["ring"] if ring else []) + \
         ["re-armed", "by hint", "QEMU dirty_pages", "QEMU new", "est. new"]
@@ -87,12 +107,18 @@ def render(res: dict[str, Any]) -> None:
                     + [_n(r.rearmed), _n(r.rearmed_by_hint), _n(r.qemu_dirty_pages), _n(r.qemu_new_pages),
                        _n(r.est_new_pages)]))
     con.print(t)
+    _more(con, len(full), "syncs")
 
     a = res["accounting"]
     t = Table(title=f"skipped free pages per epoch (sends: {a['source']})")
     for h in ["epoch", "start", "end", "applies", "applied pages", "skipped", "late", "resent", "bytes saved ≤"]:
         t.add_column(h, justify="right")
-    for r in a["per_epoch"].itertuples(index=False):
+    pe = a["per_epoch"]
+    # The "outside" row (applies in no epoch) comes last: keep it visible when the rest is cut.
+    shown = pe.iloc[:MAX_ROWS_SHOWN]
+    if len(pe) > MAX_ROWS_SHOWN and (pe["epoch"] < 0).any():
+        shown = pd.concat([shown, pe[pe["epoch"] < 0]])
+    for r in shown.itertuples(index=False):
         t.add_row("outside" if r.epoch < 0 else str(r.epoch), _ms(r.start_ns, t0), _ms(r.end_ns, t0), _n(r.applies),
                   _n(r.applied_pages), _n(r.skipped_pages), _n(r.late_pages), _n(r.resent_pages), _n(r.bytes_saved))
     tot = a["totals"]
@@ -103,6 +129,7 @@ def render(res: dict[str, Any]) -> None:
     t.add_row("total", "", "", _n(tot["applies"]), _n(tot["applied_pages"]), _n(tot["skipped_pages"]),
               _n(tot["late_pages"]), _n(tot["resent_pages"]), _n(tot["bytes_saved_upper_bound"]), style="bold")
     con.print(t)
+    _more(con, len(a["per_epoch"]), "epochs")
     con.print(f"send source: {a['source_caveat']}")
     if a.get("guest"):
         g = a["guest"]

@@ -52,7 +52,8 @@ def bitmap_pages(words: pd.DataFrame, op: str, iv: pd.DataFrame, ioctls: pd.Data
             first = fp.reindex(seq).fillna(0).to_numpy(np.int64)
         page = page + first
     gfn = ms.slot_page_to_gfn(slot, page, ts, iv)
-    return pd.DataFrame({"ts_ns": ts, "seq": seq, "slot": slot, "page": page, "gfn": gfn})
+    # copy=False: the arrays are fresh; pandas 3 would otherwise copy 16 M-row columns again.
+    return pd.DataFrame({"ts_ns": ts, "seq": seq, "slot": slot, "page": page, "gfn": gfn}, copy=False)
 
 
 def ring_pages(ring_push: pd.DataFrame, iv: pd.DataFrame) -> pd.DataFrame:

@@ -102,26 +102,7 @@ def accounting(b: Bundle | Context, syncs: pd.DataFrame | None = None) -> dict[s
     a = c.hint_applies
     a_ep = _epoch_of(a["ts_ns"].to_numpy(np.int64), ep)
     late_known = src != "none"
-    per = []
-    for k in list(ep["epoch"]) + [-1]:  # one step per epoch, vectorised within
-        r = rows[rows["epoch"] == k]
-        n_app = int((a_ep == k).sum())
-        if k == -1 and not n_app:
-            continue
-        g = r["gfn"]
-        skipped = int(g[r["skipped"]].nunique())
-        per.append({
-            "epoch": int(k),
-            "start_ns": int(ep.loc[ep["epoch"] == k, "start_ns"].iloc[0]) if k > 0 else -1,
-            "end_ns": int(ep.loc[ep["epoch"] == k, "end_ns"].iloc[0]) if k > 0 else -1,
-            "applies": n_app,
-            "applied_pages": int(g.nunique()),
-            "skipped_pages": skipped,
-            "late_pages": int(g[r["late"] == 1].nunique()) if late_known else -1,
-            "resent_pages": int(g[r["resent"]].nunique()),
-            "bytes_saved": skipped * PAGE,
-        })
-    per_epoch = pd.DataFrame(per, columns=EPOCH_COLUMNS)
+    per_epoch = _per_epoch(ep, rows, a_ep, late_known)
     captured = applies_captured(c)
     if not captured:
         # Zero applies would read as "hinting skipped nothing": say instead that nobody looked.
@@ -143,6 +124,36 @@ def accounting(b: Bundle | Context, syncs: pd.DataFrame | None = None) -> dict[s
     return {"per_epoch": per_epoch, "totals": totals, "source": src, "source_caveat": SEND_SOURCES[src],
             "applies_captured": captured, "guest": guest_hints(c),
             "matching": match_guest_host(c, s) if captured else None}
+
+
+def _per_epoch(ep: pd.DataFrame, rows: pd.DataFrame, a_ep: np.ndarray, late_known: bool) -> pd.DataFrame:
+    """One row per epoch (plus -1 for applies outside any epoch, when there are some).
+
+    Grouped, not one boolean scan of ``rows`` per epoch: that was O(epochs x pages) and took
+    minutes on captures with 100k+ syncs (docs/performance.md, "analyze scaling").
+    """
+    keys = np.r_[ep["epoch"].to_numpy(np.int64), -1]
+    n_app = pd.Series(a_ep, dtype=np.int64).value_counts().reindex(keys, fill_value=0).to_numpy(np.int64)
+    if n_app[-1] == 0:
+        keys, n_app = keys[:-1], n_app[:-1]
+    pairs = rows[["epoch", "gfn"]].astype(np.int64)
+
+    def distinct(mask) -> np.ndarray:
+        sel = pairs if mask is None else pairs[np.asarray(mask, bool)]
+        return sel.drop_duplicates().groupby("epoch").size().reindex(keys, fill_value=0).to_numpy(np.int64)
+
+    bounds = ep.drop_duplicates("epoch").set_index("epoch")
+    start = bounds["start_ns"].reindex(keys).fillna(-1).to_numpy(np.int64)
+    end = bounds["end_ns"].reindex(keys).fillna(-1).to_numpy(np.int64)
+    start = np.where(keys > 0, start, -1)
+    end = np.where(keys > 0, end, -1)
+    skipped = distinct(rows["skipped"])
+    return pd.DataFrame({
+        "epoch": keys, "start_ns": start, "end_ns": end, "applies": n_app,
+        "applied_pages": distinct(None), "skipped_pages": skipped,
+        "late_pages": distinct(rows["late"] == 1) if late_known else np.full(len(keys), -1, np.int64),
+        "resent_pages": distinct(rows["resent"]), "bytes_saved": skipped * PAGE,
+    }, columns=EPOCH_COLUMNS)
 
 
 def applies_captured(c: Context) -> bool:

@@ -102,10 +102,17 @@ def slot_page_to_gfn(slot_field: np.ndarray, page: np.ndarray, ts_ns: np.ndarray
     page = np.asarray(page, dtype=np.int64)
     ts = np.asarray(ts_ns, dtype=np.int64)
     gfn = np.full(page.shape, -1, dtype=np.int64)
-    order = np.argsort(sf, kind="stable")
-    ss = sf[order]
     iv = _capped(iv)
     key = (iv["as_id"].to_numpy(np.int64) << 16) | iv["slot"].to_numpy(np.int64)
+    if len(sf) and (sf == sf[0]).all():
+        # One slot (the common 64 GiB harvest): whole-array masks, no argsort and no 16 M-element
+        # fancy-index copies per interval.
+        for r in iv[key == sf[0]].itertuples(index=False):
+            m = (gfn < 0) & (ts >= r.start_ns) & (ts < r.end_ns) & (page >= 0) & (page < (r.size >> PAGE_SHIFT))
+            np.copyto(gfn, page + (r.gpa >> PAGE_SHIFT), where=m)
+        return gfn
+    order = np.argsort(sf, kind="stable")
+    ss = sf[order]
     lo = np.searchsorted(ss, key, side="left")
     hi = np.searchsorted(ss, key, side="right")
     for r, a, b in zip(iv.itertuples(index=False), lo, hi):

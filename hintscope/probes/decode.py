@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 from hintscope.errors import HintscopeError
 from hintscope.probes import kvm_abi as K
@@ -74,11 +75,18 @@ QEMU_EVENTS = {
 }
 
 
-def _names(codes: np.ndarray, table: dict[int, str], unknown: str) -> np.ndarray:
-    """Vectorised code -> name (one dict lookup per distinct code, not per event)."""
-    uniq, inv = np.unique(codes, return_inverse=True)
-    names = np.array([table.get(int(u), unknown.format(int(u))) for u in uniq], dtype=object)
-    return names[inv.reshape(-1)] if len(uniq) else np.empty(0, dtype=object)
+def _names(codes: np.ndarray, table: dict[int, str], unknown: str) -> pd.Categorical:
+    """Vectorised code -> name, dictionary-encoded (one lookup per distinct code, not per event).
+
+    A Categorical rather than an object array of str: building per-row Python strings and
+    converting them to Arrow was ~40 % of the ioctl/bitmap decode+append time; BundleWriter
+    casts the dictionary to strings in C.  pd.factorize hashes (no sort, unlike np.unique).
+    """
+    inv, uniq = pd.factorize(np.asarray(codes).reshape(-1))
+    names = [table.get(int(u), unknown.format(int(u))) for u in uniq]
+    # Two codes may share a name (or an unknown code's name may collide): categories must be unique.
+    remap, cats = pd.factorize(pd.Index(names, dtype=object))
+    return pd.Categorical.from_codes(remap[inv] if len(inv) else inv, categories=pd.Index(cats, dtype=object))
 
 
 def _i64(u: np.ndarray) -> np.ndarray:

@@ -33,15 +33,26 @@ from hintscope.bundle import BundleWriter, clock_anchor
 from hintscope.errors import HintscopeError
 from hintscope.probes import bcc_env, qemu_uprobes
 from hintscope.probes.decode import LOST_BITMAP_TRUNC, LOST_INDEX, LOST_SLOT_UNKNOWN, STRIDE, RingConsumer, decode
+from hintscope.probes.host_progress import ProgressView
 
 BPF_C = Path(__file__).with_name("host.bpf.c")
 PRODUCER = "probe host"
 DEFAULT_RING_MB = 16
+# 65536 MB overflows the map's u32 size; beyond 1 GiB of locked kernel memory is never sane here.
+MAX_RING_MB = 1024
 # Keep in step with host.bpf.c: chunks of 8 words per bounded loop, 1 + 32 tail calls.
 CHUNKS_PER_CALL = 256
 MAX_SLOT_PAGES = 33 * CHUNKS_PER_CALL * 8 * 64
 POLL_INTERVAL_S = 0.05
 MAX_READS_PER_POLL = 8
+LOST_SERIES_RES_NS = 1_000_000_000   # meta lost_series: contiguous lossy polls merge up to this span
+
+
+def check_ring_mb(ring_mb: int) -> None:
+    """One-line error for a ring size the BPF map cannot take (it would fail only at load time)."""
+    if not isinstance(ring_mb, int) or ring_mb <= 0 or ring_mb & (ring_mb - 1) or ring_mb > MAX_RING_MB:
+        raise HintscopeError(f"--ring-mb {ring_mb}: must be a power of two from 1 to {MAX_RING_MB} "
+                             "(the BPF ring buffer is a power-of-two number of pages)")
 
 
 @dataclass
@@ -150,8 +161,7 @@ class HostProbe:
     def __init__(self, pid: int, out: str | os.PathLike, *, qemu: str = "auto", page_sends: bool = False,
                  ring_mb: int = DEFAULT_RING_MB, flush_interval: float = 1.0, qemu_trace_log: str | None = None,
                  append: bool = False):
-        if ring_mb <= 0 or ring_mb & (ring_mb - 1):
-            raise HintscopeError(f"--ring-mb {ring_mb}: must be a power of two")
+        check_ring_mb(ring_mb)
         self.pid = pid
         self.out = Path(out)
         self.qemu = qemu
@@ -168,6 +178,10 @@ class HostProbe:
         self.bad = 0
         self.decode_s = 0.0
         self._lost_seen: dict[int, int] = {}
+        self._lost_sample_ns = time.monotonic_ns()
+        self.new_lost: dict[str, int] = {}        # lost since the progress view last took them
+        self.syncs = 0                             # qemu_events sync_fetch_begin seen
+        self.hint_applies = 0
         self._last_flush = 0.0
         self._stopped = False
         self._precopy = PrecopyListFinder()
@@ -256,7 +270,11 @@ class HostProbe:
             for table, cols in d.tables.items():
                 self.w.append(table, cols)
             if "qemu_events" in d.tables:
-                self._precopy.feed(d.tables["qemu_events"])
+                q = d.tables["qemu_events"]
+                self._precopy.feed(q)
+                ev = q["event"]
+                self.syncs += int((ev == "sync_fetch_begin").sum())
+                self.hint_applies += int((ev == "hint_apply").sum())
             self.decode_s += time.perf_counter() - t
             n += d.records
             self.bad += d.bad
@@ -303,14 +321,43 @@ class HostProbe:
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def _collect_lost(self) -> None:
+        """Take the per-CPU lost counters' growth since the last poll into meta.
+
+        meta["lost"] keeps totals; meta["lost_series"][source] gets one
+        ``[ts_ns, lost, since_ns]`` entry per interval (since_ns, ts_ns] that lost events
+        (CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns), so the analysis can mark the windows
+        that are incomplete; intervals without loss are not stored, and consecutive lossy polls
+        merge into intervals of up to LOST_SERIES_RES_NS.
+        """
         table = self.b["lost"]
+        now = time.monotonic_ns()
+        since, self._lost_sample_ns = self._lost_sample_ns, now
+        by_source: dict[str, int] = {}
         for idx, (source, _) in LOST_INDEX.items():
             total = sum(int(v) for v in table[ct.c_int(idx)])
             delta = total - self._lost_seen.get(idx, 0)
             if delta:
                 self._lost_seen[idx] = total
                 if source:
-                    self.w.add_lost(source, delta)
+                    by_source[source] = by_source.get(source, 0) + delta
+        if not by_source:
+            return
+        series = self.w.meta.setdefault("lost_series", {})
+        for source, delta in by_source.items():
+            self.w.add_lost(source, delta)
+            entries = series.setdefault(source, [])
+            last = entries[-1] if entries else None
+            if last is not None and last[0] == since and now - last[2] < LOST_SERIES_RES_NS:
+                # Sustained loss: extend the open interval, so the series grows ~1 entry/s, not 20.
+                last[0] = now
+                last[1] += delta
+            else:
+                entries.append([now, delta, since])
+            self.new_lost[source] = self.new_lost.get(source, 0) + delta
+
+    def take_new_lost(self) -> dict[str, int]:
+        new, self.new_lost = self.new_lost, {}
+        return new
 
     def _update_meta(self) -> None:
         hp = self.w.meta["host_probe"]
@@ -368,11 +415,13 @@ def run(args) -> int:
                           qemu_trace_log=args.qemu_trace_log, append=args.append)
         probe.start()
         print("ATTACHED", flush=True)
+        view = ProgressView(force=getattr(args, "progress", False))
         deadline = time.monotonic() + args.duration if args.duration else None
         reason = None
         try:
             while reason is None:
                 probe.poll()
+                view.tick(probe)
                 if stop_sig:
                     reason = stop_sig[0]
                 elif deadline is not None and time.monotonic() >= deadline:
@@ -382,9 +431,11 @@ def run(args) -> int:
                 else:
                     time.sleep(POLL_INTERVAL_S)
         except BaseException as e:
+            view.close()
             probe.stop(f"error: {type(e).__name__}: {e}")
             raise
         probe.stop(reason)
+        view.close(probe)
         lost = probe.w.meta.get("lost", {})
         print(f"hintscope: probe host: {probe.events} records, rows {probe.w.meta.get('rows', {})}, "
               f"lost {lost or 0}, end {reason} -> {probe.out}", file=sys.stderr)
@@ -406,7 +457,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--page-sends", action="store_true",
                     help="also uprobe buffer_is_zero: one event per page QEMU sends (costly: a uprobe per page)")
     ap.add_argument("--qemu-trace-log", metavar="FILE", help="QEMU -trace log to copy into the bundle (files/qemu-trace.log) at stop")
-    ap.add_argument("--ring-mb", type=int, default=DEFAULT_RING_MB, metavar="MB", help="BPF ring buffer size, power of two (16)")
+    ap.add_argument("--ring-mb", type=int, default=DEFAULT_RING_MB, metavar="MB", help=f"BPF ring buffer size, power of two, 1..{MAX_RING_MB} (16)")
+    ap.add_argument("--progress", action="store_true",
+                    help="status line every second on stderr even when it is not a terminal (default: terminal only)")
     ap.add_argument("--flush-interval", type=float, default=1.0, metavar="S", help="write buffered rows every S seconds (1)")
 
 
