@@ -39,8 +39,8 @@ def run(args) -> int:
     if args.baseline:
         res["baseline"] = sm.compare(res, sm.analyze(read_bundle(args.baseline)))
     if args.json:
-        json.dump(sm.to_json(res), sys.stdout, indent=1, default=str)
-        sys.stdout.write("\n")
+        # One-shot dumps without indent takes json's C encoder: ~10x faster on big captures.
+        sys.stdout.write(json.dumps(sm.to_json(res), default=str, separators=(",", ":")) + "\n")
     else:
         render(res)
     if not args.fail_on:
