@@ -1,1 +1,1 @@
-"""analysis"""
+"""Analysis of run bundles (pandas): memslots, harvests, syncs, skipped pages, clocks, the ordering detector."""

@@ -1,1 +1,1 @@
-"""report"""
+"""Reports: notebook HTML, regression plots across runs, Perfetto export, the demo."""
