@@ -108,10 +108,11 @@ class _Writer:
     def _add(self, ts: int, fill) -> None:
         self._events.append((int(ts), next(self._seq), fill))
 
-    def slice(self, track: int, name: str, start: int, end: int, args: dict, flow_out: list[int] | None = None,
-              flow_in: list[int] | None = None) -> None:
-        def begin(ev):
-            ev.type = self.TE.TYPE_SLICE_BEGIN
+    def _named(self, kind, track: int, name: str, args: dict, flow_out: list[int] | None,
+               flow_in: list[int] | None):
+        """A filler for a named event (slice begin or instant) with its args and flow links."""
+        def fill(ev):
+            ev.type = kind
             ev.track_uuid = track
             ev.name = name
             _annotate(ev, args)
@@ -119,25 +120,20 @@ class _Writer:
                 ev.flow_ids.extend(flow_out)
             if flow_in:
                 ev.terminating_flow_ids.extend(flow_in)
+        return fill
 
+    def slice(self, track: int, name: str, start: int, end: int, args: dict, flow_out: list[int] | None = None,
+              flow_in: list[int] | None = None) -> None:
         def end_(ev):
             ev.type = self.TE.TYPE_SLICE_END
             ev.track_uuid = track
-        self._add(start, begin)
+        self._add(start, self._named(self.TE.TYPE_SLICE_BEGIN, track, name, args, flow_out, flow_in))
         self._add(end, end_)
         self.stats.slices[name] += 1
 
     def instant(self, track: int, name: str, ts: int, args: dict, flow_in: list[int] | None = None,
                 flow_out: list[int] | None = None) -> None:
-        def fill(ev):
-            ev.type = self.TE.TYPE_INSTANT
-            ev.track_uuid = track
-            ev.name = name
-            _annotate(ev, args)
-            if flow_out:
-                ev.flow_ids.extend(flow_out)
-            if flow_in:
-                ev.terminating_flow_ids.extend(flow_in)
+        fill = self._named(self.TE.TYPE_INSTANT, track, name, args, flow_out, flow_in)
         self._add(ts, fill)
         self.stats.instants[name] += 1
 
