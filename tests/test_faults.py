@@ -19,7 +19,6 @@ import os
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,40 +29,13 @@ import pytest
 
 
 from hintscope.bundle import read_bundle
+from tests.qmp_sync import QMP
 
 ROOT = Path(__file__).resolve().parents[1]
 QEMU = os.environ.get("HINTSCOPE_QEMU", "/usr/bin/qemu-system-x86_64")
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
 SAFE = "no unsafe ordering found"
 REAL = [pytest.mark.needs_root, pytest.mark.needs_bpf, pytest.mark.needs_kvm, pytest.mark.needs_qemu]
-
-
-class QMP:
-    def __init__(self, path: Path, timeout: float = 30):
-        deadline = time.monotonic() + timeout
-        while not path.exists():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"QEMU never created {path}")
-            time.sleep(0.05)
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.settimeout(timeout)
-        self.s.connect(str(path))
-        self.f = self.s.makefile("rw")
-        self.f.readline()
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, name: str, **args):
-        self.f.write(json.dumps({"execute": name, "arguments": args}) + "\n")
-        self.f.flush()
-        while True:
-            line = self.f.readline()
-            if not line:
-                raise ConnectionError(f"QMP {name}: connection closed")
-            m = json.loads(line)
-            if "error" in m:
-                raise AssertionError(f"QMP {name}: {m['error']}")
-            if "return" in m:
-                return m["return"]
 
 
 class Rig:

@@ -8,10 +8,8 @@ migrations with hinting are the lab's tests (tests/test_lab*.py).
 
 from __future__ import annotations
 
-import json
 import os
 import select
-import socket
 import subprocess
 import sys
 import time
@@ -20,36 +18,12 @@ from pathlib import Path
 import pytest
 
 from hintscope.bundle import read_bundle
+from tests.qmp_sync import QMP
 from hintscope.probes import kvm_abi as K
 from tests.conftest import QEMU
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
-
-
-class QMP:
-    def __init__(self, path: Path, timeout: float = 30):
-        deadline = time.monotonic() + timeout
-        while not path.exists():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"QEMU never created {path}")
-            time.sleep(0.05)
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.settimeout(timeout)
-        self.s.connect(str(path))
-        self.f = self.s.makefile("rw")
-        self.f.readline()  # greeting
-        self.cmd("qmp_capabilities")
-
-    def cmd(self, name: str, **args):
-        self.f.write(json.dumps({"execute": name, "arguments": args}) + "\n")
-        self.f.flush()
-        while True:
-            m = json.loads(self.f.readline())
-            if "error" in m:
-                raise AssertionError(f"QMP {name}: {m['error']}")
-            if "return" in m:
-                return m["return"]
 
 
 QEMU10 = Path("/opt/hintscope/qemu-bpo/usr")   # scripts/install-qemu-backports.sh
