@@ -33,6 +33,9 @@ if [ "$(id -u)" = 0 ]; then
       ln -sfn "${hdr%-amd64}-common" "$kdir/source"
     fi
   fi
+  # QEMU 10.0 from bookworm-backports, unpacked beside the system 7.2, for the version tests.
+  [ -x /opt/hintscope/qemu-bpo/usr/bin/qemu-system-x86_64 ] || bash scripts/install-qemu-backports.sh >/dev/null \
+    || log "could not unpack QEMU 10.0 from bookworm-backports (its tests will skip)"
   [ -d /sys/kernel/tracing/events ] || mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
   [ -d /sys/kernel/debug/tracing ] || mount -t debugfs nodev /sys/kernel/debug 2>/dev/null || true
 else
