@@ -13,7 +13,7 @@ if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/
   printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' > "$src"
 fi
 apt-get update -q >/dev/null
-tmp=$(mktemp -d) && chmod 755 "$tmp"   # apt downloads as _apt
+tmp=$(mktemp -d)
 ( cd "$tmp" && apt-get download -q -t bookworm-backports qemu-system-x86 qemu-system-common qemu-system-data seabios ipxe-qemu >/dev/null )
 mkdir -p "$dest"
 for deb in "$tmp"/*.deb; do dpkg-deb -x "$deb" "$dest"; done
