@@ -130,6 +130,14 @@ class QemuConfig:
         return a + list(self.extra)
 
 
+def _die_with_parent() -> None:
+    """In the forked child: SIGKILL when the parent exits, so no QEMU outlives its lab run."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 class Qemu:
     """A running QEMU with a connected QMP client. Use ``async with`` or call :meth:`stop`."""
 
@@ -161,8 +169,9 @@ class Qemu:
                 p.unlink()
         with open(cfg.stderr_path, "wb") as err:
             # Own session: a Ctrl-C on the terminal reaches hintscope, which then quits QEMU cleanly.
+            # If hintscope itself dies (SIGTERM, SIGKILL) before it can, the kernel kills QEMU.
             self.proc = subprocess.Popen(cfg.argv(), stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
