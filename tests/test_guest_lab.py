@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from hintscope.bundle import read_bundle
-from hintscope.lab import image
+from hintscope.lab import guest_kernel, image
+from hintscope.lab.guest_kernel import GuestKernel
 from hintscope.lab.linux import LinuxOptions, classify_diffs, run_linux, unpacked_qemu_args
 from hintscope.parse.guest_stream import parse_streams
 
@@ -52,18 +53,23 @@ def test_classify_page_diffs(tmp_path):
     assert cls.set_index("gfn").loc[5200, "returned_ns"] == -1  # the DONE return is after the switch
 
 
+KERNEL = GuestKernel(series="6.1", release="6.1.0-57-amd64", package="linux-image-6.1.0-57-amd64",
+                     version="6.1.192-3", headers_package="linux-headers-6.1.0-57-amd64", headers_version="6.1.192-3",
+                     headers_common="linux-headers-6.1.0-57-common", suite="bookworm")
+
+
 def test_image_recipe_hash_is_stable_and_cache_lookup_is_safe(tmp_path, monkeypatch):
     monkeypatch.setenv("HINTSCOPE_CACHE", str(tmp_path))
-    assert image.image_hash() == image.image_hash()
-    assert image.cached_image() is None
-    d = image.image_dir()
+    assert image.image_hash(KERNEL) == image.image_hash(KERNEL)
+    assert image.cached_image(KERNEL) is None
+    d = image.image_dir(KERNEL)
     d.mkdir(parents=True)
     (d / "build.json").write_text("{broken")
-    assert image.cached_image() is None
+    assert image.cached_image(KERNEL) is None
     (d / "build.json").write_text(json.dumps({"image": "root.ext4"}))
-    assert image.cached_image() is None  # no image file
+    assert image.cached_image(KERNEL) is None  # no image file
     (d / "root.ext4").write_bytes(b"")
-    assert image.cached_image()["path"].endswith("root.ext4")
+    assert image.cached_image(KERNEL)["path"].endswith("root.ext4")
 
 
 def test_unpacked_qemu_gets_its_own_firmware(tmp_path):
@@ -100,6 +106,10 @@ def test_linux_guest_migration_smp1(tmp_path):
     assert ((hints["pfn"].to_numpy() % 1024) == 0).all()   # order-10 blocks are 4 MiB aligned
     assert (hints["pfn"].to_numpy() < (o.mem_mb << 8)).all()
     assert len(b.table("qmp")) > 0 and b.meta["sources"]["guest_probe"]["status"] in ("captured", "partial")
+    k = guest_kernel.select()
+    kmeta = b.meta["guest"]["kernel"]
+    assert (kmeta["release"], kmeta["package"], kmeta["version"]) == (k.release, k.package, k.version)
+    assert kmeta["reported_release"] == k.release          # what the guest's own uname said
 
 
 def test_guest_payload_scripts_parse(tmp_path):

@@ -2,15 +2,17 @@
 
 Recipe (see docs/guest.md and shared notes guest-lab.md): debootstrap bookworm minbase with
 python3-bpfcc and kmod; the guest kernel's headers (copied from the host's identical
-``linux-headers-<kver>`` package when installed, else apt-get in the chroot from
-bookworm-security); only the virtio modules the root loads itself (the stock Debian initrd loads
+``linux-headers-<release>`` package when installed, else apt-get of that exact version in the
+chroot); only the virtio modules the root loads itself (the stock Debian initrd loads
 block/ext4); docs, locales and foreign-arch headers trimmed; a tiny PID-1 bootstrap that mounts
 the per-run payload disk (second virtio disk) and hands over to its ``init.sh``.  The probe and
 workload live on that payload disk, so editing them never forces an image rebuild.
 
 The result is a journal-less ext4 shrunk with ``resize2fs -M``, cached under
 ``$HINTSCOPE_CACHE/images/<hash>/`` (default ``~/.cache/hintscope``) with ``build.json``
-(build time, sizes, kernel).  Source and destination QEMU open it with ``readonly=on``.
+(build time, sizes, kernel).  The hash covers the guest kernel's release and package versions
+(lab/guest_kernel.py picks the kernel from what dpkg has installed), so a kernel update rebuilds
+the image.  Source and destination QEMU open it with ``readonly=on``.
 """
 
 from __future__ import annotations
@@ -24,17 +26,16 @@ import time
 from pathlib import Path
 
 from hintscope.errors import HintscopeError
+from hintscope.lab import guest_kernel
+from hintscope.lab.guest_kernel import GuestKernel
 
-GUEST_KVER = "6.1.0-56-amd64"
-KERNEL = f"/boot/vmlinuz-{GUEST_KVER}"
-INITRD = f"/boot/initrd.img-{GUEST_KVER}"
 MIRROR = "http://deb.debian.org/debian"
 SUITE = "bookworm"
 PACKAGES = ["python3-bpfcc", "kmod"]
 # The root loads these itself (in order); virtio_pci/virtio_blk/ext4 come from the initrd.
 ROOT_MODULES = ["drivers/virtio/virtio_balloon.ko", "drivers/char/virtio_console.ko"]
 # Bump when the recipe changes in a way the hash inputs below do not capture.
-RECIPE_VERSION = "3"
+RECIPE_VERSION = "4"
 
 BOOTSTRAP_INIT = r"""#!/bin/sh
 # hintscope PID 1: mount the basics and the per-run payload disk, then hand over to it.
@@ -59,22 +60,23 @@ def cache_root() -> Path:
     return Path(base) / "images"
 
 
-def recipe() -> dict:
+def recipe(k: GuestKernel) -> dict:
     return {"recipe": RECIPE_VERSION, "suite": SUITE, "mirror": MIRROR, "packages": PACKAGES,
-            "kver": GUEST_KVER, "modules": ROOT_MODULES, "init": BOOTSTRAP_INIT, "trim": TRIM_DIRS}
+            "kver": k.release, "kernel_version": k.version, "headers_version": k.headers_version or k.version,
+            "modules": ROOT_MODULES, "init": BOOTSTRAP_INIT, "trim": TRIM_DIRS}
 
 
-def image_hash() -> str:
-    return hashlib.sha256(json.dumps(recipe(), sort_keys=True).encode()).hexdigest()[:16]
+def image_hash(k: GuestKernel) -> str:
+    return hashlib.sha256(json.dumps(recipe(k), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def image_dir() -> Path:
-    return cache_root() / image_hash()
+def image_dir(k: GuestKernel) -> Path:
+    return cache_root() / image_hash(k)
 
 
-def cached_image() -> dict | None:
-    """build.json of the cached image for the current recipe, or None."""
-    d = image_dir()
+def cached_image(k: GuestKernel) -> dict | None:
+    """build.json of the cached image for this kernel and the current recipe, or None."""
+    d = image_dir(k)
     try:
         info = json.loads((d / "build.json").read_text())
     except (OSError, ValueError):
@@ -100,19 +102,21 @@ def _du_bytes(path: Path) -> int:
     return int(out.split()[0]) if out else 0
 
 
-def build(force: bool = False, progress=print) -> dict:
-    """Build (or reuse) the cached image; returns build.json (plus ``path``)."""
+def build(force: bool = False, progress=print, kernel: str | GuestKernel | None = None) -> dict:
+    """Build (or reuse) the cached image for a guest kernel (a series such as "6.12", default 6.1);
+    returns build.json (plus ``path``), whose ``guest_kernel`` names the kernel."""
+    k = kernel if isinstance(kernel, GuestKernel) else guest_kernel.select(kernel)
     if os.geteuid() != 0:
         raise HintscopeError("lab image: building needs root (debootstrap, chroot)")
     for tool in ("debootstrap", "mkfs.ext4", "resize2fs", "e2fsck", "depmod"):
         if not shutil.which(tool):
             raise HintscopeError(f"lab image: {tool} not found (apt-get install debootstrap e2fsprogs kmod)")
-    if not os.path.exists(KERNEL):
-        raise HintscopeError(f"lab image: guest kernel {KERNEL} missing (apt-get install linux-image-{GUEST_KVER})")
-    if not force and (info := cached_image()):
+    if why := guest_kernel.problems(k):
+        raise HintscopeError(f"lab image: guest kernel {k.package} {k.version}: {'; '.join(why)}")
+    if not force and (info := cached_image(k)):
         progress(f"image cached: {info['path']} ({info['image_bytes'] >> 20} MiB, built in {info['build_s']:.0f} s)")
         return info
-    d = image_dir()
+    d = image_dir(k)
     d.mkdir(parents=True, exist_ok=True)
     root = d / "rootfs"
     t0 = time.monotonic()
@@ -129,8 +133,8 @@ def build(force: bool = False, progress=print) -> dict:
             shutil.rmtree(root)
         step("debootstrap", lambda: _run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
                                           SUITE, str(root), MIRROR], log))
-        step("headers", lambda: _install_headers(root, log))
-        step("modules", lambda: _install_modules(root, log))
+        step("headers", lambda: _install_headers(root, k, log))
+        step("modules", lambda: _install_modules(root, k, log))
         step("trim", lambda: _trim(root, log))
         init = root / "sbin" / "hintscope-init"
         init.write_text(BOOTSTRAP_INIT)
@@ -155,8 +159,8 @@ def build(force: bool = False, progress=print) -> dict:
         step("mkfs", mkfs)
         shutil.rmtree(root)
     info = {
-        "image": img.name, "hash": image_hash(), "recipe": {k: v for k, v in recipe().items() if k != "init"},
-        "kernel": KERNEL, "initrd": INITRD, "kver": GUEST_KVER, "content_bytes": content,
+        "image": img.name, "hash": image_hash(k), "recipe": {n: v for n, v in recipe(k).items() if n != "init"},
+        "kernel": k.vmlinuz, "initrd": k.initrd, "kver": k.release, "guest_kernel": k.meta(), "content_bytes": content,
         "image_bytes": img.stat().st_size, "build_s": round(time.monotonic() - t0, 1), "steps_s": steps,
         "built_realtime_ns": time.time_ns(),
     }
@@ -171,52 +175,66 @@ def _umount_all(root: Path) -> None:
         subprocess.run(["umount", "-l", str(root / sub)], capture_output=True)
 
 
-def _install_headers(root: Path, log) -> None:
+def _install_headers(root: Path, k: GuestKernel, log) -> None:
     """Headers matching the guest kernel; without them BCC cannot compile (no IKHEADERS)."""
-    host_hdr = Path(f"/usr/src/linux-headers-{GUEST_KVER}")
-    common = Path(f"/usr/src/linux-headers-{GUEST_KVER.rsplit('-', 1)[0]}-common")
-    if host_hdr.is_dir() and common.is_dir():
-        # Same Debian package as bookworm-security's; copying it skips gcc/binutils/kbuild (~250 MB).
+    host_hdr, common = k.headers_dir, k.headers_common_dir
+    if k.headers_version == k.version and host_hdr.is_dir() and common.is_dir():
+        # Same Debian package as the archive's; copying it skips gcc/binutils/kbuild (~250 MB).
         for src in (host_hdr, common):
             _run(["cp", "-a", str(src), str(root / "usr/src") + "/"], log)
-        log.write(f"headers copied from host {host_hdr}\n")
+        log.write(f"headers copied from host {host_hdr} ({k.headers_version})\n")
     else:
-        (root / "etc/apt/sources.list").write_text(
-            f"deb {MIRROR} {SUITE} main\ndeb {MIRROR} {SUITE}-updates main\n"
-            f"deb http://deb.debian.org/debian-security {SUITE}-security main\n")
+        sources = (f"deb {MIRROR} {SUITE} main\ndeb {MIRROR} {SUITE}-updates main\n"
+                   f"deb http://deb.debian.org/debian-security {SUITE}-security main\n")
+        if k.suite != SUITE:
+            sources += f"deb {MIRROR} {k.suite} main\n"
+        (root / "etc/apt/sources.list").write_text(sources)
         try:
             for sub in ("proc", "sys", "dev"):
                 _run(["mount", "--bind", f"/{sub}", str(root / sub)], log)
+            # the exact version of the guest's image package; apt then takes its dependencies from
+            # whichever suite has them (backports ones only exist there)
             _run(["chroot", str(root), "sh", "-c", "apt-get update -q && DEBIAN_FRONTEND=noninteractive "
-                  f"apt-get install -y --no-install-recommends linux-headers-{GUEST_KVER}"], log)
+                  f"apt-get install -y --no-install-recommends {k.headers_package}={k.version}"], log)
         finally:
             _umount_all(root)
+        build_only = subprocess.run(["chroot", str(root), "dpkg-query", "-W", "-f", "${Package}\n",
+                                     "linux-kbuild-*", "linux-compiler-*"], capture_output=True, text=True).stdout.split()
         _run(["chroot", str(root), "dpkg", "--purge", "--force-depends", "gcc-12", "cpp-12", "binutils",
               "binutils-common", "binutils-x86-64-linux-gnu", "libbinutils", "libgprofng0", "libctf0",
               "libctf-nobfd0", "libasan8", "libtsan2", "liblsan0", "libubsan1", "libgcc-12-dev", "libisl23",
               "libmpc3", "libmpfr6", "libcc1-0", "libitm1", "libquadmath0", "libgomp1", "libatomic1",
-              "linux-compiler-gcc-12-x86", "linux-kbuild-6.1"], log)
+              *build_only], log)
     for arch in (root / "usr/src").glob("linux-headers-*-common/arch/*"):
         if arch.name != "x86":
             shutil.rmtree(arch)
 
 
-def _install_modules(root: Path, log) -> None:
-    src = Path(f"/lib/modules/{GUEST_KVER}")
-    dst = root / "lib/modules" / GUEST_KVER
+def _module_file(src: Path, rel: str) -> Path:
+    """rel as shipped: plain .ko, or compressed (.ko.xz/.ko.zst) as in newer Debian kernels."""
+    for suffix in ("", ".xz", ".zst", ".gz"):
+        if (src / "kernel" / (rel + suffix)).is_file():
+            return src / "kernel" / (rel + suffix)
+    raise HintscopeError(f"lab image: {src}/kernel/{rel} missing (the guest kernel ships no such module)")
+
+
+def _install_modules(root: Path, k: GuestKernel, log) -> None:
+    src = k.modules
+    dst = root / "lib/modules" / k.release
     if not src.is_dir():
-        raise HintscopeError(f"lab image: {src} missing (apt-get install linux-image-{GUEST_KVER})")
+        raise HintscopeError(f"lab image: {src} missing (reinstall {k.package})")
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.glob("modules.builtin*"):
         shutil.copy2(f, dst)
     shutil.copy2(src / "modules.order", dst)
     for rel in ROOT_MODULES:
-        (dst / "kernel" / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src / "kernel" / rel, dst / "kernel" / rel)
-    for link, target in (("build", f"/usr/src/linux-headers-{GUEST_KVER}"),
-                         ("source", f"/usr/src/linux-headers-{GUEST_KVER.rsplit('-', 1)[0]}-common")):
+        f = _module_file(src, rel)
+        out = dst / f.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, out)
+    for link, target in (("build", k.headers_dir), ("source", k.headers_common_dir)):
         os.symlink(target, dst / link)
-    _run(["depmod", "-b", str(root), GUEST_KVER], log)
+    _run(["depmod", "-b", str(root), k.release], log)
 
 
 def _trim(root: Path, log) -> None:
@@ -241,14 +259,24 @@ def add_parser(sub) -> None:
                                    "cached by recipe hash; prints its path, size and build time.")
     p.add_argument("--force", action="store_true", help="rebuild even if a cached image exists")
     p.add_argument("--print-path", action="store_true", help="print only the image path (builds if needed)")
+    add_kernel_argument(p)
     p.set_defaults(func=_cmd)
+
+
+def add_kernel_argument(p) -> None:
+    if "--guest-kernel" not in p._option_string_actions:  # shared by `lab image` and `lab migrate`
+        p.add_argument("--guest-kernel", default=guest_kernel.DEFAULT_SERIES, choices=list(guest_kernel.SERIES_SUITE),
+                       metavar="SERIES", help="Debian kernel series the Linux guest boots: "
+                       f"{', '.join(guest_kernel.SERIES_SUITE)} (default {guest_kernel.DEFAULT_SERIES}; the newest "
+                       "installed package of that series is used, see docs/guest.md)")
 
 
 def _cmd(args) -> int:
     quiet = args.print_path
-    info = build(force=args.force, progress=(lambda *_: None) if quiet else print)
+    info = build(force=args.force, progress=(lambda *_: None) if quiet else print, kernel=args.guest_kernel)
     if quiet:
         print(info["path"])
     else:
-        print(json.dumps({k: info[k] for k in ("path", "image_bytes", "content_bytes", "build_s", "steps_s")}))
+        print(json.dumps({k: info[k] for k in ("path", "image_bytes", "content_bytes", "build_s", "steps_s",
+                                               "guest_kernel")}))
     return 0

@@ -76,6 +76,7 @@ class LinuxOptions:
     memcheck: bool = True
     keep_workdir: bool = False
     extra_qemu: list[str] = field(default_factory=list)
+    guest_kernel: str | None = None  # kernel series (lab/guest_kernel.py); None: the default (6.1)
 
 
 def build_payload(work: Path, o: LinuxOptions) -> Path:
@@ -226,7 +227,7 @@ async def run_linux(o: LinuxOptions) -> dict[str, Any]:
         raise HintscopeError(f"--probe on: {probe_reason}")
     use_probe = probe_reason is None
     t0 = time.monotonic()
-    img = await asyncio.to_thread(lab_image.build, False, lambda *_: None)
+    img = await asyncio.to_thread(lab_image.build, False, lambda *_: None, o.guest_kernel)
     t_image = time.monotonic() - t0
     fw_args, fw_env = unpacked_qemu_args(qemu)
     os.environ.update(fw_env)  # inherited by the QEMU processes
@@ -274,6 +275,7 @@ async def run_linux(o: LinuxOptions) -> dict[str, Any]:
             timings["host_probe_attach"] = round(time.monotonic() - t2, 2)
             summary["probe"]["argv"] = probe.argv
         writer = BundleWriter(bundle, PRODUCER, append=use_probe)
+        writer.meta["guest"] = {"kind": "linux", "kernel": {**img["guest_kernel"], "image_hash": img["hash"]}}
         if not use_probe:
             writer.meta["vmm"] = {"pid": src.pid, "binary": qemu, "version": version}
         writer.set_source("lab_qmp", "captured", interval_ms=o.poll_ms)
@@ -371,6 +373,12 @@ def _finish_guest(writer: BundleWriter, summary: dict, files: Path, diff, o: Lin
     guest_stream.write_to_bundle(writer, gs)
     t = gs.tables
     ev, rep = t["guest_events"], t["guest_reports"]
+    kernel = writer.meta.get("guest", {}).get("kernel", {})
+    reported = gs.header.get("kernel")
+    kernel["reported_release"] = str(reported)[:100] if reported is not None else None
+    if reported is not None and kernel.get("release") and str(reported) != kernel["release"]:
+        gs.problems.append(f"guest stream header: the guest runs kernel {str(reported)[:100]!r}, "
+                           f"the lab booted {kernel['release']}")
     g: dict[str, Any] = {"problems": gs.problems[:20], "counts": gs.counts,
                          "probe_points": gs.header.get("probes", {}), "load_ms": gs.header.get("load_ms")}
     switch = None
@@ -428,6 +436,7 @@ def add_arguments(p) -> None:
     for flag, kw in opts:
         if flag not in p._option_string_actions:  # the shared parser may grow the same option
             g.add_argument(flag, **kw)
+    lab_image.add_kernel_argument(g)
 
 
 def run(args) -> int:
@@ -439,7 +448,7 @@ def run(args) -> int:
                      timeout_s=max(args.timeout, 120.0), memcheck=not args.no_memcheck,
                      downtime_ms=getattr(args, "downtime", 300),
                      keep_workdir=args.keep_workdir, health_s=args.health,
-                     page_sends=getattr(args, "page_sends", False))
+                     page_sends=getattr(args, "page_sends", False), guest_kernel=args.guest_kernel)
     s = asyncio.run(run_linux(o))
     print_summary(s)
     h = s.get("dst_health", {})
@@ -477,6 +486,7 @@ def results_row(bundle: str | Path) -> dict[str, Any]:
     ver = str(lab.get("qemu_version", ""))
     return {
         "run": Path(bundle).name, "qemu": (ver.split("version ")[1].split()[0] if "version " in ver else ver),
+        "kernel": b.meta.get("guest", {}).get("kernel", {}).get("release"),
         "smp": lab.get("smp"), "hint": "on" if lab.get("hint") else "off",
         "transferred_MB": round(ram.get("transferred", 0) / 1e6, 1), "normal_pages": ram.get("normal"),
         "total_ms": m.get("total_time_ms"), "downtime_ms": m.get("downtime_ms"),
