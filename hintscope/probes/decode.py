@@ -71,7 +71,7 @@ QEMU_DTYPE = _dt(_HDR + [("a0", "<u8", 24), ("a1", "<u8", 32), ("a2", "<u8", 40)
 # QEMU uprobe event ids (hdr.aux) -> names; same numbers as QEV_* in qemu_uprobes.bpf.c.
 QEMU_EVENTS = {
     1: "hint_apply", 2: "hint_apply_ret", 3: "sync_fetch_begin", 4: "sync_fetch_end", 5: "migrate_state",
-    6: "notify_config", 7: "precopy_notify", 8: "page_send",
+    6: "notify_config", 7: "precopy_notify", 8: "page_send", 9: "vq_pop_cmd", 10: "vq_pop_hint",
 }
 
 

@@ -206,6 +206,11 @@ class HostProbe:
         text = BPF_C.read_text() + ("\n" + qemu_uprobes.bpf_text() if want_qemu else "")
         cflags = [f"-DTARGET_TGID={self.pid}", f"-DRB_PAGES={self.ring_bytes // 4096}",
                   f"-DCHUNKS_PER_CALL={CHUNKS_PER_CALL}", "-Wno-macro-redefined"]
+        # The BPF reads QEMU structs (VirtQueueElement), whose layout is chosen by version before compiling.
+        version = vmm_version(self.target.exe)
+        layout, layout_basis = qemu_uprobes.element_layout(version)
+        if layout is not None:
+            cflags += layout.cflags()
         try:
             self.b = BPF(text=text, cflags=cflags)
             walk = self.b.load_func("bitmap_walk", BPF.TRACEPOINT)
@@ -223,13 +228,14 @@ class HostProbe:
             exe = self.target.exe
             if exe.endswith(" (deleted)"):
                 exe = f"/proc/{self.pid}/exe"
-            q = qemu_uprobes.attach(self.b, exe, self.pid, page_sends=self.page_sends)
+            q = qemu_uprobes.attach(self.b, exe, self.pid, page_sends=self.page_sends,
+                                    vq_pops=None if layout is not None else layout_basis)
+            q["vq_element_layout"] = layout.meta(layout_basis) if layout is not None else {"basis": layout_basis}
             w.set_source("qemu_uprobes", q.pop("status"), q.pop("reason"), **q)
         else:
             why = "disabled (--qemu off)" if self.qemu == "off" else f"target is not QEMU ({self.target.exe})"
             w.set_source("qemu_uprobes", "unavailable", why)
         self.ring = RingConsumer(self.b["events"].map_fd, self.ring_bytes)
-        version = vmm_version(self.target.exe)
         if want_qemu:
             # migrate_state numbers are enum positions, and the enum changed in QEMU 9.1.
             w.meta["sources"]["qemu_uprobes"]["migration_states"] = qemu_uprobes.migration_states(version)

@@ -93,3 +93,74 @@ int q_page_send(struct pt_regs *ctx)
         return 0;
     return qemu_emit(QEV_PAGE_SEND, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), 0, 0);
 }
+
+// virtqueue_pop(VirtQueue *vq, size_t sz) -> VirtQueueElement *: the vq is only known at entry,
+// the element only at return, so the entry saves vq per thread for the uretprobe.  Only the two
+// element shapes the free page vq carries are emitted (virtqueue_pop also serves every other
+// virtio device; filtering here keeps their elements out of the ring).  Field offsets come from
+// qemu_uprobes.element_layout() as -D flags.
+#define QEV_VQ_POP_CMD      9
+#define QEV_VQ_POP_HINT     10
+
+#ifndef VQE_OUT_NUM
+#define VQE_OUT_NUM 12
+#define VQE_IN_NUM  16
+#define VQE_IN_SG   40
+#define VQE_OUT_SG  48
+#endif
+
+struct vq_iovec {
+    u64 base;
+    u64 len;
+};
+
+BPF_HASH(vq_pop_vq, u32, u64, 4096);
+
+int q_vq_pop(struct pt_regs *ctx)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    if ((id >> 32) != TARGET_TGID)
+        return 0;
+    u32 tid = (u32)id;
+    u64 vq = PT_REGS_PARM1(ctx);
+    vq_pop_vq.update(&tid, &vq);
+    return 0;
+}
+
+int q_vq_pop_ret(struct pt_regs *ctx)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    if ((id >> 32) != TARGET_TGID)
+        return 0;
+    u32 tid = (u32)id;
+    u64 *vqp = vq_pop_vq.lookup(&tid);
+    if (!vqp)
+        return 0;   // entry not seen (probe attached mid-call)
+    u64 vq = *vqp;
+    vq_pop_vq.delete(&tid);
+    u64 elem = PT_REGS_RC(ctx);
+    if (!elem)
+        return 0;   // queue empty
+    u32 out_num = 0, in_num = 0;
+    if (bpf_probe_read_user(&out_num, sizeof(out_num), (void *)(elem + VQE_OUT_NUM)) ||
+        bpf_probe_read_user(&in_num, sizeof(in_num), (void *)(elem + VQE_IN_NUM)))
+        return 0;
+    struct vq_iovec iov = {};
+    u64 sg = 0;
+    if (out_num == 1 && in_num == 0) {
+        if (bpf_probe_read_user(&sg, sizeof(sg), (void *)(elem + VQE_OUT_SG)) ||
+            bpf_probe_read_user(&iov, sizeof(iov), (void *)sg) || iov.len != 4)
+            return 0;
+        u32 cmd = 0;
+        // The guest just wrote the buffer, so it is resident; -EFAULT is recorded, not dropped.
+        s64 err = bpf_probe_read_user(&cmd, sizeof(cmd), (void *)iov.base) ? -14 : 0;
+        return qemu_emit(QEV_VQ_POP_CMD, vq, cmd, 0, err);
+    }
+    if (in_num == 1 && out_num == 0) {
+        if (bpf_probe_read_user(&sg, sizeof(sg), (void *)(elem + VQE_IN_SG)) ||
+            bpf_probe_read_user(&iov, sizeof(iov), (void *)sg))
+            return 0;
+        return qemu_emit(QEV_VQ_POP_HINT, vq, iov.base, iov.len, 0);
+    }
+    return 0;
+}

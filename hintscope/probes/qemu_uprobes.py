@@ -45,6 +45,13 @@ PROBES = [
           why="config-change interrupt (e.g. the balloon published a new cmd id)"),
     Probe("notifier_with_return_list_notify", "q_notifier", event="precopy_notify",
           why="precopy notifiers (precopy_notify is inlined): a0 = list, a1 = reason"),
+    Probe("virtqueue_pop", "q_vq_pop", optional="vq_pops",
+          why="(no row) saves the VirtQueue argument per thread for the return probe"),
+    Probe("virtqueue_pop", "q_vq_pop_ret", ret=True, event="vq_pop_cmd", optional="vq_pops",
+          why="an element with one 4-byte out buffer was popped: a0 = VirtQueue, a1 = the u32 in it "
+              "(free page vq: cmd id >= 0x80000000, 0 = stop); ret = -14 when it could not be read"),
+    Probe("virtqueue_pop", "q_vq_pop_ret", ret=True, event="vq_pop_hint", optional="vq_pops",
+          why="an element with one in buffer was popped: a0 = VirtQueue, a1 = HVA, a2 = length in bytes"),
     Probe("buffer_is_zero", "q_page_send", event="page_send", optional="page_sends",
           why="page about to be sent by the RAM save path: a0 = HVA (one uprobe hit per page)",
           # QEMU >= 9.0: buffer_is_zero is inline and calls one of these.
@@ -58,6 +65,48 @@ PROBES = [
 MIGRATION_STATES_72 = ["none", "setup", "cancelling", "cancelled", "active", "postcopy-active", "postcopy-paused",
                        "postcopy-recover", "completed", "failed", "colo", "pre-switchover", "device", "wait-unplug"]
 MIGRATION_STATES_91 = MIGRATION_STATES_72[:7] + ["postcopy-recover-setup"] + MIGRATION_STATES_72[7:]
+
+
+@dataclass(frozen=True)
+class ElementLayout:
+    """Byte offsets in QEMU's VirtQueueElement that the virtqueue_pop return probe reads."""
+    name: str
+    out_num: int
+    in_num: int
+    in_sg: int
+    out_sg: int
+
+    def cflags(self) -> list[str]:
+        return [f"-DVQE_OUT_NUM={self.out_num}", f"-DVQE_IN_NUM={self.in_num}",
+                f"-DVQE_IN_SG={self.in_sg}", f"-DVQE_OUT_SG={self.out_sg}"]
+
+    def meta(self, basis: str) -> dict:
+        return {"name": self.name, "out_num": self.out_num, "in_num": self.in_num, "in_sg": self.in_sg,
+                "out_sg": self.out_sg, "basis": basis}
+
+
+# {unsigned index, len, ndescs, out_num, in_num; hwaddr *in_addr, *out_addr; struct iovec *in_sg, *out_sg}
+# ndescs came with the packed ring (QEMU 4.2).  Read in the 7.2 and 10.0 include/hw/virtio/virtio.h
+# and checked on both binaries: every hint element's (in_sg[0].iov_base, iov_len) equals the
+# qemu_guest_free_page_hint arguments that follow it (tests/test_probe_vq_pops.py).
+ELEMENT_LAYOUT_42 = ElementLayout("index,len,ndescs,out_num,in_num,*in_addr,*out_addr,*in_sg,*out_sg",
+                                  out_num=12, in_num=16, in_sg=40, out_sg=48)
+
+
+def element_layout(version: str | None) -> tuple[ElementLayout | None, str]:
+    """VirtQueueElement layout for the QEMU that printed ``version``, and why it was chosen.
+
+    None for QEMU < 4.2, whose element had no ndescs (the vq pop probes are then not attached).
+    An unreadable version gets the 4.2+ layout, marked "assumed": the BPF shape filter (exact
+    counts and a 4-byte length) makes a wrong layout yield no rows rather than wrong ones.
+    """
+    m = re.search(r"QEMU emulator version (\d+)\.(\d+)", version or "")
+    if not m:
+        return ELEMENT_LAYOUT_42, "assumed (QEMU version unknown)"
+    major, minor = int(m.group(1)), int(m.group(2))
+    if (major, minor) < (4, 2):
+        return None, f"QEMU {major}.{minor} < 4.2: VirtQueueElement has no ndescs, layout not known to hintscope"
+    return ELEMENT_LAYOUT_42, f"QEMU {major}.{minor} >= 4.2"
 
 
 def migration_states(version: str | None) -> list[str] | None:
@@ -91,20 +140,25 @@ def _attach_one(b, exe: str, pid: int, p: Probe, symbol: str) -> str:
     return "attached"
 
 
-def attach(b, exe: str, pid: int, page_sends: bool = False) -> dict:
+def attach(b, exe: str, pid: int, page_sends: bool = False, vq_pops: str | None = None) -> dict:
     """Attach every wanted probe to ``exe`` for ``pid``; returns the meta section for the source.
 
+    ``vq_pops``: None to attach the virtqueue_pop pair, else why it is off.
     Status: ``captured`` when all wanted symbols attached, ``partial`` when some are missing,
     ``unavailable`` when none attached.
     """
-    opts = {"page_sends": page_sends}
+    off = {"page_sends": None if page_sends else "--page-sends", "vq_pops": vq_pops}
     symbols: dict[str, str] = {}
     attached = 0
     wanted = 0
+    done: set[tuple[str, str]] = set()
     for p in PROBES:
         key = p.symbol + (":return" if p.ret else "")
-        if p.optional and not opts.get(p.optional):
-            symbols[key] = f"off (--{p.optional.replace('_', '-')})"
+        if (p.fn, key) in done:   # one BPF function may produce several events
+            continue
+        done.add((p.fn, key))
+        if p.optional and off.get(p.optional):
+            symbols[key] = f"off ({off[p.optional]})"
             continue
         wanted += 1
         status = _attach_one(b, exe, pid, p, p.symbol)
@@ -124,4 +178,4 @@ def attach(b, exe: str, pid: int, page_sends: bool = False) -> dict:
     else:
         status, reason = "captured", None
     return {"status": status, "reason": reason, "exe": exe, "symbols": symbols,
-            "events": {p.event: p.why for p in PROBES}}
+            "events": {p.event: p.why for p in PROBES if p.event}}

@@ -39,6 +39,7 @@ REASON_CODE = {"other": 0, "done": 1, "shrinker": 2, "remove": 3}
 TID_MAIN, TID_MIG, TID_IO, TID_VCPU0 = 4000, 4001, 4002, 4010
 SLOT1_GPA = 0x1_0000_0000  # second memslot above 4 GiB, like x86 pc.ram
 HVA_BASE = 0x7F00_0000_0000
+VQ_FREE_PAGE = 0x5555_5600_1000  # the free page VirtQueue's address (qemu_events vq_pop_* a0)
 MODES = ("get", "manual", "ring")
 T0 = 5_000_000_000_000  # host CLOCK_MONOTONIC at VM start (the host has been up for a while)
 
@@ -479,6 +480,11 @@ class Sim:
 
     def _consume_one(self) -> int:
         kind, val = self.vq.popleft()
+        # What QEMU's virtqueue_pop return probe records, before the device decides what to do with it.
+        if kind == "hint":
+            self.q("vq_pop_hint", TID_IO, VQ_FREE_PAGE, self.hva(val * self.bpages), self.bpages * 4096)
+        else:
+            self.q("vq_pop_cmd", TID_IO, VQ_FREE_PAGE, val)
         if kind in ("start", "stop"):
             if self.k.check_cmd_id:
                 if kind == "start" and self.status == S_REQUESTED and val == self.cmd_id:
