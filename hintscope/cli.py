@@ -20,6 +20,7 @@ COMMANDS: list[tuple[str | None, str]] = [
     ("lab", "hintscope.lab.migrate"),
     ("lab", "hintscope.lab.hintguest"),
     ("lab", "hintscope.lab.image"),
+    (None, "hintscope.tap.cli"),
     (None, "hintscope.analysis.cli"),
     (None, "hintscope.sim.cli"),
     (None, "hintscope.report.cli"),
@@ -32,6 +33,7 @@ EPILOG = """examples:
   hintscope demo                                  # report + plots + Perfetto trace from the bundled samples
   hintscope probe host --pid $(pidof qemu-system-x86_64) -o run1   # trace a VMM's dirty-log ioctls (root)
   hintscope lab migrate --guest dirtier -o run2   # a real KVM migration on loopback, probed (root)
+  hintscope tap --listen unix:/tmp/tap.sock --forward unix:/tmp/dst.sock -o run3   # decode a migration's page sends
   hintscope analyze run1 --fail-on hazard         # per-sync table, accounting, findings; CI gate
 """
 
