@@ -58,15 +58,20 @@ def compare(src: np.ndarray, dst: np.ndarray, log: GuestLog) -> MemCheck:
     for gfn, n, _id, _round in log.hinted_blocks():
         hinted[gfn:min(gfn + n, pages)] = True
     logged = log.writes_after_hint()
-    # the record's first u32 is the magic
+    # the record at a page's start: u32 magic, u32 gfn, u64 seq
     magic = (src[:, 0] & 0xFFFFFFFF).astype(np.uint32)
-    in_ram = np.flatnonzero((magic == MAGIC_REUSE) & hinted)
+    reuse_rec = (magic == MAGIC_REUSE) & hinted
+    in_ram = np.flatnonzero(reuse_rec)
     written = np.zeros(pages, bool)
-    written[[g for g in logged if g < pages]] = True
     written[in_ram] = True
     notes = []
+    # A logged write the source RAM does not hold was made on the destination after it resumed
+    # (the source stopped inside the round; the log is printed after the writes).
+    later = [g for g, seq in logged.items() if g >= pages or not reuse_rec[g] or int(src[g, 1]) < seq]
+    if later:
+        notes.append(f"{len(later)} logged write(s) not in the source RAM (made after the switchover)")
     if missing := len(set(in_ram.tolist()) - set(logged)):
-        notes.append(f"{missing} reuse record(s) in the source RAM with no ev=write line (log cut short)")
+        notes.append(f"{missing} reuse record(s) in the source RAM with no ev=write line")
     d = np.zeros(pages, bool)
     d[diff] = True
     firmware = d.copy()

@@ -115,15 +115,16 @@ class Tap:
             return ""
 
 
-def analyze(bundle: Path, fail_on: str | None = "hazard") -> tuple[int, dict]:
-    """`python -m hintscope analyze BUNDLE --json [--fail-on F]`: (exit status, the JSON)."""
+def analyze(bundle: Path, fail_on: str | None = "hazard") -> tuple[int, dict | None, str | None]:
+    """`python -m hintscope analyze BUNDLE --json [--fail-on F]`: (exit status, the JSON, None), or
+    (exit status, None, what went wrong) when it printed no JSON."""
     argv = [*PY, "analyze", str(bundle), "--json"] + (["--fail-on", fail_on] if fail_on else [])
     r = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300)
     try:
-        doc = json.loads(r.stdout)
-    except json.JSONDecodeError as e:
-        raise RuntimeError(f"analyze printed no JSON (exit {r.returncode}): {e}; stderr: {r.stderr.strip()[-300:]}")
-    return r.returncode, doc
+        return r.returncode, json.loads(r.stdout), None
+    except json.JSONDecodeError:
+        last = [ln for ln in r.stderr.strip().splitlines() if ln.strip()][-1:] or ["(no stderr)"]
+        return r.returncode, None, f"analyze exit {r.returncode}, no JSON on stdout; stderr ends: {last[0][:300]}"
 
 
 def verdict_and_findings(doc: dict) -> tuple[str, list[dict]]:

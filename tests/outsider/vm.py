@@ -24,7 +24,9 @@ QEMUS = {
 }
 
 MEM_MB = 256
-# Guest layout in a 256 MiB VM: fill and background writer in the first 128 MiB, the hint pool
+# Guest layout in a 256 MiB VM: fill and background writer (32 MiB: at 32 MiB/s one pass over it
+# takes about 1 s, long enough that the guest's slow phases, printing its log with a VM exit per
+# byte, do not let the migration converge before its rounds are done) in the first 128 MiB, the hint pool
 # (28 blocks of 4 MiB; the firmware keeps the top of RAM) in the second. The source's clear_bmap chunk is set to 128 MiB
 # (x-clear-bitmap-shift 15 = 2^15 pages) so the pool has a chunk of its own, as in a big guest
 # where free memory sits far from the busy pages: then the first KVM_CLEAR_DIRTY_LOG of the pool
@@ -39,7 +41,7 @@ CLEAR_BITMAP_SHIFT = 15
 
 def guest_append(behaviour: str, stale: bool, rounds: int = 3, reuse: int = 4, nblocks: int = 8) -> str:
     return (f"behaviour={behaviour} pool={POOL_GFN:#x} pool_blocks={POOL_BLOCKS} nblocks={nblocks} "
-            f"reuse={reuse} rounds={rounds} fill_mb=16 bg=0x1000-0x1fff" + (" stale=1" if stale else ""))
+            f"reuse={reuse} rounds={rounds} fill_mb=32 bg=0x1000-0x2fff" + (" stale=1" if stale else ""))
 
 
 def qemu_available(version: str) -> str | None:
@@ -177,16 +179,22 @@ class GuestLog:
         return " ".join(f"{k}={v}" for k, v in errs[0].items()) if errs else None
 
 
-def read_log(path: Path) -> GuestLog:
-    """Parses the serial file; the last line may be cut short when the VM stopped mid-print."""
+def read_log(src: Path, dst: Path | None = None, wait_s: float = 0) -> GuestLog:
+    """Parses the source's serial file and, after it, the resumed destination's, which continues
+    the line the source was cut in. With ``dst``, waits up to ``wait_s`` for the destination to
+    print a whole line (it prints the rest of the source's last line first)."""
+    if dst is not None:
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and (not dst.exists() or dst.read_bytes().count(b"\n") < 2):
+            time.sleep(0.05)
+    data = b"".join(p.read_bytes()[:64 << 20] for p in (src, dst) if p is not None and p.exists())
     events, bad = [], 0
-    with contextlib.suppress(FileNotFoundError):
-        for line in path.read_bytes()[:64 << 20].decode("ascii", errors="replace").splitlines():
-            m = LINE.match(line)
-            if not m:
-                bad += 1
-                continue
-            events.append((m.group(2), dict(kv.split("=", 1) for kv in m.group(3).split())))
+    for line in data.decode("ascii", errors="replace").splitlines():
+        m = LINE.match(line)
+        if not m:
+            bad += 1
+            continue
+        events.append((m.group(2), dict(kv.split("=", 1) for kv in m.group(3).split())))
     return GuestLog(events, bad)
 
 

@@ -1,0 +1,155 @@
+"""A third party's check of hintscope (issue 11, part 4), driven without hintscope.lab.
+
+Each run starts a source and a destination QEMU with plain argv (KVM, the bare-metal hinting guest,
+virtio-balloon free-page-hint=on on an iothread), attaches `python -m hintscope probe host --pid`
+with its default options, migrates over QMP (through `hintscope tap` when the tree has it), compares
+both paused sides' memory page by page, and reads `python -m hintscope analyze --json --fail-on
+hazard`. See tests/outsider/ and docs/outsider.md. A run takes about 10-15 s here; each scenario
+runs once per module and several tests read it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import lab, needs_bpf, needs_kvm, needs_qemu, needs_root
+from tests.outsider import tools
+from tests.outsider.run import Result, Scenario, resent_after_apply, run
+from tests.outsider.vm import qemu_available
+
+pytestmark = [needs_root, needs_kvm, needs_qemu, needs_bpf]
+
+VERSIONS = ["7.2", "10.0.2"]
+# the lost-write family: a loss shown by the memory check or the guest's writes
+LOSS_KINDS = ("lost-write", "lost-write-not-hint", "rearm-wipe")
+
+
+def _lab() -> bool:
+    return os.environ.get("HINTSCOPE_LAB") == "1"
+
+
+@functools.cache
+def _tap_reason() -> str | None:
+    return tools.tap_available()
+
+
+@pytest.fixture(scope="module")
+def outsider(tmp_path_factory):
+    """Runs a scenario once per module (several tests read the same run)."""
+    from hintscope.lab.build import build_guest  # only to build the guest image
+
+    kernel = Path(build_guest("hintguest"))
+    done: dict[tuple[Scenario, int], Result] = {}
+
+    def get(version: str = "7.2", behaviour: str = "early-reuse", stale: bool = False, dirty_ring: int = 0,
+            rep: int = 0) -> Result:
+        if why := qemu_available(version):
+            pytest.skip(why)
+        sc = Scenario(version, behaviour, stale, dirty_ring, tap=_tap_reason() is None)
+        key = (sc, rep)
+        if key not in done:
+            done[key] = run(sc, tmp_path_factory.mktemp(f"{sc.label}-{rep}"), kernel)
+        return _sane(done[key])
+
+    return get
+
+
+def _sane(r: Result) -> Result:
+    """The run did what the scenario says, or nothing else in the test means anything."""
+    where = f"{r.scenario.label} ({r.workdir})"
+    assert r.migration.get("status") == "completed", where
+    assert r.guest["error"] is None, f"{where}: guest error {r.guest['error']}"
+    assert r.guest["cmd_ids"] >= 1, f"{where}: the guest never got a cmd id, so it never hinted"
+    assert r.probe_exit == 0, f"{where}: probe exit {r.probe_exit}"
+    assert r.mem is not None
+    assert r.analyze_error is None, f"{where}: {r.analyze_error}"
+    if r.scenario.stale:
+        # QEMU dropped every hint: nothing may be missing on the destination
+        assert r.mem.hinted_held == 0 and not r.mem.lost, f"{where}: {r.mem.summary()}"
+    else:
+        # the hints took effect: hinted pages the guest left alone were skipped
+        assert r.mem.hinted_held > 0, f"{where}: no hinted page was skipped: {r.mem.summary()}"
+    if r.scenario.behaviour != "polite":
+        assert r.mem.written_after_hint, f"{where}: the guest wrote no hinted page"
+    return r
+
+
+def _confirmed_losses(r: Result) -> list[dict]:
+    return [f for f in r.findings if f.get("kind") in LOSS_KINDS and f.get("confidence") == "confirmed"]
+
+
+def _report(r: Result) -> str:
+    return f"{r.scenario.label}: {r.row()} findings={[(f.get('kind'), f.get('confidence'), f.get('gfn_count')) for f in r.findings]}"
+
+
+# ---- early reuse in KVM bitmap mode (manual protect): c' hazard and real losses ---------------------
+@pytest.mark.parametrize("version", VERSIONS)
+def test_early_reuse_bitmap_loses_writes_and_gets_rearm_in_apply(outsider, version):
+    r = outsider(version, "early-reuse")
+    assert r.mem.lost, f"no write lost on the destination: {_report(r)}"
+    hz = r.by_kind("rearm-in-apply", "hazard")
+    assert hz and r.pages("rearm-in-apply", "hazard") > 0, f"no rearm-in-apply hazard: {_report(r)}"
+    assert r.verdict == "unsafe ordering found", _report(r)
+    assert r.analyze_exit == 1, f"analyze --fail-on hazard exit {r.analyze_exit}: {_report(r)}"
+
+
+# ---- polite: a latent hazard, nothing lost --------------------------------------------------------
+@pytest.mark.parametrize("version", ["7.2", pytest.param("10.0.2", marks=lab)])
+def test_polite_bitmap_latent_hazard_no_loss(outsider, version):
+    r = outsider(version, "polite")
+    assert not r.mem.lost and not r.mem.lost_other, f"pages missing on the destination: {_report(r)}"
+    assert r.pages("rearm-in-apply", "hazard") > 0, f"no latent rearm-in-apply hazard: {_report(r)}"
+    assert not _confirmed_losses(r), f"a confirmed loss where the memory check found none: {_report(r)}"
+
+
+# ---- controls: no c' hazard where no apply re-arms anything ----------------------------------------
+@pytest.mark.parametrize("version", ["7.2", pytest.param("10.0.2", marks=lab)])
+def test_stale_id_guest_gets_no_rearm_in_apply(outsider, version):
+    r = outsider(version, "early-reuse", stale=True)
+    assert not r.by_kind("rearm-in-apply"), _report(r)
+
+
+@pytest.mark.parametrize("version", ["7.2", pytest.param("10.0.2", marks=lab)])
+def test_dirty_ring_gets_no_rearm_in_apply(outsider, version):
+    # This host's PVM dirty ring can drop pages by itself (docs/findings.md section 4): no loss count here.
+    r = outsider(version, "early-reuse", dirty_ring=65536)
+    assert not r.by_kind("rearm-in-apply"), _report(r)
+
+
+# ---- with the tap: hinted pages are never sent again after their apply -----------------------------
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("behaviour", ["early-reuse", "polite"])
+def test_tap_hinted_pages_not_resent_after_apply(outsider, version, behaviour):
+    if behaviour == "polite" and version != "7.2" and not _lab():
+        pytest.skip("lab: set HINTSCOPE_LAB=1 for the polite 10.0.2 run")
+    if why := _tap_reason():
+        pytest.skip(why)
+    r = outsider(version, behaviour)
+    assert r.tap_exit == 0, f"tap exit {r.tap_exit}"
+    s = resent_after_apply(r)
+    assert s["applies"] > 0 and s["send_rows"] > 0, s
+    assert not s["lost_resent"], f"lost pages the tap saw sent after their apply: {s['lost_resent'][:10]}"
+    assert not s["resent"], f"{len(s['resent'])} hinted page(s) re-sent after their apply: {s['resent'][:10]}"
+
+
+# ---- HINTSCOPE_LAB=1: repetitions and late reuse ---------------------------------------------------
+@lab
+@pytest.mark.parametrize("rep", [1, 2])
+@pytest.mark.parametrize("version", VERSIONS)
+def test_lab_early_reuse_repeats(outsider, version, rep):
+    r = outsider(version, "early-reuse", rep=rep)
+    assert r.mem.lost, _report(r)
+    assert r.pages("rearm-in-apply", "hazard") > 0, _report(r)
+    assert r.verdict == "unsafe ordering found" and r.analyze_exit == 1, _report(r)
+
+
+@lab
+@pytest.mark.parametrize("version", VERSIONS)
+def test_lab_late_reuse_rearm_in_apply(outsider, version):
+    r = outsider(version, "late-reuse")
+    assert r.pages("rearm-in-apply", "hazard") > 0, _report(r)
+    assert r.analyze_exit == 1, _report(r)
