@@ -128,12 +128,46 @@ def bpf_text() -> str:
     return BPF_C.read_text()
 
 
-def _attach_one(b, exe: str, pid: int, p: Probe, symbol: str) -> str:
+# QEMU's virtqueue_pop (7.2 and 10.0 builds alike) is a dispatcher:
+#   movabs $0xff00ff000000,%rax; mov 0x60(%rdi),%rdx; and D(%rdx),%rax; jne <return NULL>
+#   testb $0x4,D(%rdx); je +8; jmp virtqueue_packed_pop; nopl; jmp virtqueue_split_pop
+# Its first instruction is one the kernel cannot emulate, so a probe at the entry costs an extra
+# single-step trap per call (~8x the whole probe here, docs/probes.md); a jmp is emulated.  At both
+# tail jumps %rdi still holds vq and (%rsp) the caller's return address, so the entry probe and the
+# uretprobe work there unchanged and only the NULL return of a broken device is not seen.
+_VQ_POP_DISPATCH = re.compile(rb"\x48\xb8.{8}\x48\x8b\x57.\x48\x23\x82.{4}\x75.\xf6\x82.{5}\x74\x08"
+                              rb"(\xe9.{4})\x0f\x1f\x00(\xe9.{4})", re.S)
+
+
+def vq_pop_sites(exe: str, pid: int) -> tuple[list[int] | None, str]:
+    """Where to attach the virtqueue_pop pair: the dispatcher's tail jumps (virtual addresses)
+    when its code is the known one, else None (the symbol's entry); and a note for meta."""
+    from bcc import BPF  # imported by the caller already (bcc_env.load_bcc)
     try:
-        if p.ret:
-            b.attach_uretprobe(name=exe, sym=symbol, fn_name=p.fn, pid=pid)
-        else:
-            b.attach_uprobe(name=exe, sym=symbol, fn_name=p.fn, pid=pid)
+        found = {int(a) for _, a in BPF.get_user_functions_and_addresses(exe, r"^virtqueue_pop$")}
+        if len(found) != 1:   # .symtab and .dynsym may both list it, at one address
+            return None, "entry (symbol not found, or at several addresses)"
+        vaddr = found.pop()
+        path, foff = BPF._check_path_symbol(exe.encode(), b"virtqueue_pop", None, pid)
+        with open(path, "rb") as f:
+            f.seek(foff)
+            code = f.read(64)
+    except Exception as e:  # BCC raises bare Exception; an unreadable binary just means "entry"
+        return None, f"entry (code not readable: {str(e).splitlines()[0][:120]})"
+    m = _VQ_POP_DISPATCH.match(code)
+    if not m:
+        return None, "entry (not the known dispatcher code)"
+    offs = [m.start(1), m.start(2)]
+    return [vaddr + o for o in offs], "tail jumps " + ", ".join(f"+{o:#x}" for o in offs)
+
+
+def _attach_one(b, exe: str, pid: int, p: Probe, symbol: str, addrs: list[int] | None = None) -> str:
+    try:
+        for kw in ([{"addr": a} for a in addrs] if addrs else [{"sym": symbol}]):
+            if p.ret:
+                b.attach_uretprobe(name=exe, fn_name=p.fn, pid=pid, **kw)
+            else:
+                b.attach_uprobe(name=exe, fn_name=p.fn, pid=pid, **kw)
     except Exception as e:  # BCC raises bare Exception for every attach failure
         msg = str(e)
         return "missing" if "could not determine address" in msg else f"error: {msg.splitlines()[0][:200]}"
@@ -148,6 +182,7 @@ def attach(b, exe: str, pid: int, page_sends: bool = False, vq_pops: str | None 
     ``unavailable`` when none attached.
     """
     off = {"page_sends": None if page_sends else "--page-sends", "vq_pops": vq_pops}
+    sites, where = vq_pop_sites(exe, pid) if not vq_pops else (None, None)
     symbols: dict[str, str] = {}
     attached = 0
     wanted = 0
@@ -161,7 +196,7 @@ def attach(b, exe: str, pid: int, page_sends: bool = False, vq_pops: str | None 
             symbols[key] = f"off ({off[p.optional]})"
             continue
         wanted += 1
-        status = _attach_one(b, exe, pid, p, p.symbol)
+        status = _attach_one(b, exe, pid, p, p.symbol, sites if p.symbol == "virtqueue_pop" else None)
         if status == "missing" and p.alternatives:
             alt = {a: _attach_one(b, exe, pid, p, a) for a in p.alternatives}
             used = [a for a, st in alt.items() if st == "attached"]
@@ -177,5 +212,5 @@ def attach(b, exe: str, pid: int, page_sends: bool = False, vq_pops: str | None 
         status, reason = "partial", f"not attached: {', '.join(missing)}"
     else:
         status, reason = "captured", None
-    return {"status": status, "reason": reason, "exe": exe, "symbols": symbols,
+    return {"status": status, "reason": reason, "exe": exe, "symbols": symbols, "vq_pop_sites": where,
             "events": {p.event: p.why for p in PROBES if p.event}}
