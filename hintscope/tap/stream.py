@@ -182,7 +182,7 @@ class StreamDecoder:
             self._top()
         elif self.state == "header":
             self._file_header()
-        else:  # "done": nothing after the RAM section is decoded
+        else:
             raise _NeedMore
 
     def _file_header(self) -> None:
@@ -331,10 +331,9 @@ class StreamDecoder:
                 raise _Stop(f"stream offset {self._at(p)}: section footer for id {sid}, expected {self._ram_id}")
             p += 5
         self.pos = p
-        self.state = "done" if self.ram_done else "top"
+        self.state = "top"
         if self.ram_done:
             self._close_run()
-            self.sink.flush_rows()
 
     # -- the RAM section ------------------------------------------------------------------------
     def _ram_records(self) -> None:

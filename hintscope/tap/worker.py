@@ -103,7 +103,8 @@ class Capture:
         if self.write_error:
             self.problem(f"tap: {self.write_error}")
         s = self.dec.summary()
-        if self.dec.bytes_seen == 0:
+        forwarded = sum(c.get("bytes_src_to_dst", 0) for c in (self.end or {}).get("connections", []))
+        if self.dec.bytes_seen == 0 and not forwarded and not self.cut:
             status, reason = "unavailable", "no migration stream reached the tap"
         elif self.dec.ram_done and not self.problems:
             status, reason = "captured", None
