@@ -32,7 +32,8 @@ from hintscope.lab.guest_kernel import GuestKernel
 MIRROR = "http://deb.debian.org/debian"
 SUITE = "bookworm"
 PACKAGES = ["python3-bpfcc", "kmod"]
-# The root loads these itself (in order); virtio_pci/virtio_blk/ext4 come from the initrd.
+# The root loads these itself (in order) unless the kernel has them built in; virtio_pci/virtio_blk/ext4
+# come from the initrd.
 ROOT_MODULES = ["drivers/virtio/virtio_balloon.ko", "drivers/char/virtio_console.ko"]
 # Bump when the recipe changes in a way the hash inputs below do not capture.
 RECIPE_VERSION = "4"
@@ -227,7 +228,11 @@ def _install_modules(root: Path, k: GuestKernel, log) -> None:
     for f in src.glob("modules.builtin*"):
         shutil.copy2(f, dst)
     shutil.copy2(src / "modules.order", dst)
+    builtin = set((src / "modules.builtin").read_text().split()) if (src / "modules.builtin").is_file() else set()
     for rel in ROOT_MODULES:
+        if f"kernel/{rel}" in builtin:  # e.g. virtio_console in 6.12; modprobe then finds it built in
+            log.write(f"{rel}: built into {k.release}\n")
+            continue
         f = _module_file(src, rel)
         out = dst / f.relative_to(src)
         out.parent.mkdir(parents=True, exist_ok=True)
