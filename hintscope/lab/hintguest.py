@@ -586,6 +586,7 @@ class HintguestOptions:
     page_sends: bool = False       # probe --page-sends: a uprobe hit per page sent (~50 us each here)
     qemu: str | None = None
     keep_workdir: bool = False
+    tap: bool = True               # migrate through `hintscope tap` (table page_sends)
     stale_id: bool = False         # control: hints carry a stale id and are dropped by QEMU
 
     def append(self) -> str:
@@ -774,7 +775,9 @@ async def run_hintguest(o: HintguestOptions) -> dict[str, Any]:
             writer.set_source("hintguest_bpftrace", "unavailable", reason=trace_reason)
         t_mig = time.monotonic()
         timings["trace_attach"] = round(t_mig - t0 - timings["boot_to_ready"], 3)
-        rows = await _migrate(src, f"unix:{sock}", o)
+        from hintscope.tap.lab import migration_tap
+        async with migration_tap(o.tap, bundle, f"unix:{sock}", work, summary) as uri:
+            rows = await _migrate(src, uri, o)
         summary["migrate_wall_s"] = round(time.monotonic() - t_mig, 3)
         writer.append("qmp", pd.DataFrame(rows))
         final = json.loads(rows[-1]["raw"])
@@ -942,7 +945,7 @@ def run_from_migrate(args: argparse.Namespace) -> int:
     for the rest (2 GiB, 8 blocks x 4 reuse pages, 3 rounds, 32 MiB/s while the rounds run)."""
     o = HintguestOptions(bundle=Path(args.output), behaviour=args.behaviour, dirty_ring=args.dirty_ring,
                          stale_id=args.stale_id, qemu=args.qemu, keep_workdir=args.keep_workdir,
-                         probe=args.probe, timeout_s=max(float(args.timeout), 90.0))
+                         probe=args.probe, timeout_s=max(float(args.timeout), 90.0), tap=args.tap == "on")
     return report_run(o, asyncio.run(run_hintguest(o)))
 
 

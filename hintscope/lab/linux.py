@@ -38,6 +38,7 @@ import pandas as pd
 from hintscope.bundle import BundleWriter
 from hintscope.errors import HintscopeError
 from hintscope.lab import image as lab_image
+from hintscope.tap.lab import migration_tap
 from hintscope.lab.migrate import (HostProbe, LabOptions, drive_migration, memory_check, probe_unavailable_reason,
                                    wait_status)
 from hintscope.lab.qemu import (TRACE_EVENTS, Qemu, ram_map, QemuConfig, available_trace_events, find_qemu,
@@ -63,6 +64,7 @@ class LinuxOptions:
     probe: str = "auto"            # host probe: auto | on | off
     guest_probe: bool = True
     page_sends: bool = False       # host probe --page-sends (zero-page sends too; ~50 us per page)
+    tap: bool = True               # migrate through `hintscope tap` (table page_sends)
     fill_mb: int = 400
     pressure_mb: int = 0
     writer_mb: int = 16
@@ -299,7 +301,8 @@ async def run_linux(o: LinuxOptions) -> dict[str, Any]:
         # the lab's own options type, so fields it adds later keep their defaults
         mig_opts = LabOptions(bundle=bundle, mem_mb=o.mem_mb, hint=o.hint, bandwidth_mb=o.bandwidth_mb,
                               downtime_ms=o.downtime_ms, timeout_s=o.timeout_s, poll_ms=o.poll_ms)
-        rows = await drive_migration(src, f"unix:{mig_sock}", mig_opts)
+        async with migration_tap(o.tap, bundle, f"unix:{mig_sock}", work, summary) as uri:
+            rows = await drive_migration(src, uri, mig_opts)
         timings["migrate_wall"] = round(time.monotonic() - t3, 2)
         writer.append("qmp", pd.DataFrame(rows))
         final = json.loads(rows[-1]["raw"])
@@ -448,7 +451,8 @@ def run(args) -> int:
                      timeout_s=max(args.timeout, 120.0), memcheck=not args.no_memcheck,
                      downtime_ms=getattr(args, "downtime", 300),
                      keep_workdir=args.keep_workdir, health_s=args.health,
-                     page_sends=getattr(args, "page_sends", False), guest_kernel=args.guest_kernel)
+                     page_sends=getattr(args, "page_sends", False), guest_kernel=args.guest_kernel,
+                     tap=getattr(args, "tap", "on") == "on")
     s = asyncio.run(run_linux(o))
     print_summary(s)
     h = s.get("dst_health", {})

@@ -41,6 +41,7 @@ from hintscope.bundle import BundleWriter
 from hintscope.errors import HintscopeError
 from hintscope.lab import build, memdiff
 from hintscope.lab.crosscheck import IoctlCounter
+from hintscope.tap.lab import migration_tap
 from hintscope.lab.qemu import (TRACE_EVENTS, Qemu, ram_map, QemuConfig, available_trace_events, find_qemu,
                                 qemu_version, resolve_accel)
 
@@ -76,6 +77,7 @@ class LabOptions:
     memcheck: bool = True
     crosscheck: bool = False       # count the source's dirty-log ioctls with bpftrace too (tests)
     keep_workdir: bool = False
+    tap: bool = True               # migrate through `hintscope tap` (table page_sends)
     extra_qemu: list[str] = field(default_factory=list)
 
 
@@ -462,7 +464,8 @@ async def run_lab(o: LabOptions) -> dict[str, Any]:
         rows: list[dict[str, Any]] = []
         t3 = time.monotonic()
         try:
-            await drive_migration(src, f"unix:{mig_sock}", o, rows)
+            async with migration_tap(o.tap, bundle, f"unix:{mig_sock}", work, summary) as uri:
+                await drive_migration(src, uri, o, rows)
         finally:
             if rows:
                 writer.append("qmp", pd.DataFrame(rows))
@@ -624,6 +627,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mem", type=int, default=256, metavar="MB", help="guest RAM in MiB (default 256)")
     p.add_argument("--hint", default="on", choices=["on", "off"], help="virtio-balloon free-page-hint device")
     p.add_argument("--probe", default="auto", choices=["auto", "on", "off"], help="attach the host probe")
+    p.add_argument("--tap", default="on", choices=["on", "off"],
+                   help="migrate through the migration-stream tap, which records page_sends (docs/tap.md)")
     p.add_argument("--bandwidth", type=int, default=1000, metavar="MIBPS", help="migration max-bandwidth")
     p.add_argument("--downtime", type=int, default=300, metavar="MS",
                    help="migration downtime-limit (1 keeps QEMU iterating and syncing longer)")
@@ -652,7 +657,7 @@ def run(args: argparse.Namespace) -> int:
                    dirty_ring=args.dirty_ring, mem_mb=args.mem,
                    hint=args.hint == "on", qemu=args.qemu, probe=args.probe, bandwidth_mb=args.bandwidth,
                    timeout_s=args.timeout, memcheck=not args.no_memcheck, keep_workdir=args.keep_workdir,
-                   crosscheck=args.crosscheck)
+                   crosscheck=args.crosscheck, tap=args.tap == "on")
     s = asyncio.run(run_lab(o))
     m = s.get("migration", {})
     ram = m.get("ram") or {}
