@@ -6,9 +6,10 @@ Source: ``benchmarks/src/vq_pop_loop.c`` (compiled here), a process that exports
 returning an element of one of three shapes: ``cmd`` and ``hint`` (the free page vq's two shapes:
 the probe emits a record) and ``other`` (dropped by the BPF shape filter: what every other virtio
 device's pops cost).  Three builds of the stand-in (BUILDS below) show where the cost comes from:
-the probed instruction, emulated by the kernel or single-stepped.  Per repetition: the three shapes without the probe, then the same with
-``HostProbe(pid, qemu="on")`` attached (entry uprobe + uretprobe), then the probe stops; the
-bundle's vq_pop_* row counts are checked against the calls made.
+the probed instruction, emulated by the kernel or single-stepped.  Per repetition: the three
+shapes without the probe, then the same with ``HostProbe(pid, qemu="on")`` attached (entry
+uprobe + uretprobe), then the probe stops; the bundle's vq_pop_* row counts are checked against
+the calls made.
 
     benchmarks/bench_vq_pop.py            # 3 reps, 20000 probed calls per shape
     benchmarks/bench_vq_pop.py --quick    # 1 rep, 2000 calls
@@ -106,11 +107,15 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--calls", type=int, default=20_000)
+    ap.add_argument("--builds", default=",".join(BUILDS), help=f"comma list of {', '.join(BUILDS)}")
     ap.add_argument("-o", "--output")
     a = ap.parse_args(argv)
+    builds = a.builds.split(",")
+    if not set(builds) <= set(BUILDS):
+        ap.error(f"--builds {a.builds}: expected names from {', '.join(BUILDS)}")
     reps, calls = (1, 2_000) if a.quick else (a.reps, a.calls)
     with tempfile.TemporaryDirectory(prefix="hs-bench-vq-") as d:
-        res = {"builds": {kind: run(reps, calls, Path(d), kind) for kind in BUILDS}}
+        res = {"builds": {kind: run(reps, calls, Path(d), kind) for kind in builds}}
     res["machine"] = B.machine()
     print(f"virtqueue_pop uprobe pair, {reps} rep(s), {calls} probed calls per shape (median (min-max)):")
     print(f"{'stand-in':13s} {'shape':6s} {'bare ns/call':>22s} {'probed us/call':>24s} {'added us':>9s} "

@@ -191,3 +191,27 @@ def test_lab_pops_stale_id_qemu72(tmp_path):
 def test_lab_pops_qemu10(tmp_path, stale):
     r = _real(tmp_path, QEMU10, behaviour="early-reuse", stale_id=stale)
     assert (r["applies"] == 0) == stale
+
+
+@needs_kvm
+@needs_bpf
+def test_bench_vq_pop_quick_counts_every_pop(tmp_path):
+    """The benchmark's stand-in pops (no timing asserted): one row per free-page-shaped pop, none for
+    the other shape.  The stand-in is not QEMU's dispatcher, so this covers the entry attach; the
+    real-run test above covers the tail jumps."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    if not shutil.which("gcc"):
+        pytest.skip("needs gcc (the stand-in is compiled)")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "vq.json"
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_vq_pop.py"), "--quick", "--builds",
+                        "movabs-entry", "-o", str(out)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    (c,) = res["builds"]["movabs-entry"]["counts"]
+    assert c["rows"] == {"cmd": 2000, "hint": 2000, "other": 0} and not c["lost"]
+    assert c["sites"].startswith("entry"), c["sites"]

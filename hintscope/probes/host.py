@@ -159,13 +159,14 @@ class HostProbe:
     """In-process API: ``start()``, then ``poll()`` periodically, then ``stop(reason)``."""
 
     def __init__(self, pid: int, out: str | os.PathLike, *, qemu: str = "auto", page_sends: bool = False,
-                 ring_mb: int = DEFAULT_RING_MB, flush_interval: float = 1.0, qemu_trace_log: str | None = None,
+                 vq_pops: bool = True, ring_mb: int = DEFAULT_RING_MB, flush_interval: float = 1.0, qemu_trace_log: str | None = None,
                  append: bool = False):
         check_ring_mb(ring_mb)
         self.pid = pid
         self.out = Path(out)
         self.qemu = qemu
         self.page_sends = page_sends
+        self.vq_pops = vq_pops
         self.ring_bytes = ring_mb << 20
         self.flush_interval = flush_interval
         self.qemu_trace_log = qemu_trace_log
@@ -229,7 +230,8 @@ class HostProbe:
             if exe.endswith(" (deleted)"):
                 exe = f"/proc/{self.pid}/exe"
             q = qemu_uprobes.attach(self.b, exe, self.pid, page_sends=self.page_sends,
-                                    vq_pops=None if layout is not None else layout_basis)
+                                    vq_pops=("--no-vq-pops" if not self.vq_pops else
+                                             None if layout is not None else layout_basis))
             q["vq_element_layout"] = layout.meta(layout_basis) if layout is not None else {"basis": layout_basis}
             w.set_source("qemu_uprobes", q.pop("status"), q.pop("reason"), **q)
         else:
@@ -247,6 +249,7 @@ class HostProbe:
         w.meta["host_probe"] = {
             "ring_bytes": self.ring_bytes, "record_bytes": STRIDE, "max_slot_pages_read": MAX_SLOT_PAGES,
             "attach_s": round(time.monotonic() - t0, 3), "page_sends": self.page_sends,
+            "vq_pops": self.vq_pops,
         }
         w.meta.setdefault("clock_anchors", []).append(clock_anchor("attached"))
         self._last_flush = time.monotonic()
@@ -417,6 +420,7 @@ def run(args) -> int:
     try:
         pid = args.pid if args.pid is not None else read_pidfile(args.pidfile)
         probe = HostProbe(pid, args.output or _default_out(pid), qemu=args.qemu, page_sends=args.page_sends,
+                          vq_pops=not args.no_vq_pops,
                           ring_mb=args.ring_mb, flush_interval=args.flush_interval,
                           qemu_trace_log=args.qemu_trace_log, append=args.append)
         probe.start()
@@ -462,6 +466,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="QEMU uprobes: auto = when /proc/PID/exe is qemu-system-* (default)")
     ap.add_argument("--page-sends", action="store_true",
                     help="also uprobe buffer_is_zero: one event per page QEMU sends (costly: a uprobe per page)")
+    ap.add_argument("--no-vq-pops", action="store_true",
+                    help="do not probe virtqueue_pop (vq_pop_cmd/vq_pop_hint); it runs on every virtio pop of every "
+                         "device, a few us each (docs/probes.md)")
     ap.add_argument("--qemu-trace-log", metavar="FILE", help="QEMU -trace log to copy into the bundle (files/qemu-trace.log) at stop")
     ap.add_argument("--ring-mb", type=int, default=DEFAULT_RING_MB, metavar="MB", help=f"BPF ring buffer size, power of two, 1..{MAX_RING_MB} (16)")
     ap.add_argument("--progress", action="store_true",

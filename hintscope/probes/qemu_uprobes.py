@@ -110,8 +110,10 @@ def element_layout(version: str | None) -> tuple[ElementLayout | None, str]:
 
 
 def migration_states(version: str | None) -> list[str] | None:
-    """State names by number for the QEMU that printed ``version`` (``QEMU emulator version X.Y.Z``)."""
-    m = re.search(r"QEMU emulator version (\d+)\.(\d+)", version or "")
+    """State names by number for the QEMU whose version is ``version``: QEMU's banner (``QEMU emulator
+    version X.Y.Z ...``, what ``-version`` prints and the probe records) or a bare ``X.Y[.Z]``."""
+    m = re.search(r"QEMU emulator version (\d+)\.(\d+)", version or "") or \
+        re.fullmatch(r"\s*v?(\d+)\.(\d+)(?:\.\d+)?(?:[ +~(-].*)?", version or "")
     if not m:
         return None
     major, minor = int(m.group(1)), int(m.group(2))
