@@ -102,6 +102,32 @@ def test_element_layout_by_version():
     assert "-DVQE_IN_SG=40" in l72.cflags()
 
 
+class FakeBPF:
+    """Records attach calls; every symbol exists."""
+
+    def __init__(self):
+        self.calls = []
+
+    def attach_uprobe(self, **kw):
+        self.calls.append(("u", kw.get("sym"), kw.get("addr")))
+
+    def attach_uretprobe(self, **kw):
+        self.calls.append(("r", kw.get("sym"), kw.get("addr")))
+
+
+def test_vq_pops_off_attaches_nothing_on_virtqueue_pop():
+    b = FakeBPF()
+    q = qemu_uprobes.attach(b, "/nonexistent/qemu-system-x86_64", 1, vq_pops="--no-vq-pops")
+    assert q["symbols"]["virtqueue_pop"] == q["symbols"]["virtqueue_pop:return"] == "off (--no-vq-pops)"
+    assert not any(sym == "virtqueue_pop" for _, sym, _ in b.calls) and q["status"] == "captured"
+    # the pair's return function is attached once although it produces two events
+    b = FakeBPF()
+    q = qemu_uprobes.attach(b, "/nonexistent/qemu-system-x86_64", 1)
+    assert [c for c in b.calls if c[1] == "virtqueue_pop"] == [("u", "virtqueue_pop", None),
+                                                                ("r", "virtqueue_pop", None)]
+    assert q["vq_pop_sites"].startswith("entry")
+
+
 # ------------------------------------------------------------------------------------ simulator
 def _sim_qe(variant: str, mode: str, seed: int = 1) -> tuple[M.Sim, pd.DataFrame]:
     s = M.Sim(V.get(variant), seed, M.SimConfig(mode=mode)).run()
@@ -170,7 +196,7 @@ def _real(tmp_path: Path, qemu: str | None = None, **kw) -> dict:
 @needs_bpf
 def test_real_pops_polite_qemu72(tmp_path):
     """~35 s: QEMU 7.2, polite guest, 2 rounds."""
-    r = _real(tmp_path, behaviour="polite", rounds=2)
+    r = _real(tmp_path, behaviour="polite", rounds=2, nblocks=8)
     assert r["applies"] == 16 and r["ids"][:4] == ["0x80000001", "0x0", "0x80000002", "0x0"]
 
 

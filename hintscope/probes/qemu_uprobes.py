@@ -144,9 +144,9 @@ _VQ_POP_DISPATCH = re.compile(rb"\x48\xb8.{8}\x48\x8b\x57.\x48\x23\x82.{4}\x75.\
 def vq_pop_sites(exe: str, pid: int) -> tuple[list[int] | None, str]:
     """Where to attach the virtqueue_pop pair: the dispatcher's tail jumps (virtual addresses)
     when its code is the known one, else None (the symbol's entry); and a note for meta."""
-    from bcc import BPF  # imported by the caller already (bcc_env.load_bcc)
     try:
-        found = {int(a) for _, a in BPF.get_user_functions_and_addresses(exe, r"^virtqueue_pop$")}
+        from bcc import BPF  # loaded by the caller already (bcc_env.load_bcc)
+        found = {int(a) for _, a in BPF.get_user_functions_and_addresses(exe.encode(), rb"^virtqueue_pop$")}
         if len(found) != 1:   # .symtab and .dynsym may both list it, at one address
             return None, "entry (symbol not found, or at several addresses)"
         vaddr = found.pop()
@@ -154,7 +154,7 @@ def vq_pop_sites(exe: str, pid: int) -> tuple[list[int] | None, str]:
         with open(path, "rb") as f:
             f.seek(foff)
             code = f.read(64)
-    except Exception as e:  # BCC raises bare Exception; an unreadable binary just means "entry"
+    except Exception as e:  # BCC raises bare Exception; an unreadable binary (or no BCC) just means "entry"
         return None, f"entry (code not readable: {str(e).splitlines()[0][:120]})"
     m = _VQ_POP_DISPATCH.match(code)
     if not m:
