@@ -7,6 +7,7 @@ import json
 import lzma
 import os
 import random
+import signal
 import socket
 import struct
 import subprocess
@@ -296,6 +297,45 @@ def test_decoder_behind_is_cut_but_forwarding_completes(tmp_path):
     assert src["status"] == "partial"
     assert "decoder fell behind" in src["reason"]
     assert any("decoder fell behind" in p for p in b.meta["problems"])
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+                kids.append(int(d.name))
+    return kids
+
+
+def test_killed_decoder_does_not_stop_forwarding(tmp_path):
+    data = stream(FIXTURES[0])
+    got: list[bytes] = []
+    back: list[bytes] = []
+    srv = _fake_destination(tmp_path / "dst.sock", got, b"")
+    tap = subprocess.Popen([sys.executable, "-m", "hintscope", "tap", "--listen", f"unix:{tmp_path}/tap.sock",
+                            "--forward", f"unix:{tmp_path}/dst.sock", "-o", str(tmp_path / "b")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert tap.stdout.readline().startswith("tap: listening")
+        (worker,) = _children(tap.pid)
+        os.kill(worker, signal.SIGKILL)
+        _send_stream(tmp_path / "tap.sock", data, back)
+        out, err = tap.communicate(timeout=60)
+    finally:
+        if tap.poll() is None:
+            tap.kill()
+        srv.close()
+    assert got == [data]
+    assert tap.returncode == 0 and "decoder process failed" in err
+    b = read_bundle(tmp_path / "b")
+    assert b.complete
+    src = b.meta["sources"]["tap"]
+    assert src["status"] == "partial" and "decoder process died (exit -9)" in src["reason"]
 
 
 def test_hostile_stream_through_the_proxy_is_forwarded_and_reported(tmp_path):

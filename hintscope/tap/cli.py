@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from hintscope.bundle import clock_anchor, write_json_atomic
 from hintscope.errors import HintscopeError
 from hintscope.tap import addr as taddr
 from hintscope.tap.proxy import Pump
@@ -72,6 +73,27 @@ def start_worker(bundle: Path, append: bool, meta: dict[str, Any]) -> tuple[subp
     return proc, feed_w
 
 
+def _close_for_dead_worker(bundle: Path, append: bool, rc: int, stats: dict[str, Any]) -> None:
+    """The decoder process died without closing its share of the bundle: close it for it, so the
+    bundle says why instead of "capture did not finish"."""
+    path = bundle / ("meta-tap.json" if append else "meta.json")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(meta, dict) or meta.get("status") != "running":
+        return
+    why = f"the tap's decoder process died (exit {rc}); the stream was forwarded, decoding stopped"
+    src = meta.setdefault("sources", {}).setdefault("tap", {})
+    src.update({"status": "partial", "reason": why, "proxy": stats})
+    src.setdefault("problems", []).append(why)
+    meta.setdefault("problems", []).append(why)
+    meta["status"] = "complete"
+    meta["end_reason"] = f"error: {why}"
+    meta.setdefault("clock_anchors", []).append(clock_anchor("end"))
+    write_json_atomic(path, meta)
+
+
 def run_tap(listen: str, forward: str, bundle: Path, append: bool = False, max_backlog_mb: int = 256,
             on_listen=None, stop: threading.Event | None = None) -> dict[str, Any]:
     la = taddr.parse(listen, "--listen")
@@ -89,11 +111,13 @@ def run_tap(listen: str, forward: str, bundle: Path, append: bool = False, max_b
             proc.kill()
             out, err = proc.communicate()
     result: dict[str, Any] = {"proxy": stats, "worker_exit": proc.returncode}
+    if proc.returncode != 0:
+        result["worker_error"] = (err or b"").decode(errors="replace").strip()[-500:] or f"exit {proc.returncode}"
+        _close_for_dead_worker(bundle, append, proc.returncode, stats)
     try:
         result.update(json.loads(out.decode().strip().splitlines()[-1]))
     except (ValueError, IndexError):
-        result["status"] = "unknown"
-        result["worker_error"] = (err or b"").decode(errors="replace").strip()[-500:]
+        result["status"] = "partial" if proc.returncode else "unknown"
     return result
 
 
