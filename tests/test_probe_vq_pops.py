@@ -160,6 +160,16 @@ def test_sim_deferred_filter_pops_at_accept_applies_after_the_next_fetch():
         assert ((fetch > t_pop) & (fetch < a.ts_ns)).any()   # the f.1 ordering, visible from host data
 
 
+def test_sim_dropped_hints_are_popped_without_apply():
+    # sync-in-io-handler, seed 2: two hints popped while the device was not in START
+    _, qe = _sim_qe("sync-in-io-handler", "manual", seed=2)
+    seq = qe[qe["event"].isin(["vq_pop_hint", "vq_pop_cmd", "hint_apply"]) & (qe["tid"] == M.TID_IO)]
+    ev = seq["event"].tolist()
+    followed = [i for i, e in enumerate(ev) if e == "vq_pop_hint" and i + 1 < len(ev) and ev[i + 1] == "hint_apply"]
+    dropped = ev.count("vq_pop_hint") - len(followed)
+    assert dropped == ev.count("vq_pop_hint") - ev.count("hint_apply") == 2
+
+
 def test_sim_no_cmd_id_pops_hints_only():
     _, qe = _sim_qe("no-cmd-id", "get")
     assert (qe["event"] == "vq_pop_cmd").sum() == 0
