@@ -9,7 +9,9 @@ What is modelled (one RAM block of ``pages`` 4 KiB pages split over two memslots
   chunk in an epoch: the sender or a hint apply) and ``ring`` (per-vCPU dirty ring, reap +
   KVM_RESET_DIRTY_RINGS at each sync);
 * QEMU's balloon device: cmd id, STOP/REQUESTED/START/DONE, FIFO free_page_vq consumed by an
-  iothread, ``qemu_guest_free_page_hint`` (chunk CLEAR then bmap clear);
+  iothread, ``qemu_guest_free_page_hint`` (chunk CLEAR then bmap clear); every element the iothread
+  pops is a ``vq_pop_cmd`` / ``vq_pop_hint`` row (as the host probe's virtqueue_pop probe records
+  it) at the pop, whether the device then applies, defers or drops it;
 * Linux guest: a writer dirtying in-use pages, churn (free/alloc of blocks), hinting runs,
   shrinker returns (LIFO) followed by reuse (INIT_ON_ALLOC writes the whole block);
 * a guest clock offset with drift and probe jitter.
