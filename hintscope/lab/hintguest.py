@@ -38,7 +38,7 @@ import pandas as pd
 from hintscope.bundle import BundleWriter
 from hintscope.errors import HintscopeError
 from hintscope.lab import build, memdiff
-from hintscope.lab.qemu import Qemu, QemuConfig, available_trace_events, find_qemu, qemu_version
+from hintscope.lab.qemu import Qemu, QemuConfig, available_trace_events, find_qemu, qemu_label, qemu_version
 
 GUEST = "hintguest"
 
@@ -588,10 +588,12 @@ class HintguestOptions:
     keep_workdir: bool = False
     tap: bool = True               # migrate through `hintscope tap` (table page_sends)
     stale_id: bool = False         # control: hints carry a stale id and are dropped by QEMU
+    zero_before_hint: bool = False # zero each block after the cmd id, before hinting it (init_on_alloc)
 
     def append(self) -> str:
         return (f"behaviour={self.behaviour} nblocks={self.nblocks} reuse={self.reuse} rounds={self.rounds} "
-                f"fill_mb={self.fill_mb}" + (" stale=1" if self.stale_id else ""))
+                f"fill_mb={self.fill_mb}" + (" stale=1" if self.stale_id else "")
+                + (" zero=1" if self.zero_before_hint else ""))
 
 
 def _check(o: HintguestOptions) -> None:
@@ -704,9 +706,11 @@ async def run_hintguest(o: HintguestOptions) -> dict[str, Any]:
     events_file.write_text("\n".join(e for e in TRACE_EVENTS if e in known) + "\n")
     src = Qemu(QemuConfig(name="src", trace_events_file=events_file, trace_file=files / "qemu-trace.log", **common))
     dst = Qemu(QemuConfig(name="dst", incoming=f"unix:{sock}", **common))
-    summary: dict[str, Any] = {"behaviour": o.behaviour, "stale_id": o.stale_id, "mode": f"dirty-ring {o.dirty_ring}" if o.dirty_ring
+    summary: dict[str, Any] = {"behaviour": o.behaviour, "stale_id": o.stale_id,
+                               "zero_before_hint": o.zero_before_hint, "mode": f"dirty-ring {o.dirty_ring}" if o.dirty_ring
                                else "bitmap (manual protect)", "append": o.append(), "guest_elf": str(elf),
-                               "qemu": qemu, "qemu_version": qemu_version(qemu), "parse_problems": []}
+                               "qemu": qemu, "qemu_version": qemu_version(qemu), "qemu_label": qemu_label(qemu),
+                               "parse_problems": []}
     writer.meta["hintguest"] = summary
     # QEMU's trace log, mapped onto the host clock by the analysis through the bundle's clock anchors
     writer.meta["qemu_trace"] = {"file": "files/qemu-trace.log", "events": TRACE_EVENTS, "vmm": "source",
@@ -925,6 +929,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="probe every page send (buffer_is_zero uprobe; ~50 us per page on this host)")
     p.add_argument("--stale-id", action="store_true",
                    help="control: the start message carries a stale id, so QEMU drops every hint")
+    p.add_argument("--zero-before-hint", action="store_true",
+                   help="zero every page of a block after the cmd id and before hinting it, as a Linux guest "
+                        "with init_on_alloc does when its driver allocates the block")
     p.add_argument("--qemu", default=None, metavar="PATH")
     p.add_argument("--keep-workdir", action="store_true")
     p.add_argument("-o", "--output", required=True, metavar="BUNDLE")
@@ -936,16 +943,21 @@ def run(args: argparse.Namespace) -> int:
     o = HintguestOptions(bundle=Path(args.output), behaviour=args.behaviour, dirty_ring=args.dirty_ring,
                          nblocks=args.nblocks, reuse=args.reuse, rounds=args.rounds, bandwidth_mb=args.bandwidth,
                          timeout_s=args.timeout, trace=args.trace, qemu=args.qemu, keep_workdir=args.keep_workdir,
-                         stale_id=args.stale_id, probe=args.probe, page_sends=args.page_sends)
+                         stale_id=args.stale_id, probe=args.probe, page_sends=args.page_sends,
+                         zero_before_hint=args.zero_before_hint)
     return report_run(o, asyncio.run(run_hintguest(o)))
 
 
 def run_from_migrate(args: argparse.Namespace) -> int:
     """``hintscope lab migrate --guest hintguest``: the shared options that apply, hintguest defaults
     for the rest (2 GiB, 8 blocks x 4 reuse pages, 3 rounds, 32 MiB/s while the rounds run)."""
+    if getattr(args, "hint", "on") == "off":
+        raise HintscopeError("--hint off: hintguest drives the hinting device itself; for a hint-off control "
+                             "with the same guest writes use --stale-id (QEMU then drops every hint)")
     o = HintguestOptions(bundle=Path(args.output), behaviour=args.behaviour, dirty_ring=args.dirty_ring,
                          stale_id=args.stale_id, qemu=args.qemu, keep_workdir=args.keep_workdir,
-                         probe=args.probe, timeout_s=max(float(args.timeout), 90.0), tap=args.tap == "on")
+                         probe=args.probe, timeout_s=max(float(args.timeout), 90.0), tap=args.tap == "on",
+                         zero_before_hint=getattr(args, "zero_before_hint", False))
     return report_run(o, asyncio.run(run_hintguest(o)))
 
 

@@ -43,7 +43,7 @@ from hintscope.lab import build, memdiff
 from hintscope.lab.crosscheck import IoctlCounter
 from hintscope.tap.lab import migration_tap
 from hintscope.lab.qemu import (TRACE_EVENTS, Qemu, ram_map, QemuConfig, available_trace_events, find_qemu,
-                                qemu_version, resolve_accel)
+                                qemu_label, qemu_version, resolve_accel)
 
 PRODUCER = "lab migrate"
 FINAL_STATES = {"completed", "failed", "cancelled"}
@@ -447,7 +447,7 @@ async def run_lab(o: LabOptions) -> dict[str, Any]:
             "guest_params": {"pages": o.pages, "rate": o.rate, "rounds": o.rounds, "fill_mb": o.fill_mb,
                              "append": append},
             "guest_ready": ready, "accel": accel, "dirty_ring": o.dirty_ring, "mem_mb": o.mem_mb,
-            "hint": o.hint, "qemu": qemu, "qemu_version": version, "qmp_version": src.greeting.get("QMP", {}).get("version"),
+            "hint": o.hint, "qemu": qemu, "qemu_version": version, "qemu_label": qemu_label(qemu, version), "qmp_version": src.greeting.get("QMP", {}).get("version"),
             "src_pid": src.pid, "dst_pid": dst.pid,
             "src_argv": src.cfg.argv(), "dst_argv": dst.cfg.argv(),
             "probe": {"used": use_probe, "reason": probe_reason, "argv": probe.argv if probe else None},
@@ -617,6 +617,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="--guest hintguest: what the guest does with blocks it hinted (docs/hintguest.md)")
     p.add_argument("--stale-id", action="store_true",
                    help="--guest hintguest control: the start message carries a stale id, QEMU drops every hint")
+    p.add_argument("--zero-before-hint", action="store_true",
+                   help="--guest hintguest: zero each block after the cmd id, before hinting it (init_on_alloc)")
     p.add_argument("--pages", default="0x400-0x4ff", help="gfns the guest writes: GFN or GFN-GFN, comma list")
     p.add_argument("--rate", type=int, default=20000, help="page writes per second (0 = unlimited; ~60k max here)")
     p.add_argument("--rounds", type=int, default=0, help="stop writing after N passes over --pages (0 = never)")

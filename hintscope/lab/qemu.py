@@ -67,6 +67,26 @@ def qemu_version(qemu: str) -> str:
     return first[0] if first else "unknown"
 
 
+_BUILD_LABEL_RE = re.compile(r"^label=([ -~]{1,80})$", re.M)
+
+
+def qemu_label(qemu: str, version: str | None = None) -> str:
+    """The QEMU version label for metadata and plots.
+
+    A binary built by scripts/build-qemu.sh sits in ``PREFIX/bin`` beside ``PREFIX/BUILD-INFO``, whose
+    ``label=`` line says what it is: ``patched (<hash of its patches>)`` or ``10.0.2 (source)``.
+    Any other binary is labelled by its version number (``7.2.22``, ``10.0.2``)."""
+    info = Path(os.path.realpath(qemu)).parent.parent / "BUILD-INFO"
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        with info.open("rb") as f:
+            m = _BUILD_LABEL_RE.search(f.read(4096).decode("ascii"))
+        if m:
+            return m.group(1).strip()
+    ver = version if version is not None else qemu_version(qemu)
+    m = re.search(r"version (\d+\.\d+(?:\.\d+)?)", ver)
+    return m.group(1) if m else ver[:40]
+
+
 def available_trace_events(qemu: str) -> set[str]:
     r = subprocess.run([qemu, "-trace", "help"], capture_output=True, text=True, timeout=30)
     return set(r.stdout.split())

@@ -44,8 +44,13 @@ def meta_labels(meta: dict[str, Any]) -> dict[str, str]:
     if "hint" in lab:
         h = lab["hint"]
         out["hint"] = ("on" if h else "off") if isinstance(h, bool) else str(h)
-    ver = lab.get("qemu_version") or vmm.get("version")
-    if ver:
+    hg = meta.get("hintguest") if isinstance(meta.get("hintguest"), dict) else {}
+    ver = lab.get("qemu_version") or hg.get("qemu_version") or vmm.get("version")
+    # scripts/build-qemu.sh binaries carry their own label ("patched (<hash>)"), see lab.qemu.qemu_label
+    label = lab.get("qemu_label") or hg.get("qemu_label")
+    if isinstance(label, str) and label:
+        out["qemu"] = label[:80]
+    elif ver:
         m = re.search(r"(\d+\.\d+(?:\.\d+)?)", str(ver))
         out["qemu"] = m.group(1) if m else str(ver)[:40]
     if lab.get("guest"):

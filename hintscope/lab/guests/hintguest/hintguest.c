@@ -24,6 +24,9 @@
  *   log_ms=N       heartbeat period (default 250).
  *   stale=1        control: the start message carries id-1, so the host drops every hint
  *                  (same writes, same timing, no qemu_guest_free_page_hint).
+ *   zero=1         zero every page of each block after the cmd id is seen and before the block
+ *                  is hinted, as a Linux guest with init_on_alloc does when its driver
+ *                  allocates the block (log `zero`). Combines with any behaviour.
  *
  * Every pool block is "used" (each page stamped 'HGUS') before it is hinted: at boot for the
  * first round, for later rounds right after the host has consumed the previous round, so the
@@ -98,7 +101,7 @@ static void eol(void) { putc('\n'); }
 enum { POLITE, EARLY, LATE };
 static const char *bnames[] = {"polite", "early-reuse", "late-reuse"};
 static int behaviour = POLITE;
-static u64 pool = 0x40000, pool_blocks = 64, nblocks = 8, reuse = 4, fill_mb = 64, rounds = 3, log_ms = 250, stale;
+static u64 pool = 0x40000, pool_blocks = 64, nblocks = 8, reuse = 4, fill_mb = 64, rounds = 3, log_ms = 250, stale, zero;
 
 /* A number must end the token (or start a range). */
 static int parse_val(const char **p, u64 *out)
@@ -130,6 +133,7 @@ static const char *parse_cmdline(const char *s)
 		else if (cmdline_key(s, "reuse", &v)) { if (!parse_val(&v, &reuse)) return "reuse: expected a number"; }
 		else if (cmdline_key(s, "fill_mb", &v)) { if (!parse_val(&v, &fill_mb)) return "fill_mb: expected a number"; }
 		else if (cmdline_key(s, "stale", &v)) { if (!parse_val(&v, &stale) || stale > 1) return "stale: expected 0 or 1"; }
+		else if (cmdline_key(s, "zero", &v)) { if (!parse_val(&v, &zero) || zero > 1) return "zero: expected 0 or 1"; }
 		else if (cmdline_key(s, "rounds", &v)) { if (!parse_val(&v, &rounds)) return "rounds: expected a number"; }
 		else if (cmdline_key(s, "log_ms", &v)) { if (!parse_val(&v, &log_ms) || !log_ms) return "log_ms: expected a positive number"; }
 		else if (cmdline_key(s, "bg", &v)) {
@@ -269,6 +273,20 @@ static void use_blocks(u64 b0, u64 n, u32 round)
 	kv("round", round); kv("t_end", t1); kv("seq", seq); eol();
 }
 
+/* Zeroes every page of blocks [b0, b0+n), the way init_on_alloc clears a block the Linux driver
+ * allocates for hinting: after the cmd id, before the hint. Word stores, not rep stos (slow here). */
+static void zero_blocks(u64 b0, u64 n)
+{
+	for (u64 b = b0; b < b0 + n && b < pool_blocks; b++)
+		for (u64 g = pool + b * BLOCK_PAGES; g < pool + (b + 1) * BLOCK_PAGES; g++) {
+			volatile u64 *w = (volatile u64 *)(u32)(g << 12);
+			for (u32 i = 0; i < 512; i++)
+				w[i] = 0;
+			if (!(g & 7))
+				bg_tick(1);
+		}
+}
+
 /* ---- one hinting round for cmd id `id` ---- */
 static u64 reuse_t[MAX_BLOCKS * MAX_REUSE / 16];
 static u64 reuse_seq[MAX_BLOCKS * MAX_REUSE / 16];
@@ -315,6 +333,11 @@ static void hint_round_run(u32 id)
 		ev(rdtsc(), "error"); ks("msg", "virtqueue_full"); kx("id", id); eol();
 		return;
 	}
+	u64 t_zero = rdtsc(), t_zero_end = 0;
+	if (zero) {
+		zero_blocks(b0, nblocks);
+		t_zero_end = rdtsc();
+	}
 	u32 s0 = avail_idx;
 	u32 slot = vq_add((u32)&cmd_buf[avail_idx % qsize], 4, 0);
 	/* stale=1 (control run): the start message carries the previous id, so QEMU stays in
@@ -339,6 +362,10 @@ static void hint_round_run(u32 id)
 
 	/* The log comes after the fact so that printing (one VM exit per byte) does not widen
 	 * or narrow the race window the behaviour is about. */
+	if (zero) {
+		ev(t_zero, "zero"); kx("id", id); kx("gfn", pool + b0 * BLOCK_PAGES); kv("npages", nblocks * BLOCK_PAGES);
+		kv("round", hint_round); kv("t_end", t_zero_end); eol();
+	}
 	ev(t_avail, "start"); kx("id", id); kv("round", hint_round); kv("avail_idx", s0);
 	if (stale) kx("sent_id", id - 1);
 	eol();
@@ -381,7 +408,7 @@ void guest_main(u32 magic, u32 *mbi)
 	bg_on = 0; /* not during boot-time fill/use: nothing migrates yet */
 	ev(rdtsc(), "boot"); ks("behaviour", bnames[behaviour]); kx("pool", pool); kv("pool_blocks", pool_blocks);
 	kv("nblocks", nblocks); kv("reuse", reuse); kv("fill_mb", fill_mb); kx("bg_first", bg_first);
-	kx("bg_last", bg_last); kv("rounds", rounds); kv("stale", stale); kv("mem_pages", mem_pages);
+	kx("bg_last", bg_last); kv("rounds", rounds); kv("stale", stale); kv("zero", zero); kv("mem_pages", mem_pages);
 	kx("image_first", (u32)image_start >> 12); kx("image_last", ((u32)image_end >> 12) - 1); eol();
 	ev(rdtsc(), "calib"); kv("tsc_hz", tsc_hz); ks("src", tsc_calibrated ? "pit" : "guess"); eol();
 
