@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import lab, needs_bpf, needs_kvm, needs_qemu, needs_root
 from tests.outsider import tools
-from tests.outsider.run import Result, Scenario, resent_after_apply, run
+from tests.outsider.run import Result, Scenario, resent_after_apply, run, run_many
 from tests.outsider.vm import qemu_available
 
 pytestmark = [needs_root, needs_kvm, needs_qemu, needs_bpf]
@@ -37,23 +37,44 @@ def _tap_reason() -> str | None:
     return tools.tap_available()
 
 
+# The normal suite's runs, booted in a pipeline (each next pair boots while the previous one is
+# checked); the HINTSCOPE_LAB=1 extras run one by one when a test asks for them.
+NORMAL = [("7.2", "early-reuse", False, 0), ("10.0.2", "early-reuse", False, 0), ("7.2", "polite", False, 0),
+          ("7.2", "early-reuse", True, 0), ("7.2", "early-reuse", False, 65536)]
+
+
 @pytest.fixture(scope="module")
 def outsider(tmp_path_factory):
-    """Runs a scenario once per module (several tests read the same run)."""
+    """get(version, behaviour, stale, dirty_ring, rep) -> the Result of that run (each runs once)."""
     from hintscope.lab.build import build_guest  # only to build the guest image
 
     kernel = Path(build_guest("hintguest"))
-    done: dict[tuple[Scenario, int], Result] = {}
+    done: dict[tuple, Result | BaseException] = {}
+
+    def scenario(version, behaviour, stale, dirty_ring) -> Scenario:
+        return Scenario(version, behaviour, stale, dirty_ring, tap=_tap_reason() is None)
 
     def get(version: str = "7.2", behaviour: str = "early-reuse", stale: bool = False, dirty_ring: int = 0,
             rep: int = 0) -> Result:
         if why := qemu_available(version):
             pytest.skip(why)
-        sc = Scenario(version, behaviour, stale, dirty_ring, tap=_tap_reason() is None)
-        key = (sc, rep)
+        key = (version, behaviour, stale, dirty_ring, rep)
         if key not in done:
-            done[key] = run(sc, tmp_path_factory.mktemp(f"{sc.label}-{rep}"), kernel)
-        return _sane(done[key])
+            if rep == 0 and key[:4] in NORMAL:
+                todo = [k for k in NORMAL if (*k, 0) not in done and qemu_available(k[0]) is None]
+                jobs = [(scenario(*k), tmp_path_factory.mktemp(scenario(*k).label)) for k in todo]
+                for k, (_sc, r) in zip(todo, run_many(jobs, kernel)):
+                    done[(*k, 0)] = r
+            else:
+                sc = scenario(version, behaviour, stale, dirty_ring)
+                try:
+                    done[key] = run(sc, tmp_path_factory.mktemp(f"{sc.label}-{rep}"), kernel)
+                except Exception as e:  # noqa: BLE001 - reported by the test that asked
+                    done[key] = e
+        r = done[key]
+        if isinstance(r, BaseException):
+            pytest.fail(f"run {key} failed: {type(r).__name__}: {r}")
+        return _sane(r)
 
     return get
 
@@ -131,9 +152,11 @@ def test_tap_hinted_pages_not_resent_after_apply(outsider, version, behaviour):
     r = outsider(version, behaviour)
     assert r.tap_exit == 0, f"tap exit {r.tap_exit}"
     s = resent_after_apply(r)
-    assert s["applies"] > 0 and s["send_rows"] > 0, s
+    assert s["applies"] > 0 and s["send_rows"] > 0, {k: v for k, v in s.items() if not isinstance(v, list)}
+    # the lost writes never went over the wire after the apply: QEMU itself dropped them
     assert not s["lost_resent"], f"lost pages the tap saw sent after their apply: {s['lost_resent'][:10]}"
-    assert not s["resent"], f"{len(s['resent'])} hinted page(s) re-sent after their apply: {s['resent'][:10]}"
+    assert not s["unexplained"], (f"{len(s['unexplained'])} hinted page(s) sent after their apply with no "
+                                  f"write or dirty harvest to explain it: {s['unexplained'][:10]}")
 
 
 # ---- HINTSCOPE_LAB=1: repetitions and late reuse ---------------------------------------------------

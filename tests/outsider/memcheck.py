@@ -42,10 +42,22 @@ class MemCheck:
                 "ram_reuse_records": self.ram_reuse_records, "notes": self.notes}
 
 
+def scratch_dir(fallback: Path) -> Path:
+    """/dev/shm when it has room for two dumps (a disk write of 2 x 256 MiB costs seconds here)."""
+    import shutil
+
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shutil.disk_usage(shm).free > 4 << 30:
+        return shm
+    return fallback
+
+
 def dump(vm: VM, path: Path, mem_mb: int) -> np.ndarray:
-    vm.cmd("pmemsave", val=0, size=mem_mb << 20, filename=str(path))
-    a = np.fromfile(path, dtype="<u8")
-    path.unlink()
+    try:
+        vm.cmd("pmemsave", val=0, size=mem_mb << 20, filename=str(path))
+        a = np.fromfile(path, dtype="<u8")
+    finally:
+        path.unlink(missing_ok=True)
     if a.size != (mem_mb << 20) // 8:
         raise RuntimeError(f"pmemsave of {vm.name} gave {a.size * 8} bytes, expected {mem_mb << 20}")
     return a.reshape(-1, PAGE // 8)

@@ -4,7 +4,10 @@ QMP, compare memory, analyze the probe's bundle."""
 from __future__ import annotations
 
 import contextlib
+import json
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +60,14 @@ class Result:
     def pages(self, kind: str, confidence: str | None = None) -> int:
         return sum(int(f.get("gfn_count") or 0) for f in self.by_kind(kind, confidence))
 
+    def dump(self) -> dict[str, Any]:
+        """Everything a report needs, JSON-ready."""
+        return {**self.row(), "mem": self.mem.summary() if self.mem else None, "migration": self.migration,
+                "guest": self.guest, "probe_exit": self.probe_exit, "tap_exit": self.tap_exit,
+                "analyze_error": self.analyze_error, "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
+                "findings": [{k: f.get(k) for k in ("kind", "confidence", "gfn_count", "gfn_first", "gfn_last")}
+                             for f in self.findings], "workdir": str(self.workdir)}
+
     def row(self) -> dict[str, Any]:
         m = self.mem.summary() if self.mem else {}
         cp = {k: f"{len(self.by_kind(k))} ({self.pages(k)} pages)" for k in CPRIME if self.by_kind(k)}
@@ -90,32 +101,76 @@ def _migrate(src: VM, uri: str, sc: Scenario, timeout: float = 90) -> dict[str, 
         time.sleep(0.1)
 
 
-def run(sc: Scenario, workdir: Path, kernel: Path) -> Result:
+@dataclass
+class Live:
+    """A scenario booted and waiting: source paused at the guest's `ready`, probe attached, tap listening."""
+    res: Result
+    src: VM
+    dst: VM
+    probe: tools.Probe | None = None
+    tap: tools.Tap | None = None
+    uri: str = ""
+    t0: float = 0.0
+    closed: threading.Event = field(default_factory=threading.Event)
+
+    def mark(self, name: str) -> None:
+        self.res.timings[name] = time.monotonic() - self.t0
+
+    def close(self) -> None:
+        if self.closed.is_set():
+            return
+        for v in (self.src, self.dst):
+            v.stop()
+        if self.tap is not None:
+            self.res.tap_exit = self.tap.wait(30)
+        if self.probe is not None:
+            self.res.probe_exit = self.probe.stop()
+        self.mark("stopped")
+        self.closed.set()
+
+
+def prepare(sc: Scenario, workdir: Path, kernel: Path) -> Live:
+    """Boots both QEMUs and attaches the tools. The source is paused once its guest is ready (no
+    cmd id has been issued yet: that needs a migration), so a run can be booted while another one
+    is being checked, and the migration itself still runs alone."""
     workdir.mkdir(parents=True, exist_ok=True)
     res = Result(sc, workdir, workdir / "probe.bundle")
     append = guest_append(sc.behaviour, sc.stale)
     dst_sock, tap_sock = workdir / "dst.sock", workdir / "tap.sock"
-    src = VM("src", workdir, sc.version, kernel, append, sc.dirty_ring)
-    dst = VM("dst", workdir, sc.version, kernel, append, sc.dirty_ring, incoming=f"unix:{dst_sock}")
-    probe = tap = None
-    t0 = time.monotonic()
+    live = Live(res, VM("src", workdir, sc.version, kernel, append, sc.dirty_ring),
+                VM("dst", workdir, sc.version, kernel, append, sc.dirty_ring, incoming=f"unix:{dst_sock}"),
+                uri=f"unix:{dst_sock}", t0=time.monotonic())
     try:
-        src.start()
-        # the probe's BCC compile overlaps the guest's boot
-        probe = tools.Probe(src.pid, res.bundle, workdir / "probe.log")
-        dst.start()
-        wait_serial(src.serial, r"^HG t=\d+ ev=ready", 60)
-        res.timings["boot"] = time.monotonic() - t0
-        probe.wait_attached()
-        res.timings["probe_attached"] = time.monotonic() - t0
-        uri = f"unix:{dst_sock}"
+        live.src.start()
+        # the probe's BCC compile and the tap's start overlap the guest's boot
+        live.probe = tools.Probe(live.src.pid, res.bundle, workdir / "probe.log")
+        live.dst.start()
         if sc.tap:
-            res.tap_bundle = workdir / "tap.bundle"
-            tap = tools.Tap(tap_sock, dst_sock, res.tap_bundle, workdir / "tap.log")
-            tap.wait_listening()
-            uri = f"unix:{tap_sock}"
+            live.probe.wait_bundle()   # the tap joins the probe's bundle (--append)
+            res.tap_bundle = res.bundle
+            live.tap = tools.Tap(tap_sock, dst_sock, res.bundle, workdir / "tap.log")
+            live.uri = f"unix:{tap_sock}"
+        wait_serial(live.src.serial, r"^HG t=\d+ ev=ready", 120)
+        live.src.cmd("stop")
+        live.mark("guest_ready")
+        live.probe.wait_attached()
+        live.mark("probe_attached")
+        if live.tap is not None:
+            live.tap.wait_listening()
+            live.mark("tap_listening")
+    except BaseException:
+        live.close()
+        raise
+    return live
+
+
+def migrate(live: Live) -> None:
+    """Resumes the source and migrates it; the destination ends paused (-S)."""
+    res, src, dst = live.res, live.src, live.dst
+    try:
+        src.cmd("cont")
         t_mig = time.monotonic()
-        info = _migrate(src, uri, sc)
+        info = _migrate(src, live.uri, res.scenario)
         res.timings["migrate"] = time.monotonic() - t_mig
         res.migration = {"status": info.get("status"), "total-time": info.get("total-time"),
                          "downtime": info.get("downtime"), **{k: (info.get("ram") or {}).get(k) for k in
@@ -123,16 +178,25 @@ def run(sc: Scenario, workdir: Path, kernel: Path) -> Result:
         if info.get("status") != "completed":
             raise RuntimeError(f"migration {info.get('status')}: {info.get('error-desc', '')}")
         src.wait_status("postmigrate", 10)
-        dst.wait_status("paused", 30)   # -S: the destination stays paused after the incoming migration
-        if tap is not None:
-            res.tap_exit = tap.wait()
-        res.probe_exit = probe.stop()
+        dst.wait_status("paused", 30)
+        assert live.probe is not None
+        live.probe.interrupt()   # it writes its last rows while the memory is compared
+    except BaseException:
+        live.close()
+        raise
+
+
+def check(live: Live) -> Result:
+    """Memory check, then stop everything and analyze the bundle."""
+    res, src, dst, workdir = live.res, live.src, live.dst, live.res.workdir
+    try:
         t_mem = time.monotonic()
-        a = memcheck.dump(src, workdir / "src.ram", MEM_MB)
-        b = memcheck.dump(dst, workdir / "dst.ram", MEM_MB)
+        scratch = memcheck.scratch_dir(workdir)
+        a = memcheck.dump(src, scratch / f"{workdir.name}-src.ram", MEM_MB)
+        b = memcheck.dump(dst, scratch / f"{workdir.name}-dst.ram", MEM_MB)
         # The source stops mid-print, cutting its log; the resumed destination prints the rest.
         dst.cmd("cont")
-        log = read_log(src.serial, dst.serial, wait_s=3)
+        log = read_log(src.serial, dst.serial, wait_s=8)
         res.mem = memcheck.compare(a, b, log)
         del a, b
         res.timings["memcheck"] = time.monotonic() - t_mem
@@ -141,28 +205,88 @@ def run(sc: Scenario, workdir: Path, kernel: Path) -> Result:
                      "bg_stop": bool(log.of("bg_stop")), "used_timeouts": len(log.of("used_timeout")),
                      "error": log.error(), "bad_lines": log.bad_lines}
     finally:
-        for v in (src, dst):
-            v.stop()
-        if tap is not None and tap.proc.poll() is None:
-            res.tap_exit = tap.wait(5)
-        if probe is not None and probe.proc.poll() is None:
-            res.probe_exit = probe.stop()
+        live.close()
     t_an = time.monotonic()
     res.analyze_exit, doc, res.analyze_error = tools.analyze(res.bundle, fail_on="hazard")
     if doc is not None:
         res.verdict, res.findings = tools.verdict_and_findings(doc)
     res.timings["analyze"] = time.monotonic() - t_an
-    res.timings["total"] = time.monotonic() - t0
+    live.mark("total")
+    (workdir / "result.json").write_text(json.dumps(res.dump(), indent=1, default=str))
     return res
+
+
+def run(sc: Scenario, workdir: Path, kernel: Path) -> Result:
+    live = prepare(sc, workdir, kernel)
+    migrate(live)
+    return check(live)
+
+
+def run_many(jobs: list[tuple[Scenario, Path]], kernel: Path) -> Iterator[tuple[Scenario, Result | BaseException]]:
+    """Runs the scenarios in order, booting each next one while the previous one is checked and
+    analyzed (both are CPU-bound waits on this host; the migrations never overlap). Yields each
+    scenario with its Result or the exception that ended it."""
+    def boot(i: int) -> tuple[threading.Thread, list]:
+        box: list = []
+        sc, wd = jobs[i]
+
+        def go() -> None:
+            try:
+                live = prepare(sc, wd, kernel)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                box.append(e)
+                return
+            box.append(live)
+            # QEMU dies with the thread that started it (PR_SET_PDEATHSIG): stay until it is closed
+            live.closed.wait()
+        t = threading.Thread(target=go, name=f"boot-{sc.label}", daemon=True)
+        t.start()
+        return t, box
+
+    def ready(pending: tuple[threading.Thread, list]) -> "Live | BaseException":
+        t, box = pending
+        while not box:
+            t.join(0.1)
+        return box[0]
+
+    if not jobs:
+        return
+    pending: tuple[threading.Thread, list] | None = boot(0)
+    try:
+        for i, (sc, _wd) in enumerate(jobs):
+            assert pending is not None
+            live = ready(pending)
+            pending = None
+            if isinstance(live, BaseException):
+                pending = boot(i + 1) if i + 1 < len(jobs) else None
+                yield sc, live
+                continue
+            try:
+                migrate(live)
+            except BaseException as e:  # noqa: BLE001
+                pending = boot(i + 1) if i + 1 < len(jobs) else None
+                yield sc, e
+                continue
+            pending = boot(i + 1) if i + 1 < len(jobs) else None
+            try:
+                res: Result | BaseException = check(live)
+            except BaseException as e:  # noqa: BLE001
+                res = e
+            yield sc, res
+    finally:
+        if pending is not None:   # the consumer stopped early: do not leave a booted pair behind
+            live = ready(pending)
+            if isinstance(live, Live):
+                live.close()
 
 
 # ---- with the tap: were the hinted pages sent again after their apply? ------------------------
 def applies(bundle: Path) -> list[tuple[int, int, int]]:
     """(first gfn, pages, return time ns) of every hint apply the probe saw (qemu_events), the HVA
     mapped to a gfn through the probe's memslots table."""
-    from hintscope.bundle import Bundle
+    from hintscope.bundle import read_bundle
 
-    b = Bundle.open(bundle)
+    b = read_bundle(bundle)
     ev = b.table("qemu_events").sort_values("ts_ns", kind="stable")
     slots = b.table("memslots")
     slots = slots[slots["size"] > 0]
@@ -180,26 +304,58 @@ def applies(bundle: Path) -> list[tuple[int, int, int]]:
     return out
 
 
+def harvested_after(bundle: Path) -> dict[int, np.ndarray]:
+    """gfn -> sorted times (ns) at which a KVM_GET_DIRTY_LOG reported it dirty (probe's bitmap_words)."""
+    from hintscope.bundle import read_bundle
+
+    b = read_bundle(bundle)
+    w = b.table("bitmap_words")
+    w = w[w["op"] == "get"]
+    slots = b.table("memslots")
+    base = {int(r.slot) | int(r.as_id) << 16: int(r.gpa) >> 12 for r in slots.itertuples(index=False) if r.size}
+    out: dict[int, list[int]] = {}
+    for r in w.itertuples(index=False):
+        if int(r.slot) not in base:
+            continue
+        m = int(r.mask)
+        first = base[int(r.slot)] + int(r.word) * 64
+        while m:
+            bit = (m & -m).bit_length() - 1
+            out.setdefault(first + bit, []).append(int(r.ts_ns))
+            m &= m - 1
+    return {g: np.sort(np.array(t, np.int64)) for g, t in out.items()}
+
+
 def resent_after_apply(res: Result) -> dict[str, Any]:
-    """Pages of applied hints that the tap saw sent after the apply returned, excluding pages the
-    guest wrote after hinting them and whose write reached the destination (those must be sent)."""
-    from hintscope.bundle import Bundle
+    """Pages of applied hints that the tap saw sent (a RAM page or zero-page record) after the apply
+    returned. A send is explained when the guest wrote the page after hinting it and the write
+    reached the destination, or when a KVM_GET_DIRTY_LOG after the apply reported the page dirty
+    (written between the sync that issued the cmd id and the hint: QEMU's apply clears only the bits
+    that sync fetched). Anything else would be a hinted page sent again for no reason.
+    lost_resent: pages the memory check found lost although the tap saw them sent after the apply."""
+    from hintscope.bundle import read_bundle
 
     assert res.tap_bundle is not None and res.mem is not None
-    sends = Bundle.open(res.tap_bundle).table("page_sends")
-    sends = sends[sends["block"] == "pc.ram"]
+    sends = read_bundle(res.tap_bundle).table("page_sends")
+    sends = sends[(sends["block"] == "pc.ram") & sends["sent"].astype(bool)]
     kept = set(res.mem.written_after_hint) - set(res.mem.lost)
     first = (sends["offset"].to_numpy(np.int64) >> 12)
     last = first + sends["npages"].to_numpy(np.int64)
     start = sends["ts_ns"].to_numpy(np.int64)
-    bad: set[int] = set()
+    harvest = harvested_after(res.bundle)
+    resent: set[int] = set()
+    unexplained: set[int] = set()
     checked = 0
     aps = applies(res.bundle)
     for gfn, n, ret_ns in aps:
         sel = (start > ret_ns) & (first < gfn + n) & (last > gfn)
         for f, l in zip(first[sel], last[sel]):
-            bad.update(g for g in range(max(int(f), gfn), min(int(l), gfn + n)) if g not in kept)
+            for g in range(max(int(f), gfn), min(int(l), gfn + n)):
+                resent.add(g)
+                t = harvest.get(g)
+                if g not in kept and (t is None or t[-1] <= ret_ns):
+                    unexplained.add(g)
         checked += n
-    lost_sent = sorted(set(res.mem.lost) & bad)
     return {"applies": len(aps), "pages_checked": checked, "send_rows": len(sends),
-            "resent": sorted(bad), "lost_resent": lost_sent}
+            "resent": sorted(resent), "unexplained": sorted(unexplained),
+            "lost_resent": sorted(set(res.mem.lost) & resent)}

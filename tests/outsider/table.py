@@ -90,10 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(f"| {sc.version} | {_mode(sc)} | {sc.behaviour} | failed: {str(e)[:80]} |")
                 continue
             rows.append(line(r))
-            dump.append({**r.row(), "mem": r.mem.summary() if r.mem else None, "migration": r.migration,
-                         "guest": r.guest, "timings_s": {k: round(v, 2) for k, v in r.timings.items()},
-                         "findings": [{k: f.get(k) for k in ("kind", "confidence", "gfn_count", "gfn_first", "gfn_last")}
-                                      for f in r.findings], "workdir": str(wd)})
+            dump.append(r.dump())
             print(f"{sc.label} rep {rep}: {r.row()}", file=sys.stderr)
     print(HEADER)
     print("\n".join(rows))

@@ -38,6 +38,7 @@ class Probe:
         self._err = open(log, "wb")
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self._err, cwd=ROOT, env=_env())
         self.attached = False
+        self.interrupted = False
 
     def wait_attached(self, timeout: float = 120) -> None:
         """The probe prints ATTACHED on stdout once every probe is attached (docs/probes.md)."""
@@ -56,10 +57,27 @@ class Probe:
                 buf += chunk
         self.attached = True
 
-    def stop(self, timeout: float = 60) -> int:
-        """SIGINT, as a user's Ctrl-C; returns the exit status."""
-        if self.proc.poll() is None:
+    def wait_bundle(self, timeout: float = 60) -> None:
+        """Until the probe has created its bundle (meta.json), which another tool may then join."""
+        deadline = time.monotonic() + timeout
+        while not (self.bundle / "meta.json").exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"probe exited {self.proc.returncode}: {self.tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"probe made no bundle in {timeout:.0f} s: {self.tail()}")
+            time.sleep(0.05)
+
+    def interrupt(self) -> None:
+        """SIGINT, as a user's Ctrl-C, without waiting for the exit."""
+        if self.proc.poll() is None and not self.interrupted:
             self.proc.send_signal(signal.SIGINT)
+            self.interrupted = True
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGINT (once) and wait; returns the exit status."""
+        self.interrupt()
+        if self.proc.returncode is not None and self._err.closed:
+            return self.proc.returncode
         try:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -76,43 +94,59 @@ class Probe:
 
 
 class Tap:
-    """`python -m hintscope tap --listen unix:A --forward unix:B -o BUNDLE` between the two QEMUs."""
+    """`python -m hintscope tap --listen unix:A --forward unix:B -o BUNDLE --append` between the two
+    QEMUs, joining the probe's bundle so that `analyze` sees the page sends beside the probe's data."""
 
     def __init__(self, listen: Path, forward: Path, bundle: Path, log: Path):
         self.listen, self.bundle, self.log = listen, bundle, log
-        self.argv = [*PY, "tap", "--listen", f"unix:{listen}", "--forward", f"unix:{forward}", "-o", str(bundle)]
+        self.argv = [*PY, "tap", "--listen", f"unix:{listen}", "--forward", f"unix:{forward}", "-o", str(bundle),
+                     "--append"]
         self._err = open(log, "wb")
-        self.proc = subprocess.Popen(self.argv, stdout=self._err, stderr=subprocess.STDOUT, cwd=ROOT, env=_env())
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self._err, cwd=ROOT, env=_env())
+        self.out = b""
 
-    def wait_listening(self, timeout: float = 30) -> None:
+    def wait_listening(self, timeout: float = 60) -> None:
+        """The tap prints `tap: listening on ADDR ...` on stdout once it accepts connections."""
+        assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout
-        while not self.listen.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tap exited {self.proc.returncode} before listening: {self.tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"tap made no socket {self.listen} in {timeout:.0f} s: {self.tail()}")
-            time.sleep(0.05)
+        while b"listening on" not in self.out:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"tap did not say it was listening within {timeout:.0f} s: {self.tail()}")
+            r, _, _ = select.select([self.proc.stdout], [], [], min(left, 0.5))
+            if r:
+                chunk = os.read(self.proc.stdout.fileno(), 4096)
+                if not chunk:
+                    raise RuntimeError(f"tap exited {self.proc.wait()} before listening: {self.tail()}")
+                self.out += chunk
 
     def wait(self, timeout: float = 60) -> int:
-        """The tap stops by itself when the stream ends; SIGINT only if it does not."""
+        """The tap stops by itself when the stream has ended both ways; SIGINT only if it does not
+        (the status then is 1000 below the tap's own)."""
+        assert self.proc.stdout is not None
         try:
-            rc = self.proc.wait(timeout)
+            self.out += self.proc.communicate(timeout=timeout)[0] or b""
+            rc = self.proc.returncode
         except subprocess.TimeoutExpired:
             self.proc.send_signal(signal.SIGINT)
             try:
-                rc = self.proc.wait(20)
+                self.out += self.proc.communicate(timeout=20)[0] or b""
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                rc = self.proc.wait(10)
-            rc = -1000 + rc  # marks "had to be stopped"
+                self.proc.wait(10)
+            rc = self.proc.returncode - 1000
         self._err.close()
+        with open(self.log, "ab") as f:
+            f.write(self.out)
         return rc
 
     def tail(self) -> str:
+        lines = self.out.decode(errors="replace").strip().splitlines()
         try:
-            return " | ".join(self.log.read_text(errors="replace").strip().splitlines()[-3:])
+            lines += self.log.read_text(errors="replace").strip().splitlines()
         except OSError:
-            return ""
+            pass
+        return " | ".join(lines[-3:])
 
 
 def analyze(bundle: Path, fail_on: str | None = "hazard") -> tuple[int, dict | None, str | None]:
