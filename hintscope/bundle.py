@@ -358,7 +358,13 @@ class Bundle:
     path: Path
     meta: dict[str, Any]
     problems: list[str] = field(default_factory=list)
+    # table -> what was left out of it (skipped parts, dropped rows): the analysis marks its source partial
+    damaged: dict[str, list[str]] = field(default_factory=dict)
     _cache: dict[str, pd.DataFrame] = field(default_factory=dict, repr=False)
+
+    def _damage(self, table: str, what: str) -> None:
+        self.problems.append(what)
+        self.damaged.setdefault(table, []).append(what)
 
     @property
     def complete(self) -> bool:
@@ -389,22 +395,22 @@ class Bundle:
         d = self.path / name
         files = sorted(f for f in d.iterdir() if _PART_RE.match(f.name)) if d.is_dir() else []
         if len(files) > limits.MAX_PARTS_PER_TABLE:
-            self.problems.append(f"{d}: {len(files)} parts, more than {limits.MAX_PARTS_PER_TABLE}; "
-                                 f"the last {len(files) - limits.MAX_PARTS_PER_TABLE} parts were not read")
+            self._damage(name, f"{d}: {len(files)} parts, more than {limits.MAX_PARTS_PER_TABLE}; "
+                               f"the last {len(files) - limits.MAX_PARTS_PER_TABLE} parts were not read")
             files = files[: limits.MAX_PARTS_PER_TABLE]
         total = n_read = 0
         for f in files:
             try:
                 at = self._read_part(t, f, limits.MAX_TABLE_ROWS - total)
                 at = self._conform(t, at, f)
-                at = self._drop_nulls(at, f)
+                at = self._drop_nulls(name, at, f)
             except BundleError as e:
-                self.problems.append(str(e))
+                self._damage(name, str(e))
                 continue
             except Exception as e:  # pyarrow raises many types on hostile bytes
                 # One line: pyarrow messages carry newlines, and the text is attacker-shaped.
                 msg = " ".join(f"{type(e).__name__}: {e}".split())[:200]
-                self.problems.append(f"{f}: unreadable Parquet part ({msg}), skipped")
+                self._damage(name, f"{f}: unreadable Parquet part ({msg}), skipped")
                 continue
             total += at.num_rows
             parts.append(at)
@@ -453,7 +459,7 @@ class Bundle:
                                       f"({limits.MAX_PART_UNCOMPRESSED}); part skipped")
         return at
 
-    def _drop_nulls(self, at: pa.Table, f: Path) -> pa.Table:
+    def _drop_nulls(self, name: str, at: pa.Table, f: Path) -> pa.Table:
         """hintscope writes no nulls; rows with one are dropped (and counted), the rest kept."""
         if not any(c.null_count for c in at.columns):
             return at
@@ -463,7 +469,7 @@ class Bundle:
                 v = pc.is_valid(c)
                 ok = v if ok is None else pc.and_(ok, v)
         kept = at.filter(ok)
-        self.problems.append(f"{f}: {at.num_rows - kept.num_rows} rows with missing values dropped")
+        self._damage(name, f"{f}: {at.num_rows - kept.num_rows} rows with missing values dropped")
         return kept
 
     @staticmethod

@@ -407,7 +407,7 @@ def _detect(path):
 
 def _gfns(f, kind, conf=None) -> set[int]:
     sel = f[(f["kind"] == kind) & ((f["confidence"] == conf) if conf else True)]
-    assert (sel["gfn_count"] <= 4096).all()
+    assert (sel["gfn_count"] == sel["gfns"].map(len)).all()     # no finding here is past the gfn cap
     return {int(g) for gs in sel["gfns"] for g in gs}
 
 
@@ -418,9 +418,12 @@ def test_sample_early_reuse_rearm_wipe_findings_are_the_lost_writes():
     assert _gfns(f, "rearm-wipe", "confirmed") == lost
     assert not _gfns(f, "lost-write-not-hint") and not _gfns(f, "lost-write")
     assert v == "unsafe ordering found"
-    # pages in hinted blocks the guest never rewrote differ on the destination but are no finding
+    # pages in hinted blocks the guest never rewrote differ on the destination but are no loss;
+    # they are in the c' exposure (rearm-in-apply), which covers every lost write too
     held = set(b.table("lost_pages")["gfn"].astype(np.int64)) - lost
-    assert len(held) > 1000 and not (held & {int(g) for gs in f["gfns"] for g in gs})
+    losses = f[f["kind"].isin(["rearm-wipe", "lost-write", "lost-write-not-hint"])]
+    assert len(held) > 1000 and not (held & {int(g) for gs in losses["gfns"] for g in gs})
+    assert lost <= _gfns(f, "rearm-in-apply", "hazard")
     for r in f[f["kind"] == "rearm-wipe"].itertuples():
         # the chain, in host time: last harvest, hint available, write, apply, CLEAR inside it, return
         t = [e[0] for e in r.evidence[:6]]
@@ -431,13 +434,14 @@ def test_sample_early_reuse_rearm_wipe_findings_are_the_lost_writes():
         assert "never sent" in r.evidence[-2][2] and r.evidence[-1][1] == "memcheck"
 
 
-def test_sample_polite_has_no_hint_hazard():
+def test_sample_polite_has_a_latent_hazard_and_no_loss():
     b, f, v = _detect(POLITE)
     assert len(b.table("lost_pages")) > 1000          # hinted pages the host skipped differ ...
     assert not _lost_written(b)
-    hard = f[f["confidence"].isin(["confirmed", "hazard"])] if len(f) else f
-    assert hard.empty, hard[["kind", "confidence", "gfn_count"]]   # ... and are no finding
-    assert not v.startswith("unsafe")
+    assert not (f["confidence"] == "confirmed").any()  # ... and are no loss
+    # the guest never wrote a hinted page, but under manual protect it could have lost such a write
+    assert set(f["kind"]) == {"rearm-in-apply"} and set(f["confidence"]) == {"hazard"}
+    assert v == "unsafe ordering found"
 
 
 def _copy_with(tmp_path, src, table, frame_fn):

@@ -8,9 +8,8 @@ import sys
 from typing import Any
 
 from hintscope.bundle import read_bundle
-from hintscope.errors import HintscopeError
+from hintscope.analysis.findings import FAIL_ON
 
-FAIL_ON = ["lost-write", "hazard", "any"]
 # Rich lays out a table by measuring every cell: 40k syncs took over 100 s.  The terminal shows the
 # first rows of the long tables; --json keeps everything.
 MAX_ROWS_SHOWN = 200
@@ -43,13 +42,8 @@ def run(args) -> int:
         sys.stdout.write(json.dumps(sm.to_json(res), default=str, separators=(",", ":")) + "\n")
     else:
         render(res)
-    if not args.fail_on:
-        return 0
-    f = res["findings"]
-    if not f["available"]:
-        raise HintscopeError(f"--fail-on {args.fail_on}: {f['verdict']}, cannot decide")
-    det = sm._detector()
-    return int(det.exit_code(f["_raw"], f["verdict"], args.fail_on))
+    # 0 clean; 1 --fail-on matched; 3 inconclusive under --fail-on, or a check failed (docs/detector.md)
+    return res["findings"].exit_code(args.fail_on)
 
 
 # -- terminal rendering --------------------------------------------------------------------------
@@ -155,14 +149,19 @@ def render(res: dict[str, Any]) -> None:
     t.add_row("syncs / epochs", f"{summ['syncs']} / {summ['epochs']}  (QMP dirty-sync-count "
                                 f"{m.get('dirty_sync_count', '?')}); dirty logging: {summ['dirty_mode']}")
     d = summ["data"]
-    t.add_row("capture", f"{'complete' if d['complete'] else 'INCOMPLETE'} ({d.get('end_reason')}); memslots from "
+    damaged = res["findings"].coverage.get("damaged") or {}
+    state = "INCOMPLETE" if not d["complete"] else f"PARTIAL: damaged {', '.join(damaged)}" if damaged else "complete"
+    t.add_row("capture", f"{state} ({d.get('end_reason')}); memslots from "
                          f"{d['memslot_source']}; sends from {d['send_source']}")
     t.add_row("sources", ", ".join(f"{k}={v}" for k, v in d["sources"].items()) or "-")
     lost = {k: v for k, v in d["lost_events"].items() if v}
     t.add_row("lost events", ", ".join(f"{k}={v}" for k, v in lost.items()) or "none reported")
     f = summ["findings"]
-    t.add_row("findings", ", ".join(f"{k}: {v}" for k, v in f["by_kind"].items()) or ("none" if f["detector"]
-                                                                                      else "-"))
+    t.add_row("findings", ", ".join(f"{k}: {v}" for k, v in f["by_kind"].items()) or "none")
+    checks = res["findings"].checks
+    t.add_row("checks", ", ".join(f"{c.name} {c.status}" for c in checks if c.status != "ran") and
+              f"{sum(c.status == 'ran' for c in checks)} of {len(checks)} ran; " +
+              ", ".join(f"{c.name}: {c.status}" for c in checks if c.status != "ran") or "all ran")
     t.add_row("verdict", str(f["verdict"]))
     if f.get("basis") and f["basis"] != f["verdict"]:
         t.add_row("verdict basis", str(f["basis"]))
@@ -178,7 +177,7 @@ def render(res: dict[str, Any]) -> None:
         con.print(t)
     for x in res["cross_checks"]:
         con.print(f"[cyan]cross-check:[/cyan] {x}", highlight=False)
-    render_findings(con, res.get("findings") or {}, t0)
+    render_findings(con, res.get("findings"), t0)
     if "baseline" in res:
         bl = res["baseline"]
         t = Table(title="A/B against baseline")
@@ -195,10 +194,10 @@ def render(res: dict[str, Any]) -> None:
 MAX_FINDINGS_SHOWN = 12
 
 
-def render_findings(con, fnd: dict[str, Any], t0: int) -> None:
+def render_findings(con, fnd, t0: int) -> None:
     """Each finding's sentence and its evidence chain (host clock: ns and ms from the first sync)."""
-    f = fnd.get("_raw")
-    if f is None or not hasattr(f, "itertuples") or not len(f):
+    f = fnd.frame if fnd is not None else None
+    if f is None or not len(f):
         return
     con.print(f"[bold]findings[/bold] ({len(f)}; evidence on the host clock, ms from the first sync)")
     for r in list(f.itertuples(index=False))[:MAX_FINDINGS_SHOWN]:

@@ -21,7 +21,11 @@ from hintscope.parse import qemu_trace
 # beyond any guest this runs on; a hostile length cannot make the analysis allocate without bound.
 MAX_EXPANDED_PAGES = 1 << 26
 
+# send sources that see every page QEMU sent (zero pages included): a page they never show was skipped
+EVERY_PAGE_SOURCES = ("page_send", "tap")
 SEND_SOURCES = {
+    "tap": "migration-stream tap (hintscope tap): every RAM page record QEMU wrote to the stream, zero pages "
+           "included, stamped when the tap read it (an upper bound on QEMU's read of the page)",
     "page_send": "uprobe buffer_is_zero on the migration thread: every page QEMU sent, zero pages included "
                  "(not the compression or RDMA paths)",
     "ram_save_page": "QEMU trace ram_save_page: non-zero pages only (zero pages are sent by save_zero_page "
@@ -36,13 +40,32 @@ SEND_SOURCES = {
 class Context:
     bundle: Bundle
     problems: list[str] = field(default_factory=list)
+    input_errors: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        self.problems.extend(self.bundle.problems)
+        # One list with the bundle: a part found damaged when a table is first read, after this
+        # Context was made, must still reach the verdict.
+        if self.problems:
+            self.bundle.problems.extend(p for p in self.problems if p not in self.bundle.problems)
+        self.problems = self.bundle.problems
         # Producers may leave one-line notes (e.g. malformed trace lines) in meta["problems"].
         extra = self.bundle.meta.get("problems")
         if isinstance(extra, list):
-            self.problems.extend(" ".join(str(x).split())[:500] for x in extra[:100])
+            for x in extra[:100]:
+                line = " ".join(str(x).split())[:500]
+                if line not in self.problems:
+                    self.problems.append(line)
+
+    def inconsistent(self, what: str) -> None:
+        """Input that contradicts itself (returns before entries, clocks running backwards): no check
+        may turn it into a safety finding, so the verdict becomes inconclusive naming it."""
+        self.problems.append(what)
+        self.input_errors.append(what)
+
+    @property
+    def damaged(self) -> dict[str, list[str]]:
+        """Tables with parts or rows left out (unreadable part, missing column, nulls): their source is partial."""
+        return getattr(self.bundle, "damaged", {}) or {}
 
     # -- raw tables --------------------------------------------------------------------
     @cached_property
@@ -56,6 +79,9 @@ class Context:
         """MigrationStatus names by number for the traced QEMU (``basis`` says where they came from)."""
         names = qemu_states.state_names(self.bundle.meta)
         self.problems.extend(names.problems)
+        if names.malformed:
+            # a state table that is there but unusable is hostile input: the migration's end is unknown
+            self.input_errors.append("meta sources.qemu_uprobes.migration_states is malformed")
         return names
 
     @cached_property
@@ -117,11 +143,28 @@ class Context:
         r = qe[qe["event"] == "hint_apply_ret"]
         out["end_ns"] = np.int64(-1)
         if len(out) and len(r):
-            rr = pd.DataFrame({"ret_ns": r["ts_ns"].to_numpy(np.int64), "tid": r["tid"].to_numpy(np.int64)})
-            m = pd.merge_asof(out.reset_index().sort_values("ts_ns"), rr.sort_values("ret_ns"),
-                              left_on="ts_ns", right_on="ret_ns", by="tid", direction="forward")
-            m = m.sort_values("index")
-            out["end_ns"] = m["ret_ns"].fillna(-1).to_numpy().astype(np.int64)
+            # A return closes the latest entry on its thread only: with one return lost, the entry
+            # before it stays open instead of borrowing the next apply's return.
+            # ties on the clock keep the order the probe recorded (qemu_events row order)
+            ev = pd.DataFrame({"ts_ns": np.r_[out["ts_ns"].to_numpy(np.int64), r["ts_ns"].to_numpy(np.int64)],
+                               "tid": np.r_[out["tid"].to_numpy(np.int64), r["tid"].to_numpy(np.int64)],
+                               "entry": np.r_[np.arange(len(out)), np.full(len(r), -1)],
+                               "row": np.r_[a.index.to_numpy(), r.index.to_numpy()]})
+            ev = ev.sort_values(["tid", "ts_ns", "row"], kind="stable", ignore_index=True)
+            tid, ent, ts = ev["tid"].to_numpy(), ev["entry"].to_numpy(), ev["ts_ns"].to_numpy(np.int64)
+            nxt = np.r_[np.arange(1, len(ev)), 0]
+            pair = (ent >= 0) & (np.r_[ent[1:], 0] < 0) & (np.r_[tid[1:], -1] == tid) & (np.arange(len(ev)) < len(ev) - 1)
+            end = np.full(len(out), -1, np.int64)
+            end[ent[pair]] = ts[nxt[pair]]
+            out["end_ns"] = end
+            orphans = int((ent < 0).sum() - pair.sum())
+            if orphans > 0:
+                self.inconsistent(f"qemu_events: {orphans} hint_apply_ret with no open hint_apply on its thread "
+                                  "(a lost entry event or a return stamped before its entry)")
+        open_ = int((out["end_ns"] < 0).sum()) if len(out) else 0
+        if open_ and len(r):
+            self.problems.append(f"qemu_events: {open_} hint_apply without a return (lost event?); their "
+                                 "end time is unknown")
         # A hostile or corrupt length must not explode the page expansion.
         bad = (out["len"] < 0) | (out["len"] > (1 << 34))
         if bad.any():
@@ -151,6 +194,9 @@ class Context:
 
     @cached_property
     def _sends(self) -> tuple[pd.DataFrame, str]:
+        tap = self._tap_sends()
+        if tap is not None:
+            return tap, "tap"
         qe = self.qe
         s = qe[qe["event"] == "page_send"]
         if len(s):
@@ -173,6 +219,46 @@ class Context:
             ts, hva = s["ts_ns"].to_numpy(np.int64), s["hva"].to_numpy(np.int64)
         gpa, _ = ms.hva_to_gpa(hva, ts, self.iv)
         return pd.DataFrame({"ts_ns": ts, "gfn": np.where(gpa >= 0, gpa >> ms.PAGE_SHIFT, -1)}), src
+
+    def _tap_sends(self) -> pd.DataFrame | None:
+        """Page sends from the migration-stream tap (``page_sends`` runs), as (ts_ns, gfn), or None.
+
+        The stream names a RAMBlock and an offset, not a GPA.  Guest RAM is the largest block of the
+        stream's block list; its host mapping starts at the HVA of the memslot at GPA 0, so
+        offset -> HVA -> GPA goes through the memslot history like every other address.
+        """
+        t = self.bundle.table("page_sends") if self.bundle.has("page_sends") else pd.DataFrame()
+        if not len(t):
+            return None
+        sizes = t[t["kind"] == "mem-size"].groupby("block")["npages"].max()
+        sent = t[t["sent"]]
+        if not len(sizes) or not len(sent):
+            self.problems.append("page_sends: no block list (mem-size) or no page sends; tap sends not used")
+            return None
+        ram = str(sizes.idxmax())
+        iv = self.iv
+        base = iv.loc[(iv["as_id"] == 0) & (iv["gpa"] == 0), "hva"] if len(iv) else pd.Series(dtype="int64")
+        if not len(base):
+            self.problems.append("page_sends: no memslot at GPA 0 to place the RAM block; tap sends not used")
+            return None
+        other = sent[sent["block"] != ram]
+        if len(other):
+            self.problems.append(f"page_sends: {int(other['npages'].sum())} sends of blocks other than {ram} "
+                                 "(firmware, ROMs) are not guest RAM and are left out")
+        r = sent[sent["block"] == ram]
+        n = r["npages"].to_numpy(np.int64)
+        keep = np.cumsum(n) <= 4 * MAX_EXPANDED_PAGES
+        if not keep.all():
+            self.problems.append(f"page sends cover more than {4 * MAX_EXPANDED_PAGES} pages; later sends ignored")
+            r, n = r[keep], n[keep]
+        idx, off = ms.expand_ranges(r["offset"].to_numpy().astype(np.int64), n * ms.PAGE)
+        i = off // ms.PAGE - (r["offset"].to_numpy().astype(np.int64) // ms.PAGE)[idx]
+        t0, t1 = r["ts_ns"].to_numpy(np.int64)[idx], r["ts_end_ns"].to_numpy(np.int64)[idx]
+        # pages of one run arrive in order between its first and last record
+        ts = t0 + ((t1 - t0) * (i / np.maximum(n[idx] - 1, 1))).astype(np.int64)
+        hva = int(base.iloc[0]) + off
+        gpa, _ = ms.hva_to_gpa(hva, ts, iv)
+        return pd.DataFrame({"ts_ns": ts, "gfn": np.where(gpa >= 0, gpa >> ms.PAGE_SHIFT, -1)})
 
     @property
     def sends(self) -> pd.DataFrame:

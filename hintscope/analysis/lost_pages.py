@@ -315,16 +315,10 @@ SENTENCES = {
 }
 
 
-def check(bundle, covered: set, out: list, problems: list | None = None) -> None:
+def check(ctx: Context, covered: set, out: list) -> None:
     """Append findings (detector FINDING_COLUMNS dicts) and add every page explained here to
     ``covered`` (hinted pages the guest never rewrote too: they are not losses)."""
-    try:
-        ctx = Context(bundle)
-        P = explain(bundle, ctx)
-    except (KeyError, ValueError, IndexError, TypeError) as e:   # hostile or partial tables: say so
-        if problems is not None:
-            problems.append(f"hintguest lost-page explanation skipped: {type(e).__name__}: {str(e)[:200]}")
-        return
+    P = explain(ctx.bundle, ctx)
     if P is None or not len(P):
         return
     covered.update(P["gfn"].astype(int).tolist())

@@ -37,6 +37,7 @@ class StateNames:
     names: tuple[str, ...]
     basis: str                    # where the table came from (shown in the analysis' completeness)
     problems: tuple[str, ...] = field(default=())
+    malformed: bool = False       # meta had a state table that is not one (hostile input)
 
     def name(self, numbers) -> np.ndarray:
         """State name per number (object array); out-of-range numbers become ``"state N"``."""
@@ -58,19 +59,27 @@ def _qemu_source(meta: Mapping[str, Any]) -> Mapping[str, Any]:
 def state_names(meta: Mapping[str, Any]) -> StateNames:
     """The MigrationStatus names by number for the QEMU this bundle traced."""
     probs: list[str] = []
+    bad = False
     m = _qemu_source(meta).get("migration_states")
     if m is not None:
         if isinstance(m, list) and 0 < len(m) <= MAX_STATES and all(isinstance(x, str) and x for x in m):
             return StateNames(tuple(" ".join(x.split())[:40] for x in m), "meta sources.qemu_uprobes.migration_states")
         probs.append("meta sources.qemu_uprobes.migration_states is not a list of state names; ignored")
+        bad = True
     vmm = meta.get("vmm") if isinstance(meta, Mapping) else None
     version = vmm.get("version") if isinstance(vmm, Mapping) else None
     by_version = qemu_uprobes.migration_states(version) if isinstance(version, str) else None
     if by_version:
         return StateNames(tuple(by_version), f"QEMU version in meta vmm.version ({' '.join(version.split())[:60]})",
-                          tuple(probs))
+                          tuple(probs), bad)
+    if isinstance(version, str):
+        probs.append(f"meta vmm.version {' '.join(version.split())[:60]!r} is not a QEMU version this analysis "
+                     "knows; migration states numbered as in QEMU 7.2 (an assumption)")
+    else:
+        probs.append("no migration state table or QEMU version in meta; migration states numbered as in QEMU 7.2 "
+                     "(an assumption)")
     return StateNames(tuple(qemu_uprobes.MIGRATION_STATES_72),
-                      "assumed QEMU 7.2 numbering (no state table or version in meta)", tuple(probs))
+                      "assumed QEMU 7.2 numbering (no state table or version in meta)", tuple(probs), bad)
 
 
 def precopy_list(meta: Mapping[str, Any]) -> tuple[int | None, list[str]]:

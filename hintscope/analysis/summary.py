@@ -8,7 +8,6 @@ installed the summary says "detector not available" and gives no verdict (never 
 
 from __future__ import annotations
 
-import importlib
 import json
 from typing import Any
 
@@ -16,23 +15,12 @@ import numpy as np
 import pandas as pd
 
 from hintscope.analysis import hints as hints_mod
+from hintscope.analysis import detector
 from hintscope.analysis.context import Context
+from hintscope.analysis.findings import Findings
 from hintscope.analysis.syncs import sync_table
 from hintscope.bundle import Bundle
 from hintscope.errors import HintscopeError
-
-DETECTOR = "hintscope.analysis.detector"
-NO_DETECTOR = "detector not available"
-
-
-def _detector():
-    try:
-        return importlib.import_module(DETECTOR)
-    except ModuleNotFoundError as e:
-        if e.name in (DETECTOR, "hintscope.analysis.detector"):
-            return None
-        raise
-
 
 def migration(c: Context) -> dict[str, Any]:
     """Outcome, time and bytes from the last QMP snapshot (QEMU's counters), else from state events."""
@@ -131,39 +119,6 @@ def cross_checks(c: Context, s: pd.DataFrame) -> list[str]:
     return out
 
 
-def findings(b: Bundle) -> dict[str, Any]:
-    det = _detector()
-    if det is None:
-        return {"available": False, "verdict": NO_DETECTOR, "by_kind": {}, "findings": [], "module": None}
-    try:
-        f = det.detect(b)
-        v = det.verdict(b, f)
-    except HintscopeError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a detector bug must not hide the rest of the analysis
-        msg = f"detector failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
-        return {"available": False, "verdict": msg, "by_kind": {}, "findings": [], "module": DETECTOR}
-    by_kind: dict[str, int] = {}
-    if isinstance(f, pd.DataFrame) and "kind" in f:
-        by_kind = {str(k): int(n) for k, n in f["kind"].value_counts().items()}
-    elif isinstance(f, list):
-        for x in f:
-            k = getattr(x, "kind", None) or (x.get("kind") if isinstance(x, dict) else "?")
-            by_kind[str(k)] = by_kind.get(str(k), 0) + 1
-    try:
-        fj = det.findings_to_json(f)
-    except Exception as e:  # noqa: BLE001 - the rest of the analysis still stands
-        fj = [f"findings_to_json failed: {type(e).__name__}: {e}"]
-    if isinstance(fj, str):
-        try:
-            fj = json.loads(fj)
-        except ValueError:
-            pass
-    basis = f.attrs.get("verdict_basis") if isinstance(f, pd.DataFrame) else None
-    basis = None if basis == v else basis     # an inconclusive verdict already says why
-    return {"available": True, "verdict": v, "basis": basis, "by_kind": by_kind, "findings": fj, "_raw": f}
-
-
 MEMCHECK_KEYS = ("pages_compared", "pages_differing", "lost_writes", "hinted_held", "dst_zero", "kvmclock_pages")
 
 
@@ -177,12 +132,12 @@ def memcheck(meta: dict[str, Any]) -> dict[str, int] | None:
 
 
 def summarize(b: Bundle | Context, syncs: pd.DataFrame | None = None, acct: dict | None = None,
-              fnd: dict | None = None) -> dict[str, Any]:
+              fnd: Findings | None = None) -> dict[str, Any]:
     """The summary dict (JSON-able)."""
     c = b if isinstance(b, Context) else Context(b)
     s = sync_table(c) if syncs is None else syncs
     a = hints_mod.accounting(c, s) if acct is None else acct
-    f = findings(c.bundle) if fnd is None else fnd
+    f = detector.run(c) if fnd is None else fnd
     return {
         "bundle": str(c.bundle.path),
         "migration": migration(c),
@@ -194,18 +149,21 @@ def summarize(b: Bundle | Context, syncs: pd.DataFrame | None = None, acct: dict
         "hints": {**a["totals"], "send_source": a["source"]},
         "data": completeness(c),
         "memcheck": memcheck(c.bundle.meta),
-        "findings": {"detector": f["available"], "verdict": f["verdict"], "by_kind": f["by_kind"],
-                     **({"basis": f["basis"]} if f.get("basis") else {})},
+        "findings": {"verdict": f.verdict, "by_kind": f.by_kind,
+                     **({"basis": f.basis} if f.basis != f.verdict else {})},
     }
 
 
-def analyze(b: Bundle) -> dict[str, Any]:
-    """Everything for one bundle: frames are DataFrames here; :func:`to_json` makes the document."""
-    c = Context(b)
+def analyze(b: Bundle | Context) -> dict[str, Any]:
+    """Everything for one bundle, on one Context: frames are DataFrames here, ``findings`` is the
+    detector's :class:`Findings`; :func:`to_json` makes the document (docs/findings.schema.json)."""
+    c = b if isinstance(b, Context) else Context(b)
     s = sync_table(c)
     a = hints_mod.accounting(c, s)
-    f = findings(b)
+    f = detector.run(c)
     summ = summarize(c, s, a, f)
+    # problems found while reading tables after the summary was made (damaged parts) belong in it too
+    summ["data"]["problems"] = list(c.problems)[:50]
     return {"summary": summ, "syncs": s, "accounting": a, "counter_checks": counter_checks(c, s),
             "cross_checks": cross_checks(c, s), "findings": f}
 
@@ -240,8 +198,14 @@ def _jsonable(o: Any) -> Any:
         return float(o)
     if isinstance(o, np.bool_):
         return bool(o)
+    if isinstance(o, Findings):
+        return o.to_json()
     return o
 
 
 def to_json(result: dict[str, Any]) -> dict[str, Any]:
-    return _jsonable(result)
+    """One flat document: the detector's keys (verdict, verdict_basis, coverage, checks, by_kind,
+    findings, exposure) at the top, beside summary, syncs, accounting and the cross-checks."""
+    rest = {k: v for k, v in result.items() if k != "findings"}
+    f = result["findings"]
+    return {**f.to_json(), **_jsonable(rest)}

@@ -58,7 +58,7 @@ def load_findings(b: Bundle, notes: list[str] | None = None) -> pd.DataFrame:
     except Exception as e:  # noqa: BLE001 - the report must still render; the note names the failure
         notes.append(f"detector failed on this bundle: {type(e).__name__}: {e}")
         return pd.DataFrame(columns=FINDING_COLUMNS)
-    return f if isinstance(f, pd.DataFrame) else pd.DataFrame(columns=FINDING_COLUMNS)
+    return f
 
 
 def load_summary(b: Bundle, notes: list[str] | None = None) -> dict[str, Any]:
@@ -91,20 +91,17 @@ def _analyse(b: Bundle, notes: list[str]) -> dict[str, Any] | None:
     except Exception as e:  # noqa: BLE001 - render what the host tables give, and say why
         notes.append(f"analysis failed on this bundle: {type(e).__name__}: {e}; host-only numbers shown")
         return None
+    from hintscope.analysis import detector
+
     try:
-        f = sm.findings(b)
-    except Exception as e:  # noqa: BLE001
+        f = detector.run(c)
+    except Exception as e:  # noqa: BLE001 - run() already contains check failures; this names anything else
         notes.append(f"detector failed on this bundle: {type(e).__name__}: {e}")
-        f = {"available": False, "verdict": f"detector failed ({type(e).__name__})", "by_kind": {}, "findings": []}
-    if not f.get("available"):
-        notes.append(f"findings: {f.get('verdict')}")
+        return None
+    notes.extend(f"check {r.name} failed: {r.error}" for r in f.failed)
     summ = sm.summarize(c, s, a, f)
-    raw = f.get("_raw")
-    fj = f.get("findings")
-    cov = fj.get("coverage") if isinstance(fj, dict) else None
-    return {"context": c, "syncs": s, "accounting": a, "summary": summ,
-            "findings": raw if isinstance(raw, pd.DataFrame) else pd.DataFrame(columns=FINDING_COLUMNS),
-            "detector_clock": cov.get("clock") if isinstance(cov, dict) else None}
+    return {"context": c, "syncs": s, "accounting": a, "summary": summ, "findings": f.frame,
+            "result": f, "detector_clock": f.coverage.get("clock")}
 
 
 def _clock(c: Any, notes: list[str], detector_clock: dict | None = None) -> tuple[dict[str, Any], Callable | None]:

@@ -18,17 +18,28 @@ from hintscope.sim.model import MODES
 from hintscope.sim.write import simulate
 
 RUN_COLS = ["variant", "mode", "seed", "gt_lost_hint", "gt_lost_not_hint", "found_hint", "found_not_hint",
-            "false_confirmed", "safe_hazards", "verdict", "kinds", "sim_s", "detect_s"]
+            "false_confirmed", "safe_hazards", "c_prime", "verdict", "kinds", "sim_s", "detect_s"]
+# what a host-only capture lacks: the guest probe's tables and the destination memory check
+GUEST_AND_MEMCHECK = ("guest_events", "guest_hints", "guest_returns", "guest_reuse", "lost_pages")
 
 
-def one_run(variant: str, seed: int, mode: str, dest_compare: bool = False) -> dict:
+def host_only(b):
+    """The bundle as a probe attached by pid to someone else's migration would record it."""
+    hb = b.without(*GUEST_AND_MEMCHECK)
+    hb.meta["sources"] = {k: v for k, v in hb.meta["sources"].items() if k not in ("guest_probe", "memcheck")}
+    return hb
+
+
+def one_run(variant: str, seed: int, mode: str, dest_compare: bool = False, host: bool = False) -> dict:
     t0 = time.perf_counter()
     b = simulate(variant, seed, mode, dest_compare=dest_compare)
+    gt = b.table("ground_truth")
+    if host:
+        b = host_only(b)
     t1 = time.perf_counter()
     f = detector.detect(b)
     vd = detector.verdict(b, f)
     t2 = time.perf_counter()
-    gt = b.table("ground_truth")
     lost = gt["lost"].to_numpy()
     gfn = gt["gfn"].to_numpy().astype(np.int64)
     hint = gt["reason"].to_numpy() == "hint"
@@ -38,11 +49,13 @@ def one_run(variant: str, seed: int, mode: str, dest_compare: bool = False) -> d
     conf_lost = f[(f["confidence"] == "confirmed") & f["kind"].isin(detector.LOST_KINDS)]
     confirmed = set(int(g) for gl in conf_lost["gfns"] for g in gl)
     v = V.get(variant)
-    safety_hard = hard[hard["severity"] == "safety"]
+    # c' is QEMU's hint path under manual protect, inherited by every variant: expected, not a false hazard
+    safety_hard = hard[(hard["severity"] == "safety") & ~((hard["kind"] == "rearm-in-apply") & (mode == "manual"))]
     return {"variant": variant, "mode": mode, "seed": seed, "gt_lost_hint": len(lost_h),
             "gt_lost_not_hint": len(lost_n), "found_hint": len(lost_h & reported),
             "found_not_hint": len(lost_n & reported), "false_confirmed": len(confirmed - lost_h - lost_n),
             "safe_hazards": int(len(safety_hard)) if (v.safe and not v.hint_hazards) else 0,
+            "c_prime": int((f["kind"] == "rearm-in-apply").any()),
             "verdict": vd.split(":")[0], "kinds": ",".join(sorted(set(f["kind"]))),
             "sim_s": t1 - t0, "detect_s": t2 - t1}
 
@@ -51,8 +64,9 @@ def _one(args) -> dict:
     return one_run(*args)
 
 
-def run_matrix(variants=None, seeds=range(20), modes=MODES, dest_compare: bool = False, jobs: int = 1) -> pd.DataFrame:
-    todo = [(v, s, m, dest_compare) for v in (variants or list(V.VARIANTS)) for m in modes for s in seeds]
+def run_matrix(variants=None, seeds=range(20), modes=MODES, dest_compare: bool = False, jobs: int = 1,
+               host: bool = False) -> pd.DataFrame:
+    todo = [(v, s, m, dest_compare, host) for v in (variants or list(V.VARIANTS)) for m in modes for s in seeds]
     if jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
         with ProcessPoolExecutor(jobs) as ex:
@@ -67,6 +81,7 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     s = g.agg(runs=("seed", "size"), gt_lost_hint=("gt_lost_hint", "sum"), found_hint=("found_hint", "sum"),
               gt_lost_not_hint=("gt_lost_not_hint", "sum"), found_not_hint=("found_not_hint", "sum"),
               false_confirmed=("false_confirmed", "sum"), safe_hazards=("safe_hazards", "sum"),
+              c_prime=("c_prime", "sum"),
               unsafe_verdicts=("verdict", lambda x: int((x == "unsafe ordering found").sum())),
               inconclusive=("verdict", lambda x: int((x == "inconclusive").sum())),
               detect_ms=("detect_s", lambda x: 1e3 * float(np.mean(x))))
@@ -88,4 +103,6 @@ def check(summary: pd.DataFrame) -> list[str]:
         bad.append(f"{x.variant}/{x.mode}: {x.false_confirmed} confirmed lost pages the truth does not have")
     for x in r[r["safe_hazards"] > 0].itertuples():
         bad.append(f"{x.variant}/{x.mode}: {x.safe_hazards} hazards in a safe variant")
+    for x in r[(r["mode"] != "manual") & (r["c_prime"] > 0)].itertuples():
+        bad.append(f"{x.variant}/{x.mode}: {x.c_prime} runs with a c' hazard outside manual protect")
     return bad

@@ -115,6 +115,7 @@ class MemoryBundle:
     _tables: dict[str, pd.DataFrame]
     problems: list[str] = field(default_factory=list)
     path: Path = Path("<memory>")
+    damaged: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
