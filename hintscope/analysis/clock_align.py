@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-CMD_ID_MIN = 0x80000000
+from hintscope.protocol import CMD_ID_MIN
+
 
 
 @dataclass

@@ -15,6 +15,7 @@ import pandas as pd
 
 from hintscope.analysis import harvest, memslots as ms, qemu_states
 from hintscope.bundle import Bundle
+from hintscope.probes import kvm_abi
 from hintscope.parse import qemu_trace
 
 # Page-level expansion of hint applies (4 KiB rows) stops here: 2**26 pages = 256 GiB of hints,
@@ -274,9 +275,9 @@ class Context:
         io = self.ioctls
         names = set(io["name"].unique()) if len(io) else set()
         caps = set(io.loc[io["name"] == "ENABLE_CAP", "cap"].tolist()) if len(io) else set()
-        if self.bundle.has("ring_push") or "RESET_DIRTY_RINGS" in names or 192 in caps:
+        if self.bundle.has("ring_push") or "RESET_DIRTY_RINGS" in names or kvm_abi.CAP_DIRTY_LOG_RING in caps:
             return "ring"
-        if "CLEAR_DIRTY_LOG" in names or 168 in caps:
+        if "CLEAR_DIRTY_LOG" in names or kvm_abi.CAP_MANUAL_DIRTY_LOG_PROTECT2 in caps:
             return "manual"
         if "GET_DIRTY_LOG" in names:
             return "get"

@@ -16,8 +16,8 @@ import pandas as pd
 
 from hintscope.analysis.qemu_states import FINAL_STATES
 from hintscope.analysis.syncs import probe_boundary_events, sync_numbers
+from hintscope.protocol import CMD_ID_MIN  # noqa: F401 (re-exported)
 
-CMD_ID_MIN = 0x80000000
 SYNC_COLS = ["sync", "before", "fetch_begin", "fetch_end", "after", "final", "epoch_id"]
 
 

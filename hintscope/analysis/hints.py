@@ -27,6 +27,7 @@ from hintscope.analysis.context import SEND_SOURCES, Context
 from hintscope.analysis.memslots import PAGE
 from hintscope.analysis.syncs import sync_table, windows
 from hintscope.bundle import Bundle
+from hintscope.protocol import CMD_ID_MIN
 
 EPOCH_COLUMNS = ["epoch", "start_ns", "end_ns", "applies", "applied_pages", "skipped_pages", "late_pages",
                  "resent_pages", "bytes_saved"]
@@ -187,7 +188,6 @@ def guest_hints(c: Context) -> dict[str, Any] | None:
                            for r in by.itertuples(index=False)]}
 
 
-CMD_ID_MIN = 0x80000000
 
 
 def match_guest_host(c: Context, syncs: pd.DataFrame) -> dict[str, Any] | None:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-PAGE = 4096
-PAGE_SHIFT = 12
+from hintscope.protocol import PAGE, PAGE_SHIFT  # noqa: F401 (re-exported)
+
 _I64_MIN = np.iinfo(np.int64).min
 _I64_MAX = np.iinfo(np.int64).max
 

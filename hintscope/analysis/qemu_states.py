@@ -25,10 +25,9 @@ import numpy as np
 import pandas as pd
 
 from hintscope.probes import qemu_uprobes
+from hintscope.protocol import FINAL_STATES, STOPPED_STATES  # noqa: F401 (re-exported)
 
-FINAL_STATES = frozenset({"completed", "failed", "cancelled"})
 # The VM is stopped (device state saved) or migration is over: no epoch opens, no hint may apply.
-STOPPED_STATES = FINAL_STATES | {"device"}
 MAX_STATES = 64  # the real enum has 14-15 entries; a longer list in meta is not a state table
 
 

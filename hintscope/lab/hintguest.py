@@ -39,12 +39,12 @@ from hintscope.bundle import BundleWriter
 from hintscope.errors import HintscopeError
 from hintscope.lab import build, memdiff
 from hintscope.lab.qemu import Qemu, QemuConfig, available_trace_events, find_qemu, qemu_label, qemu_version
+from hintscope.protocol import PAGE
 
 GUEST = "hintguest"
 
 BEHAVIOURS = ("polite", "early-reuse", "late-reuse")
 PRODUCER = "lab hintguest"
-PAGE = 4096
 BLOCK_PAGES = 1024
 MAGICS = {0x53554748: "HGUS", 0x57524748: "HGRW", 0x47424748: "HGBG", 0x4C464748: "HGFL"}
 MAX_LOG_BYTES = 16 << 20

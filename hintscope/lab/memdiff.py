@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from hintscope.errors import HintscopeError
+from hintscope.protocol import PAGE
 
-PAGE = 4096
 WORDS = PAGE // 8
 CHUNK_PAGES = 8192  # 32 MiB per comparison step
 DIRTIER_MAGIC = 0x59545244  # "DRTY": the dirtier's per-page record (see guests/dirtier/dirtier.c)

@@ -44,9 +44,9 @@ from hintscope.lab.crosscheck import IoctlCounter
 from hintscope.tap.lab import migration_tap
 from hintscope.lab.qemu import (TRACE_EVENTS, Qemu, ram_map, QemuConfig, available_trace_events, find_qemu,
                                 qemu_label, qemu_version, resolve_accel)
+from hintscope.protocol import FINAL_STATES
 
 PRODUCER = "lab migrate"
-FINAL_STATES = {"completed", "failed", "cancelled"}
 FILL_AT = 0x1000  # gfn where the guest's --fill region starts (16 MiB)
 PAGES_RE = re.compile(r"^(0x[0-9a-fA-F]+|\d+)(-(0x[0-9a-fA-F]+|\d+))?$")
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from hintscope.protocol import PAGE
+
 # ioctl number encoding (asm-generic/ioctl.h)
 _IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
 KVMIO = 0xAE
@@ -124,7 +126,7 @@ EXIT_INTERNAL_ERROR = 17
 EXIT_NAMES = {0: "UNKNOWN", 1: "EXCEPTION", 2: "IO", 3: "HYPERCALL", 4: "DEBUG", 5: "HLT", 6: "MMIO",
               7: "IRQ_WINDOW_OPEN", 8: "SHUTDOWN", 9: "FAIL_ENTRY", 10: "INTR", 17: "INTERNAL_ERROR",
               24: "SYSTEM_EVENT", 26: "DIRTY_RING_FULL"}
-PAGE_SIZE = 4096
+PAGE_SIZE = PAGE     # hintscope.protocol: the one definition
 
 
 def bitmap_bytes(npages: int) -> int:

@@ -18,12 +18,11 @@ import pandas as pd
 from hintscope.analysis import qemu_states
 from hintscope.analysis.syncs import probe_boundary_events, sync_numbers
 from hintscope.bundle import Bundle
+from hintscope.protocol import CMD_ID_MIN, PAGE  # noqa: F401 (re-exported)
 
 # migrate_state numbers and precopy_notify lists depend on the traced QEMU: analysis/qemu_states.py
 # interprets them from the bundle's meta (the same code the analysis uses).
 RETURN_REASONS = {0: "other", 1: "done", 2: "shrinker", 3: "remove"}
-CMD_ID_MIN = 0x80000000
-PAGE = 4096
 
 # (lane, group, label) top to bottom.  Host lanes first: the host clock is the reference.
 LANES: list[tuple[str, str, str]] = [

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hintscope.sim.variants import Variant
+from hintscope.protocol import CMD_ID_MIN
 
-CMD_ID_MIN = 0x80000000
 CMD_STOP, CMD_DONE = 0, 1
 S_STOP, S_REQUESTED, S_START, S_DONE = 0, 1, 2, 3
 INUSE, FREE, HELD = 0, 1, 2
