@@ -100,23 +100,29 @@ def element_layout(version: str | None) -> tuple[ElementLayout | None, str]:
     An unreadable version gets the 4.2+ layout, marked "assumed": the BPF shape filter (exact
     counts and a 4-byte length) makes a wrong layout yield no rows rather than wrong ones.
     """
-    m = re.search(r"QEMU emulator version (\d+)\.(\d+)", version or "")
-    if not m:
+    mm = qemu_major_minor(version)
+    if mm is None:
         return ELEMENT_LAYOUT_42, "assumed (QEMU version unknown)"
-    major, minor = int(m.group(1)), int(m.group(2))
+    major, minor = mm
     if (major, minor) < (4, 2):
         return None, f"QEMU {major}.{minor} < 4.2: VirtQueueElement has no ndescs, layout not known to hintscope"
     return ELEMENT_LAYOUT_42, f"QEMU {major}.{minor} >= 4.2"
 
 
-def migration_states(version: str | None) -> list[str] | None:
-    """State names by number for the QEMU whose version is ``version``: QEMU's banner (``QEMU emulator
-    version X.Y.Z ...``, what ``-version`` prints and the probe records) or a bare ``X.Y[.Z]``."""
+def qemu_major_minor(version: str | None) -> tuple[int, int] | None:
+    """(major, minor) from QEMU's banner (``QEMU emulator version X.Y.Z ...``, what ``-version``
+    prints and the probe records) or a bare ``X.Y[.Z]``; None when neither."""
     m = re.search(r"QEMU emulator version (\d+)\.(\d+)", version or "") or \
         re.fullmatch(r"\s*v?(\d+)\.(\d+)(?:\.\d+)?(?:[ +~(-].*)?", version or "")
-    if not m:
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def migration_states(version: str | None) -> list[str] | None:
+    """State names by number for the QEMU whose version is ``version`` (see qemu_major_minor)."""
+    mm = qemu_major_minor(version)
+    if mm is None:
         return None
-    major, minor = int(m.group(1)), int(m.group(2))
+    major, minor = mm
     if major < 6:
         return None  # older enums differ again; not needed here
     return MIGRATION_STATES_91 if (major, minor) >= (9, 1) else MIGRATION_STATES_72
