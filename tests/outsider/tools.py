@@ -29,6 +29,24 @@ def tap_available() -> str | None:
     return None
 
 
+def _read_until(proc: subprocess.Popen, token: bytes, timeout: float, what: str, tail) -> bytes:
+    """Reads ``proc``'s stdout until ``token`` shows up; returns what was read."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while token not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RuntimeError(f"{what} did not print {token.decode()!r} within {timeout:.0f} s: {tail()}")
+        r, _, _ = select.select([proc.stdout], [], [], min(left, 0.5))
+        if r:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                raise RuntimeError(f"{what} exited {proc.wait()} before printing {token.decode()!r}: {tail()}")
+            buf += chunk
+    return buf
+
+
 class Probe:
     """`python -m hintscope probe host --pid PID -o BUNDLE` with its default options."""
 
@@ -42,19 +60,7 @@ class Probe:
 
     def wait_attached(self, timeout: float = 120) -> None:
         """The probe prints ATTACHED on stdout once every probe is attached (docs/probes.md)."""
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        buf = b""
-        while b"ATTACHED" not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError(f"probe did not print ATTACHED within {timeout:.0f} s: {self.tail()}")
-            r, _, _ = select.select([self.proc.stdout], [], [], min(left, 0.5))
-            if r:
-                chunk = os.read(self.proc.stdout.fileno(), 4096)
-                if not chunk:
-                    raise RuntimeError(f"probe exited {self.proc.wait()} before attaching: {self.tail()}")
-                buf += chunk
+        _read_until(self.proc, b"ATTACHED", timeout, "probe", self.tail)
         self.attached = True
 
     def wait_bundle(self, timeout: float = 60) -> None:
@@ -107,18 +113,7 @@ class Tap:
 
     def wait_listening(self, timeout: float = 60) -> None:
         """The tap prints `tap: listening on ADDR ...` on stdout once it accepts connections."""
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while b"listening on" not in self.out:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError(f"tap did not say it was listening within {timeout:.0f} s: {self.tail()}")
-            r, _, _ = select.select([self.proc.stdout], [], [], min(left, 0.5))
-            if r:
-                chunk = os.read(self.proc.stdout.fileno(), 4096)
-                if not chunk:
-                    raise RuntimeError(f"tap exited {self.proc.wait()} before listening: {self.tail()}")
-                self.out += chunk
+        self.out += _read_until(self.proc, b"listening on", timeout, "tap", self.tail)
 
     def wait(self, timeout: float = 60) -> int:
         """The tap stops by itself when the stream has ended both ways; SIGINT only if it does not
