@@ -252,6 +252,10 @@ class Context:
         if not keep.all():
             self.problems.append(f"page sends cover more than {4 * MAX_EXPANDED_PAGES} pages; later sends ignored")
             r, n = r[keep], n[keep]
+        # the guest pages the tap can see at all: other blocks (ROMs, firmware) are not mapped
+        every = int(base.iloc[0]) + np.arange(int(sizes.max()), dtype=np.int64) * ms.PAGE
+        g, _ = ms.hva_to_gpa(every, np.full(len(every), self.end_ns), iv)
+        self._send_gfns = np.unique(g[g >= 0] >> ms.PAGE_SHIFT)
         idx, off = ms.expand_ranges(r["offset"].to_numpy().astype(np.int64), n * ms.PAGE)
         i = off // ms.PAGE - (r["offset"].to_numpy().astype(np.int64) // ms.PAGE)[idx]
         t0, t1 = r["ts_ns"].to_numpy(np.int64)[idx], r["ts_end_ns"].to_numpy(np.int64)[idx]
@@ -260,6 +264,12 @@ class Context:
         hva = int(base.iloc[0]) + off
         gpa, _ = ms.hva_to_gpa(hva, ts, iv)
         return pd.DataFrame({"ts_ns": ts, "gfn": np.where(gpa >= 0, gpa >> ms.PAGE_SHIFT, -1)})
+
+    @property
+    def send_gfns(self) -> np.ndarray | None:
+        """The gfns the send source can see (sorted), None when it sees every page of guest RAM."""
+        self._sends
+        return getattr(self, "_send_gfns", None)
 
     @property
     def sends(self) -> pd.DataFrame:

@@ -131,6 +131,9 @@ def host_losses(f: Facts, run) -> None:
         hint_hi = pd.Series(f.hints["hi"].to_numpy(float)[hi_], index=hg).groupby(level=0).max()
         lost &= ~(hint_hi.reindex(gfn).fillna(-np.inf).to_numpy() > lo)
     lost &= ~np.isin(gfn, list(covered))
+    seen = f.ctx.send_gfns if f.ctx is not None else None
+    if seen is not None:
+        lost &= np.isin(gfn, seen)      # pages of blocks the send source does not decode prove nothing
     if not lost.any():
         return
     sure = lost & (s < lo)
