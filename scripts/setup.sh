@@ -36,10 +36,13 @@ if [ "$(id -u)" = 0 ]; then
   # QEMU 10.0 from bookworm-backports, unpacked beside the system 7.2, for the version tests.
   [ -x /opt/hintscope/qemu-bpo/usr/bin/qemu-system-x86_64 ] || bash scripts/install-qemu-backports.sh >/dev/null \
     || log "could not unpack QEMU 10.0 from bookworm-backports (its tests will skip)"
-  # The second guest kernel series (6.12, bookworm-backports) for the Linux guest lab; after the
-  # headers shim above, so the host's BCC keeps bookworm's headers. ~2.5 min (initramfs) the first time.
-  compgen -G '/boot/vmlinuz-6.12.*-amd64' >/dev/null || bash scripts/install-guest-kernel.sh 6.12 >/dev/null \
-    || log "could not install the 6.12 guest kernel from bookworm-backports (its lab tests will skip)"
+  # The second guest kernel series (6.12, bookworm-backports), only for the long Linux guest lab
+  # (HINTSCOPE_LAB=1): ~2.5 min (initramfs) the first time, which the demo and the normal suite do not
+  # need. After the headers shim above, so the host's BCC keeps bookworm's headers.
+  if [ "${HINTSCOPE_LAB:-0}" = 1 ]; then
+    compgen -G '/boot/vmlinuz-6.12.*-amd64' >/dev/null || bash scripts/install-guest-kernel.sh 6.12 >/dev/null \
+      || log "could not install the 6.12 guest kernel from bookworm-backports (its lab tests will skip)"
+  fi
   [ -d /sys/kernel/tracing/events ] || mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
   [ -d /sys/kernel/debug/tracing ] || mount -t debugfs nodev /sys/kernel/debug 2>/dev/null || true
 else
