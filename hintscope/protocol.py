@@ -15,3 +15,6 @@ CMD_ID_MIN = 0x80000000     # QEMU increments before use: the first id is CMD_ID
 # QEMU MigrationStatus names after which no epoch opens and no hint may be applied
 FINAL_STATES = frozenset({"completed", "failed", "cancelled"})
 STOPPED_STATES = FINAL_STATES | {"device"}     # "device": the VM is stopped, its state being saved
+
+# guest probe: why the balloon gave a hinted block back (guest_events return/block_returned a1)
+RETURN_REASONS = {0: "other", 1: "done", 2: "shrinker", 3: "remove"}

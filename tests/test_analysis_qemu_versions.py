@@ -17,7 +17,6 @@ from hintscope.analysis.context import Context
 from hintscope.analysis.syncs import sync_table
 from hintscope.bundle import read_bundle
 from hintscope.probes import qemu_uprobes
-from hintscope.report import timeline as tl
 from hintscope.sim.write import MemoryBundle, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,8 +82,7 @@ def test_qemu10_state_numbers_read_as_names_everywhere(sim, with_table):
     # the detector's epochs (final sync, cmd ids), the analysis sync table and the timeline agree
     pd.testing.assert_frame_equal(epochs.sync_table(c10.qe, c10.states), epochs.sync_table(c72.qe, c72.states))
     pd.testing.assert_frame_equal(sync_table(c10), sync_table(c72))
-    pd.testing.assert_frame_equal(tl.host_syncs(raw, b10.meta), tl.host_syncs(sim.table("qemu_events"), sim.meta))
-    assert tl._migration_states(raw, b10.meta)["state"].tolist() == c72.states["state"].tolist()
+    assert c10.states["state"].tolist() == c72.states["state"].tolist()
     f10, f72 = detector.detect(b10), detector.detect(sim)
     assert f10["kind"].tolist() == f72["kind"].tolist()
     assert detector.verdict(b10, f10) == detector.verdict(sim, f72)
@@ -138,8 +136,7 @@ def test_precopy_rows_of_other_lists_are_dropped(sim):
     assert len(sync_table(c)) != len(ref)
     assert any("2 notifier lists" in p for p in c.problems)
     b = _with_other_list(sim, PRECOPY)
-    pd.testing.assert_frame_equal(tl.host_syncs(b.table("qemu_events"), b.meta),
-                                  tl.host_syncs(sim.table("qemu_events")))
+    pd.testing.assert_frame_equal(sync_table(Context(b)), sync_table(Context(sim)))
     assert detector.detect(b)["kind"].tolist() == detector.detect(sim)["kind"].tolist()
 
 

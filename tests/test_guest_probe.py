@@ -103,3 +103,9 @@ def test_event_layout_matches_the_c_struct():
     src = open(guest.BPF_C).read()
     defined = {int(n): name.lower() for name, n in re.findall(r"#define EV_(\w+)\s+(\d+)", src)}
     assert defined == guest.KINDS == gsm.KINDS
+
+
+def test_guest_probe_reason_codes_are_the_protocol_ones():
+    from hintscope import protocol
+    from hintscope.probes import guest
+    assert guest.RETURN_REASONS == protocol.RETURN_REASONS

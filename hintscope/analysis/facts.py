@@ -17,6 +17,7 @@ from hintscope.analysis import clock_align, epochs, harvest
 from hintscope.analysis.context import EVERY_PAGE_SOURCES, Context
 from hintscope.analysis.findings import finding
 from hintscope.analysis.qemu_states import FINAL_STATES
+from hintscope.protocol import RETURN_REASONS
 
 CLOCK_MAX_NS = 1_000_000        # a wider guest/host band cannot order guest facts against syncs
 STALL_MIN_NS = 2_000_000        # sender idle long enough to call a bulk-round stall
@@ -146,7 +147,6 @@ _FROM_EVENTS = {
     "guest_returns": ("block_returned", {"pfn": "a0", "reason": "a1", "order": "a2"}),
     "guest_reuse": ("reuse", {"pfn": "a0", "order": "a1"}),
 }
-_REASONS = {0: "other", 1: "done", 2: "shrinker", 3: "remove"}
 
 
 def _guest_table(ctx: Context, ge: pd.DataFrame, name: str) -> pd.DataFrame:
@@ -161,7 +161,7 @@ def _guest_table(ctx: Context, ge: pd.DataFrame, name: str) -> pd.DataFrame:
     out = pd.DataFrame({"guest_ns": rows["guest_ns"].to_numpy(np.int64),
                         **{c: rows[src].to_numpy().astype(np.int64) for c, src in cols.items()}})
     if "reason" in out:
-        out["reason"] = [_REASONS.get(int(r), "other") for r in out["reason"]]
+        out["reason"] = [RETURN_REASONS.get(int(r), "other") for r in out["reason"]]
     if "side" in rows:
         out["side"] = rows["side"].to_numpy()
     why = "damaged" if name in ctx.damaged else "absent"

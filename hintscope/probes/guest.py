@@ -40,6 +40,8 @@ KINDS = {
     7: "return_enter", 8: "return_exit", 9: "block_returned", 10: "shrinker_enter", 11: "shrinker_exit",
     12: "reuse", 13: "free_page_report", 14: "remove", 15: "hint_freed",
 }
+# hintscope.protocol.RETURN_REASONS: repeated because this file runs inside the guest with the standard
+# library only (tests/test_guest_probe.py checks the two are equal)
 RETURN_REASONS = {0: "other", 1: "done", 2: "shrinker", 3: "remove"}
 
 # (symbol, kind of probe, BPF function, why we want it, fallback when the symbol is missing)

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from hintscope.bundle import Bundle, read_bundle
+from hintscope.analysis import summary
 from hintscope.report import model, plots
 from hintscope.report import timeline as tl
 
@@ -75,15 +76,8 @@ def headline(d: model.ReportData, base: model.ReportData | None = None) -> pd.Da
 
 def ab_table(d: model.ReportData, base: model.ReportData) -> pd.DataFrame:
     """The analysis' A/B: QEMU's counters side by side, and pages saved by the trace vs by QMP."""
-    cmp_ = model._optional("hintscope.analysis.summary", "compare")
-    if cmp_ is None or not (d.analysed and base.analysed):
-        return pd.DataFrame(columns=["metric", "this run", "baseline", "difference"])
-    try:
-        c = cmp_({"summary": d.summary, "accounting": d.accounting},
-                 {"summary": base.summary, "accounting": base.accounting})
-    except Exception as e:  # noqa: BLE001
-        d.notes.append(f"A/B comparison failed: {type(e).__name__}: {e}")
-        return pd.DataFrame(columns=["metric", "this run", "baseline", "difference"])
+    c = summary.compare({"summary": d.summary, "accounting": d.accounting},
+                        {"summary": base.summary, "accounting": base.accounting})
     rows = [(k, _fmt(v.get("this")), _fmt(v.get("baseline")), _fmt(v.get("diff")))
             for k, v in c.get("metrics", {}).items() if v.get("this") is not None or v.get("baseline") is not None]
     rows.append(("hinted pages never sent (this run, from the trace)", _fmt(c.get("skipped_pages_estimate")), "", ""))

@@ -15,14 +15,11 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from hintscope.analysis import qemu_states
-from hintscope.analysis.syncs import probe_boundary_events, sync_numbers
 from hintscope.bundle import Bundle
-from hintscope.protocol import CMD_ID_MIN, PAGE  # noqa: F401 (re-exported)
+from hintscope.protocol import CMD_ID_MIN, PAGE, RETURN_REASONS  # noqa: F401 (re-exported)
 
 # migrate_state numbers and precopy_notify lists depend on the traced QEMU: analysis/qemu_states.py
 # interprets them from the bundle's meta (the same code the analysis uses).
-RETURN_REASONS = {0: "other", 1: "done", 2: "shrinker", 3: "remove"}
 
 # (lane, group, label) top to bottom.  Host lanes first: the host clock is the reference.
 LANES: list[tuple[str, str, str]] = [
@@ -86,49 +83,6 @@ def _pair(begin: pd.DataFrame, end: pd.DataFrame, by: str = "tid") -> pd.DataFra
     return m
 
 
-def _first_in(sorted_ts: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """For each window [lo, hi): the first time in ``sorted_ts`` inside it, else -1."""
-    if len(sorted_ts) == 0:
-        return np.full(len(lo), -1, dtype=np.int64)
-    i = np.searchsorted(sorted_ts, lo, side="left")
-    v = sorted_ts[np.minimum(i, len(sorted_ts) - 1)]
-    return np.where((i < len(sorted_ts)) & (v < hi), v, -1).astype(np.int64)
-
-
-def host_syncs(qe: pd.DataFrame, meta: dict | None = None) -> pd.DataFrame:
-    """Sync d = BEFORE_d -> AFTER_d from the precopy notifier; fetch window from the sync uprobes.
-
-    Columns: sync (numbered as in analysis/syncs.py), before_ns, after_ns (-1: the final sync has
-    no AFTER), fetch_start_ns, fetch_end_ns (-1 when not seen).  ``meta``: the bundle's, which says
-    which precopy_notify rows are precopy ones and what the migrate_state numbers mean.
-    """
-    meta = meta or {}
-    qe = qemu_states.keep_precopy_rows(qe, meta, [])
-    before, after, fb, fe = probe_boundary_events(qe)
-    nxt = np.r_[before[1:], np.iinfo(np.int64).max].astype(np.int64)
-    aft = _first_in(after, before, nxt)
-    fs = _first_in(fb, before, nxt)
-    fend = np.where(fs >= 0, _first_in(fe, fs, nxt), -1)
-    # An AFTER once the VM is stopped (device state or later) sets DONE: it opens no epoch.
-    ms = _migration_states(qe, meta)
-    stop = ms.loc[ms["state"].isin(qemu_states.STOPPED_STATES), "ts_ns"]
-    t_stop = int(stop.min()) if len(stop) else np.iinfo(np.int64).max
-    opens = (aft >= 0) & (before < t_stop)
-    return pd.DataFrame({
-        "sync": sync_numbers(len(before)),
-        "before_ns": before,
-        "after_ns": aft,
-        "fetch_start_ns": fs,
-        "fetch_end_ns": fend,
-        "epoch": np.where(opens, np.cumsum(opens), -1).astype(np.int64),
-    })
-
-
-def _migration_states(qe: pd.DataFrame, meta: dict | None = None) -> pd.DataFrame:
-    """ts_ns, state (name for the traced QEMU's numbering) of the migrate_state uprobe rows."""
-    return qemu_states.state_rows(qe, qemu_states.state_names(meta or {}))
-
-
 def _migration_lane(states: pd.DataFrame, end_ns: int) -> pd.DataFrame:
     st = states[states["ts_ns"] >= 0].sort_values("ts_ns")
     if st.empty:
@@ -161,8 +115,13 @@ def build(b: Bundle, findings: pd.DataFrame | None = None,
     (which also cover QEMU-trace-only bundles); without them, from the uprobe events alone."""
     qe = b.table("qemu_events")
     io = b.table("ioctls")
-    syncs = host_syncs(qe, b.meta) if syncs is None else syncs
-    states = _migration_states(qe, b.meta) if states is None else states
+    if syncs is None or states is None:
+        # one sync table for every consumer: the analysis' (syncs.py), on the caller's Context
+        from hintscope.analysis.context import Context
+        from hintscope.analysis.syncs import sync_table
+        ctx = Context(b)
+        syncs = sync_table(ctx) if syncs is None else syncs
+        states = ctx.states if states is None else states
     # Memslot ioctls happen at VM boot, long before migration: they do not stretch the axis.
     dirty_io = io[io["name"].isin(["GET_DIRTY_LOG", "CLEAR_DIRTY_LOG", "RESET_DIRTY_RINGS"])]
     host_ts = pd.concat([qe["ts_ns"], dirty_io["ts_ns"], states["ts_ns"][states["ts_ns"] >= 0]], ignore_index=True)
