@@ -95,3 +95,18 @@ def test_bench_analysis_memory_quick(tmp_path):
     assert res["in_memory_bytes"] > 0 and res["bundle_disk_bytes"] > 0
     assert "ring_push" in res["tables"]
     assert res["peak_over_base_bytes"]["median"] > 0
+
+
+@lab
+@needs_root
+@needs_kvm
+@needs_qemu
+def test_bench_tap_quick(tmp_path):
+    res = run_quick("bench_tap.py", tmp_path, timeout=300)
+    runs = {r["mode"]: r for r in res["runs"]}
+    assert set(runs) == {"none", "tap"} and all(r["status"] == "completed" for r in runs.values())
+    tap = runs["tap"]
+    # the tap decoded exactly what QEMU says it sent
+    assert tap["tap_status"] == "captured"
+    assert tap["tap_pages"] == {"page": tap["normal"], "zero": tap["duplicate"]}
+    assert res["ratios_vs_none"]["tap"]["total_time_ms"]["n"] == 1

@@ -337,90 +337,136 @@ class StreamDecoder:
 
     # -- the RAM section ------------------------------------------------------------------------
     def _ram_records(self) -> None:
+        """RAM records up to the part's EOS. Most records are the next page of the current run
+        (same block, kind and header flags, next offset): those take the fast path, one integer
+        compare each, and are written back to the run when the loop leaves it."""
         buf = self.buf
         n = len(buf)
         p = self.pos
         psize = self.page_size
         fmask = psize - 1
         unpack = _BE64.unpack_from
-        while True:
-            if p + 8 > n:
-                raise _NeedMore
-            hdr = unpack(buf, p)[0]
-            flags = hdr & fmask
-            off = hdr - flags
-            q = p + 8
-            if flags & F.FLAG_CONTINUE:
-                block = self._cur_block
-                if block is None:
-                    raise _Stop(f"stream offset {self._at(p)}: RAM record with 'continue' before any block "
-                                f"was named (header 0x{hdr:016x})")
-            elif flags & (F.FLAG_PAGE | F.FLAG_ZERO | F.FLAG_XBZRLE | F.FLAG_COMPRESS_PAGE):
-                if q >= n:
+        fast_next, fast_max, fast_size = self._fast_setup()
+        fast = 0
+        try:
+            while True:
+                if p + 8 > n:
                     raise _NeedMore
-                ln = buf[q]
-                if q + 1 + ln > n:
-                    raise _NeedMore
-                block = buf[q + 1:q + 1 + ln].decode("ascii", "backslashreplace")
-                q += 1 + ln
-            else:
-                block = ""
-            kind = flags & ~F.FLAG_CONTINUE
-            if kind == F.FLAG_PAGE:
-                q += psize
-                name = "page"
-            elif kind == F.FLAG_ZERO:
-                q += 1
-                name = "zero"
-            elif kind == F.FLAG_XBZRLE:
-                if q + 3 > n:
-                    raise _NeedMore
-                if buf[q] != F.ENCODING_FLAG_XBZRLE:
-                    raise _Stop(f"stream offset {self._at(q)}: xbzrle encoding byte 0x{buf[q]:02x}, "
-                                f"expected 0x{F.ENCODING_FLAG_XBZRLE:02x}")
-                q += 3 + _BE16.unpack_from(buf, q + 1)[0]
-                name = "xbzrle"
-            elif kind == F.FLAG_EOS and flags == F.FLAG_EOS and off == 0:
-                self._marker("eos", p, p + 8)
-                self.pos = p + 8
-                self.state = "footer"
-                if self._phase == "complete":
-                    self.ram_done = True
-                return
-            elif kind == F.FLAG_MEM_SIZE and flags == F.FLAG_MEM_SIZE:
+                hdr = unpack(buf, p)[0]
+                if hdr == fast_next and hdr <= fast_max:
+                    q = p + fast_size
+                    if q > n:
+                        raise _NeedMore
+                    fast += 1
+                    fast_next += psize
+                    p = q
+                    continue
+                if fast:
+                    self._fast_writeback(fast, p)
+                    fast = 0
                 self.pos = p
-                p = self._mem_size(p, off)
-                continue
-            elif kind == F.FLAG_MULTIFD_FLUSH and flags == F.FLAG_MULTIFD_FLUSH and off == 0:
-                if not self.multifd_seen:
-                    self.multifd_seen = True
-                    self.problems.append(f"stream offset {self._at(p)}: RAM_SAVE_FLAG_MULTIFD_FLUSH: multifd "
-                                         f"is on, pages sent on multifd channels are not decoded")
-                self._marker("multifd-flush", p, p + 8)
-                p += 8
+                self._slow_record(hdr, p, hdr & fmask, n)
+                p = self.pos
+                if self.state != "ram":
+                    return
+                fast_next, fast_max, fast_size = self._fast_setup()
+        finally:
+            # p is always the start of the first record not yet taken (the slow path keeps self.pos)
+            if fast:
+                self._fast_writeback(fast, p)
                 self.pos = p
-                continue
-            elif kind == F.FLAG_HOOK:
-                raise _Stop(f"stream offset {self._at(p)}: RAM_SAVE_FLAG_HOOK (RDMA) is not decoded")
-            elif kind == F.FLAG_COMPRESS_PAGE:
-                raise _Stop(f"stream offset {self._at(p)}: RAM_SAVE_FLAG_COMPRESS_PAGE (compress "
-                            f"capability) is not decoded")
-            else:
-                raise _Stop(f"stream offset {self._at(p)}: unknown RAM flags 0x{flags:x} "
-                            f"({F.flag_names(flags)}) in header 0x{hdr:016x}")
-            if q > n:
+
+    def _fast_setup(self) -> tuple[int, int, int]:
+        r = self._run
+        if r is None or r.kind not in ("page", "zero"):
+            return -1, -1, 0
+        flag = F.FLAG_PAGE if r.kind == "page" else F.FLAG_ZERO
+        nxt = r.offset + r.npages * self.page_size
+        return (nxt | F.FLAG_CONTINUE | flag, (self.blocks[r.block] - self.page_size) | F.FLAG_CONTINUE | flag,
+                8 + (self.page_size if r.kind == "page" else 1))
+
+    def _fast_writeback(self, k: int, p: int) -> None:
+        r = self._run
+        r.npages += k
+        r.ts_end_ns = self.ts
+        r.stream_end = self.base + p
+        self.pages[r.kind] = self.pages.get(r.kind, 0) + k
+        self.records += k
+        self._last_key = (self._block_index[r.block], r.offset + (r.npages - 1) * self.page_size)
+
+    def _slow_record(self, hdr: int, p: int, flags: int, n: int) -> None:
+        """One record at ``p`` (any kind); advances ``self.pos`` past it or raises."""
+        buf = self.buf
+        off = hdr - flags
+        q = p + 8
+        if flags & F.FLAG_CONTINUE:
+            block = self._cur_block
+            if block is None:
+                raise _Stop(f"stream offset {self._at(p)}: RAM record with 'continue' before any block "
+                            f"was named (header 0x{hdr:016x})")
+        elif flags & (F.FLAG_PAGE | F.FLAG_ZERO | F.FLAG_XBZRLE | F.FLAG_COMPRESS_PAGE):
+            if q >= n:
                 raise _NeedMore
-            size = self.blocks.get(block)
-            if size is None:
-                raise _Stop(f"stream offset {self._at(p)}: page of block {block[:64]!r}, which the "
-                            f"mem-size list did not announce")
-            if off >= size:
-                raise _Stop(f"stream offset {self._at(p)}: page offset 0x{off:x} beyond block {block!r} "
-                            f"(0x{size:x} bytes)")
-            self._cur_block = block
-            self._page(block, off, name, p, q)
-            p = q
-            self.pos = p
+            ln = buf[q]
+            if q + 1 + ln > n:
+                raise _NeedMore
+            block = buf[q + 1:q + 1 + ln].decode("ascii", "backslashreplace")
+            q += 1 + ln
+        else:
+            block = ""
+        kind = flags & ~F.FLAG_CONTINUE
+        if kind == F.FLAG_PAGE:
+            q += self.page_size
+            name = "page"
+        elif kind == F.FLAG_ZERO:
+            q += 1
+            name = "zero"
+        elif kind == F.FLAG_XBZRLE:
+            if q + 3 > n:
+                raise _NeedMore
+            if buf[q] != F.ENCODING_FLAG_XBZRLE:
+                raise _Stop(f"stream offset {self._at(q)}: xbzrle encoding byte 0x{buf[q]:02x}, "
+                            f"expected 0x{F.ENCODING_FLAG_XBZRLE:02x}")
+            q += 3 + _BE16.unpack_from(buf, q + 1)[0]
+            name = "xbzrle"
+        elif kind == F.FLAG_EOS and flags == F.FLAG_EOS and off == 0:
+            self._marker("eos", p, p + 8)
+            self.pos = p + 8
+            self.state = "footer"
+            if self._phase == "complete":
+                self.ram_done = True
+            return
+        elif kind == F.FLAG_MEM_SIZE and flags == F.FLAG_MEM_SIZE:
+            self._mem_size(p, off)
+            return
+        elif kind == F.FLAG_MULTIFD_FLUSH and flags == F.FLAG_MULTIFD_FLUSH and off == 0:
+            if not self.multifd_seen:
+                self.multifd_seen = True
+                self.problems.append(f"stream offset {self._at(p)}: RAM_SAVE_FLAG_MULTIFD_FLUSH: multifd "
+                                     f"is on, pages sent on multifd channels are not decoded")
+            self._marker("multifd-flush", p, p + 8)
+            self.pos = p + 8
+            return
+        elif kind == F.FLAG_HOOK:
+            raise _Stop(f"stream offset {self._at(p)}: RAM_SAVE_FLAG_HOOK (RDMA) is not decoded")
+        elif kind == F.FLAG_COMPRESS_PAGE:
+            raise _Stop(f"stream offset {self._at(p)}: RAM_SAVE_FLAG_COMPRESS_PAGE (compress "
+                        f"capability) is not decoded")
+        else:
+            raise _Stop(f"stream offset {self._at(p)}: unknown RAM flags 0x{flags:x} "
+                        f"({F.flag_names(flags)}) in header 0x{hdr:016x}")
+        if q > n:
+            raise _NeedMore
+        size = self.blocks.get(block)
+        if size is None:
+            raise _Stop(f"stream offset {self._at(p)}: page of block {block[:64]!r}, which the "
+                        f"mem-size list did not announce")
+        if off >= size:
+            raise _Stop(f"stream offset {self._at(p)}: page offset 0x{off:x} beyond block {block!r} "
+                        f"(0x{size:x} bytes)")
+        self._cur_block = block
+        self._page(block, off, name, p, q)
+        self.pos = q
 
     def _mem_size(self, p: int, total: int) -> int:
         """The block list after RAM_SAVE_FLAG_MEM_SIZE; returns the position after it."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import sys
 import time
@@ -111,6 +112,8 @@ class Capture:
         else:
             status = "partial"
             reason = self.problems[0] if self.problems else (self.dec.stopped or "incomplete")
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        s["cpu_s"] = round(ru.ru_utime + ru.ru_stime, 3)
         details = {"decoder": s, "problems": list(self.problems),
                    "clock": "host CLOCK_MONOTONIC when the tap read the bytes (upper bound on QEMU's read)"}
         if self.end:
