@@ -348,6 +348,45 @@ def test_hostile_stream_through_the_proxy_is_forwarded_and_reported(tmp_path):
     assert src["status"] == "partial" and f"stream offset {p}: unknown RAM flags" in src["reason"]
 
 
+def test_pump_keeps_the_copy_in_order_when_the_decoder_pipe_is_full(tmp_path):
+    """A decoder that stalls fills the tee pipe: those chunks go through user memory, in order."""
+    from hintscope.tap.proxy import CTL_HDR, DATA_HDR, Pump
+    data = F.FILE_MAGIC.to_bytes(4, "big") + os.urandom(12 << 20)
+    r, w = os.pipe()
+    pump = Pump(taddr.parse(f"unix:{tmp_path}/t.sock"), taddr.parse(f"unix:{tmp_path}/d.sock"), w)
+    assert pump.mode == "splice"
+    got: list[bytes] = []
+    back: list[bytes] = []
+    copy = bytearray()
+    events = []
+
+    def stalled_decoder():
+        time.sleep(1.5)
+        with os.fdopen(r, "rb") as f:
+            while kind := f.read(1):
+                if kind == b"D":
+                    _, n = DATA_HDR.unpack(f.read(DATA_HDR.size))
+                    copy.extend(f.read(n))
+                else:
+                    (n,) = CTL_HDR.unpack(f.read(CTL_HDR.size))
+                    events.append(json.loads(f.read(n)))
+
+    srv = _fake_destination(tmp_path / "d.sock", got, b"")
+    reader = threading.Thread(target=stalled_decoder)
+    reader.start()
+    sender = threading.Thread(target=_send_stream, args=(tmp_path / "t.sock", data, back))
+    sender.start()
+    stats = pump.serve(threading.Event())
+    os.close(w)
+    reader.join(30)
+    sender.join(30)
+    srv.close()
+    assert got == [data]
+    assert bytes(copy) == data
+    assert stats["cut"] is None and stats["copied_bytes"] > 0 and stats["fed_bytes"] == len(data)
+    assert events[-1]["event"] == "end"
+
+
 def test_addresses():
     assert taddr.parse("unix:/tmp/x").target == "/tmp/x"
     assert taddr.parse("tcp:127.0.0.1:4444").target == ("127.0.0.1", 4444)

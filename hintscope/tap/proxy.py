@@ -137,6 +137,7 @@ class Pump:
         self.decoder_gone: str | None = None
         self.q: queue.SimpleQueue = queue.SimpleQueue()
         self.fed = 0
+        self.copied = 0   # splice mode: stream bytes that went through user memory (tee pipe full)
         self.errors: list[str] = []
         self._feeder = threading.Thread(target=self._feed_loop, name="tap-feeder", daemon=True)
         self._tee_r: int | None = None
@@ -239,6 +240,7 @@ class Pump:
                     data = _read_exact(p1r, n)
                     b.sendall(data)
                     self._feed(ts, data[m:])
+                    self.copied += n - m
                 else:
                     left = n
                     while left:
@@ -369,7 +371,7 @@ class Pump:
                     pass
         stats = {"end": end, "listen": self.listen_addr.text, "forward": self.forward_addr.text,
                  "mode": self.mode, "connections": [c.summary() for c in self.conns], "forward_errors": self.errors,
-                 "fed_bytes": self.fed, "max_backlog_bytes": self.max_seen_backlog, "backlog_limit": self.max_backlog,
+                 "fed_bytes": self.fed, "copied_bytes": self.copied, "max_backlog_bytes": self.max_seen_backlog, "backlog_limit": self.max_backlog,
                  "cut": self.cut, "decoder_gone": self.decoder_gone,
                  "cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 3)}
         self._control({"event": "end", **stats})
