@@ -4,8 +4,8 @@ Each run starts a source and a destination QEMU with plain argv (KVM, the bare-m
 virtio-balloon free-page-hint=on on an iothread), attaches `python -m hintscope probe host --pid`
 with its default options, migrates over QMP (through `hintscope tap` when the tree has it), compares
 both paused sides' memory page by page, and reads `python -m hintscope analyze --json --fail-on
-hazard`. See tests/outsider/ and docs/outsider.md. A run takes about 10-15 s here; each scenario
-runs once per module and several tests read it.
+hazard`. See tests/outsider/ and docs/outsider.md. A run takes 25-35 s at load ~7 on this 2-core
+host (most of it SeaBIOS under PVM); each scenario runs once per module and several tests read it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import lab, needs_bpf, needs_kvm, needs_qemu, needs_root
 from tests.outsider import tools
 from tests.outsider.run import Result, Scenario, resent_after_apply, run, run_many
-from tests.outsider.vm import qemu_available
+from tests.outsider.vm import BLOCK_PAGES, POOL_BLOCKS, POOL_GFN, qemu_available
 
 pytestmark = [needs_root, needs_kvm, needs_qemu, needs_bpf]
 
@@ -103,6 +103,17 @@ def _confirmed_losses(r: Result) -> list[dict]:
     return [f for f in r.findings if f.get("kind") in LOSS_KINDS and f.get("confidence") == "confirmed"]
 
 
+def _exposure_covers(r: Result) -> None:
+    """The hazard's exposure is hinted pages, and every write the memory check found lost is in it."""
+    exposed = r.gfns("rearm-in-apply", "hazard")
+    if exposed is None:
+        return  # a capped gfn list: only the counts are there to check
+    pool = set(range(POOL_GFN, POOL_GFN + POOL_BLOCKS * BLOCK_PAGES))
+    assert exposed <= pool, f"exposure outside the hint pool: {sorted(exposed - pool)[:10]}"
+    missed = set(r.mem.lost) - exposed
+    assert not missed, f"{len(missed)} lost page(s) outside the rearm-in-apply exposure: {sorted(missed)[:10]}"
+
+
 def _report(r: Result) -> str:
     return f"{r.scenario.label}: {r.row()} findings={[(f.get('kind'), f.get('confidence'), f.get('gfn_count')) for f in r.findings]}"
 
@@ -114,6 +125,7 @@ def test_early_reuse_bitmap_loses_writes_and_gets_rearm_in_apply(outsider, versi
     assert r.mem.lost, f"no write lost on the destination: {_report(r)}"
     hz = r.by_kind("rearm-in-apply", "hazard")
     assert hz and r.pages("rearm-in-apply", "hazard") > 0, f"no rearm-in-apply hazard: {_report(r)}"
+    _exposure_covers(r)
     assert r.verdict == "unsafe ordering found", _report(r)
     assert r.analyze_exit == 1, f"analyze --fail-on hazard exit {r.analyze_exit}: {_report(r)}"
 
@@ -124,6 +136,7 @@ def test_polite_bitmap_latent_hazard_no_loss(outsider, version):
     r = outsider(version, "polite")
     assert not r.mem.lost and not r.mem.lost_other, f"pages missing on the destination: {_report(r)}"
     assert r.pages("rearm-in-apply", "hazard") > 0, f"no latent rearm-in-apply hazard: {_report(r)}"
+    _exposure_covers(r)
     assert not _confirmed_losses(r), f"a confirmed loss where the memory check found none: {_report(r)}"
 
 
@@ -167,6 +180,7 @@ def test_lab_early_reuse_repeats(outsider, version, rep):
     r = outsider(version, "early-reuse", rep=rep)
     assert r.mem.lost, _report(r)
     assert r.pages("rearm-in-apply", "hazard") > 0, _report(r)
+    _exposure_covers(r)
     assert r.verdict == "unsafe ordering found" and r.analyze_exit == 1, _report(r)
 
 

@@ -57,12 +57,23 @@ class Result:
         return [f for f in self.findings if f.get("kind") == kind
                 and (confidence is None or f.get("confidence") == confidence)]
 
+    def gfns(self, kind: str, confidence: str | None = None) -> set[int] | None:
+        """Every gfn the findings of that kind name, or None when a finding's list was capped."""
+        out: set[int] = set()
+        for f in self.by_kind(kind, confidence):
+            g = f.get("gfns") or []
+            if len(g) != int(f.get("gfn_count") or 0):
+                return None
+            out.update(int(x) for x in g)
+        return out
+
     def pages(self, kind: str, confidence: str | None = None) -> int:
         return sum(int(f.get("gfn_count") or 0) for f in self.by_kind(kind, confidence))
 
     def dump(self) -> dict[str, Any]:
         """Everything a report needs, JSON-ready."""
-        return {**self.row(), "mem": self.mem.summary() if self.mem else None, "migration": self.migration,
+        return {**self.row(), "mem": self.mem.summary() if self.mem else None,
+                "lost_gfns": self.mem.lost if self.mem else None, "migration": self.migration,
                 "guest": self.guest, "probe_exit": self.probe_exit, "tap_exit": self.tap_exit,
                 "analyze_error": self.analyze_error, "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
                 "findings": [{k: f.get(k) for k in ("kind", "confidence", "gfn_count", "gfn_first", "gfn_last")}
