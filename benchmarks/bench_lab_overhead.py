@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench as B  # noqa: E402
 
 from hintscope.bundle import read_bundle  # noqa: E402
-from hintscope.lab.migrate import LabOptions, run_lab  # noqa: E402
+from hintscope.lab.dirtier import LabOptions, run_lab  # noqa: E402
 
 HB = re.compile(r"DIRTIER hb=(\d+) round=(\d+) seq=(\d+) tsc=(\d+)\n")
 TSC_HZ = re.compile(r"tsc_hz=(\d+)")

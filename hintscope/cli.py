@@ -17,7 +17,7 @@ from hintscope.errors import HintscopeError
 COMMANDS: list[tuple[str | None, str]] = [
     ("probe", "hintscope.probes.host"),
     ("probe", "hintscope.probes.guest"),
-    ("lab", "hintscope.lab.migrate"),
+    ("lab", "hintscope.lab.cli"),
     ("lab", "hintscope.lab.hintguest"),
     ("lab", "hintscope.lab.image"),
     (None, "hintscope.tap.cli"),
@@ -25,6 +25,7 @@ COMMANDS: list[tuple[str | None, str]] = [
     (None, "hintscope.sim.cli"),
     (None, "hintscope.report.cli"),
     (None, "hintscope.report.compare"),
+    (None, "hintscope.fleet.cli"),
     (None, "hintscope.report.perfetto"),
     (None, "hintscope.report.demo"),
 ]

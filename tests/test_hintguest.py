@@ -519,7 +519,7 @@ def test_lab_hintscope_explains_hintguest_losses(tmp_path, behaviour):
     """End to end: `hintscope lab migrate --guest hintguest` with hintscope's probe, then the detector:
     early-reuse -> rearm-wipe confirmed findings are exactly the lost written pages; polite -> none."""
     from hintscope.cli import main
-    from hintscope.lab.migrate import probe_unavailable_reason
+    from hintscope.lab.session import probe_unavailable_reason
     if probe_unavailable_reason():
         pytest.skip(f"host probe unavailable: {probe_unavailable_reason()}")
     out = tmp_path / behaviour

@@ -269,7 +269,7 @@ def test_guest_stream_memory_bound(tmp_path, mib):
 
 # --- QMP query-migrate snapshots -----------------------------------------------------------
 
-migrate = pytest.importorskip("hintscope.lab.migrate")
+from hintscope.lab import session as migrate  # noqa: E402  (QMP rows live in the shared lab driver)
 
 qmp_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**80), 2**80), st.floats(), st.text(max_size=30))
 qmp_json = st.recursive(qmp_leaf, lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=10), c,

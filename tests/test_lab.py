@@ -21,7 +21,8 @@ import pytest
 from hintscope.bundle import read_bundle
 from hintscope.errors import HintscopeError
 from hintscope.lab import build, memdiff
-from hintscope.lab.migrate import LabOptions, _check_opts, _truth_frame, parse_pages, qmp_row
+from hintscope.lab.dirtier import LabOptions, _check_opts, _truth_frame, parse_pages
+from hintscope.lab.session import qmp_row
 
 HAVE_PROBE = importlib.util.find_spec("hintscope.probes.host") is not None
 needs_kvm, needs_qemu, needs_root, needs_bpf, lab = (pytest.mark.needs_kvm, pytest.mark.needs_qemu,
@@ -68,7 +69,7 @@ def test_truth_frame_trusts_options_and_bounds_the_guest_line():
 
 def test_ring_occupancy_flags_pushes_past_the_ring_size(tmp_path):
     from hintscope.bundle import BundleWriter
-    from hintscope.lab.migrate import ring_occupancy
+    from hintscope.lab.dirtier import ring_occupancy
 
     w = BundleWriter(tmp_path / "b", "test")
     n = 6
@@ -156,7 +157,7 @@ def _trace_lines(bundle: Path, event: str) -> list[str]:
 
 
 def _run_lab(path: Path, **kw) -> dict:
-    from hintscope.lab.migrate import make_sample
+    from hintscope.lab.dirtier import make_sample
 
     return make_sample(path, crosscheck=True, **kw)
 
@@ -310,7 +311,7 @@ def test_lab_memcheck_catches_qemu72_tcg_lost_writes(tmp_path):
 
     The memcheck must see them, and the dirtier's sequence stamps must show the destination
     holding an older write of the same page (not garbage)."""
-    from hintscope.lab.migrate import make_sample
+    from hintscope.lab.dirtier import make_sample
     from hintscope.lab.qemu import qemu_version
 
     if "version 7.2" not in qemu_version("/usr/bin/qemu-system-x86_64"):
@@ -326,7 +327,7 @@ def test_lab_memcheck_catches_qemu72_tcg_lost_writes(tmp_path):
 @lab
 @pytest.mark.skipif(not Path(QEMU10).exists(), reason=f"needs QEMU 10 at {QEMU10}")
 def test_lab_qemu10_tcg_keeps_every_write(tmp_path):
-    from hintscope.lab.migrate import make_sample
+    from hintscope.lab.dirtier import make_sample
 
     s = make_sample(tmp_path / "b", qemu=QEMU10, **MANY_SYNCS)
     assert s["migration"]["ram"]["dirty-sync-count"] > 2

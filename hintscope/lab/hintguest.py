@@ -37,7 +37,7 @@ import pandas as pd
 
 from hintscope.bundle import BundleWriter
 from hintscope.errors import HintscopeError
-from hintscope.lab import build, memdiff
+from hintscope.lab import build, memdiff, session
 from hintscope.lab.qemu import Qemu, QemuConfig, available_trace_events, find_qemu, qemu_label, qemu_version
 from hintscope.protocol import PAGE
 
@@ -624,42 +624,19 @@ async def _wait_serial(path: Path, pattern: str, timeout: float) -> str:
 async def _migrate(src: Qemu, uri: str, o: HintguestOptions) -> list[dict[str, Any]]:
     """Migrate at a bandwidth the guest's background writer outpaces, so the guest gets its
     rounds; once it logs bg_stop (all rounds done and logged) open the bandwidth to converge."""
-    # A 1 ms downtime limit keeps QEMU from completing while the guest still has rounds to run.
-    await src.cmd("migrate-set-parameters", {"max-bandwidth": o.bandwidth_mb << 20,
-                                             "downtime-limit": 1 if o.rounds else o.downtime_ms})
-    await src.cmd("migrate", {"uri": uri})
     opened = False
-    rows = []
-    deadline = time.monotonic() + o.timeout_s
-    while True:
-        info = await src.cmd("query-migrate")
-        ram = info.get("ram") or {}
-        rows.append({"ts_ns": time.clock_gettime_ns(time.CLOCK_MONOTONIC), "wall_ns": time.time_ns(),
-                     "status": str(info.get("status", "")), "total_time": int(info.get("total-time", -1)),
-                     "transferred": int(ram.get("transferred", -1)), "normal": int(ram.get("normal", -1)),
-                     "duplicate": int(ram.get("duplicate", -1)),
-                     "dirty_sync_count": int(ram.get("dirty-sync-count", -1)),
-                     "remaining": int(ram.get("remaining", -1)), "dirty_pages_rate": int(ram.get("dirty-pages-rate", -1)),
-                     "raw": json.dumps(info, sort_keys=True)})
-        if rows[-1]["status"] in ("completed", "failed", "cancelled"):
-            return rows
-        if not opened and o.rounds and b"ev=bg_stop" in src.cfg.serial_path.read_bytes()[:MAX_LOG_BYTES]:
+
+    async def open_up() -> None:
+        nonlocal opened
+        if not opened and o.rounds and "ev=bg_stop" in session.read_serial(src.cfg.serial_path, MAX_LOG_BYTES):
             await src.cmd("migrate-set-parameters", {"max-bandwidth": o.final_bandwidth_mb << 20,
                                                      "downtime-limit": o.downtime_ms})
             opened = True
-        if time.monotonic() > deadline:
-            with contextlib.suppress(HintscopeError):
-                await src.cmd("migrate_cancel")
-            raise HintscopeError(f"migration still {rows[-1]['status']} after {o.timeout_s:.0f} s")
-        await asyncio.sleep(0.1)
 
-
-async def _wait_status(vm: Qemu, want: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while (st := await vm.status()) != want:
-        if time.monotonic() > deadline:
-            raise HintscopeError(f"QEMU {vm.cfg.name} is {st!r}, expected {want!r}")
-        await asyncio.sleep(0.05)
+    # A 1 ms downtime limit keeps QEMU from completing while the guest still has rounds to run.
+    return await session.drive_migration(src, uri, bandwidth_mb=o.bandwidth_mb,
+                                         downtime_ms=1 if o.rounds else o.downtime_ms, timeout_s=o.timeout_s,
+                                         on_poll=open_up, hint="the guest did not finish its rounds")
 
 
 async def _dst_health(dst: Qemu, timeout: float = 5.0) -> dict[str, Any]:
@@ -688,10 +665,7 @@ async def run_hintguest(o: HintguestOptions) -> dict[str, Any]:
     trace_reason = bpftrace_unavailable_reason() if o.trace != "off" else "--trace off"
     if o.trace == "on" and trace_reason:
         raise HintscopeError(f"--trace on: {trace_reason}")
-    from hintscope.lab import migrate as labmig  # the lab's probe driver (ATTACHED handshake, SIGINT stop)
-    probe_reason = "--probe off" if o.probe == "off" else labmig.probe_unavailable_reason()
-    if o.probe == "on" and probe_reason:
-        raise HintscopeError(f"--probe on: {probe_reason}")
+    probe_reason = session.probe_choice(o.probe)
     t0 = time.monotonic()
     elf = await asyncio.to_thread(build.build_guest, GUEST)
     writer = BundleWriter(bundle, PRODUCER)
@@ -726,7 +700,7 @@ async def run_hintguest(o: HintguestOptions) -> dict[str, Any]:
         await src.start()
         if probe_reason is None:
             # hintscope's own probe joins this bundle; its BCC compile overlaps the guest's boot
-            probe = labmig.HostProbe(src.pid, bundle, None, work / "probe.log",
+            probe = session.HostProbe(src.pid, bundle, None, work / "probe.log",
                                      extra=["--append"] + (["--page-sends"] if o.page_sends else []))
             probe_task = asyncio.create_task(probe.start())
         await dst.start()
@@ -788,8 +762,7 @@ async def run_hintguest(o: HintguestOptions) -> dict[str, Any]:
         summary["migration"] = {k: final.get(k) for k in ("status", "total-time", "downtime", "setup-time", "ram")}
         if final.get("status") != "completed":
             raise HintscopeError(f"migration ended {final.get('status')}: {final.get('error-desc', 'no reason')}")
-        await _wait_status(src, "postmigrate", 10)
-        await _wait_status(dst, "paused", 30)
+        await session.paused_both(src, dst)
         if tracer:
             await tracer.stop()
         if probe is not None:

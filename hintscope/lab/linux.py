@@ -14,13 +14,12 @@ Steps:
     DONE processed, the writer's own lost-write check (LOSTW);
  6. source and destination stream files are parsed and joined into the guest tables.
 
-Reuses the lab launcher (lab/qemu.py) and helpers of lab/migrate.py.
+Uses the lab launcher (lab/qemu.py) and the shared migration driver (lab/session.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -38,9 +37,9 @@ import pandas as pd
 from hintscope.bundle import BundleWriter
 from hintscope.errors import HintscopeError
 from hintscope.lab import image as lab_image
+from hintscope.lab import session
+from hintscope.lab.session import HostProbe
 from hintscope.tap.lab import migration_tap
-from hintscope.lab.migrate import (HostProbe, LabOptions, drive_migration, memory_check, probe_unavailable_reason,
-                                   wait_status)
 from hintscope.lab.qemu import (TRACE_EVENTS, Qemu, ram_map, QemuConfig, available_trace_events, find_qemu,
                                 qemu_version)
 from hintscope.parse import guest_stream
@@ -220,13 +219,10 @@ async def run_linux(o: LinuxOptions) -> dict[str, Any]:
         raise HintscopeError("--fill/--writer must be >= 0 and leave 300 MiB of guest RAM")
     qemu = find_qemu(o.qemu)
     bundle = Path(o.bundle)
-    if (bundle / "meta.json").exists():
-        raise HintscopeError(f"{bundle}: a bundle already exists there (choose another -o)")
-    probe_reason = probe_unavailable_reason() if o.probe != "off" else "--probe off"
+    session.check_new_bundle(bundle)
     # Under TCG the host probe has no KVM ioctls to trace, but its QEMU uprobes (hint applies,
     # sync windows, migration states) are what the skipped-page accounting needs.
-    if o.probe == "on" and probe_reason:
-        raise HintscopeError(f"--probe on: {probe_reason}")
+    probe_reason = session.probe_choice(o.probe)
     use_probe = probe_reason is None
     t0 = time.monotonic()
     img = await asyncio.to_thread(lab_image.build, False, lambda *_: None, o.guest_kernel)
@@ -298,29 +294,25 @@ async def run_linux(o: LinuxOptions) -> dict[str, Any]:
         writer.flush()
         await asyncio.sleep(o.pre_ms / 1000)
         t3 = time.monotonic()
-        # the lab's own options type, so fields it adds later keep their defaults
-        mig_opts = LabOptions(bundle=bundle, mem_mb=o.mem_mb, hint=o.hint, bandwidth_mb=o.bandwidth_mb,
-                              downtime_ms=o.downtime_ms, timeout_s=o.timeout_s, poll_ms=o.poll_ms)
-        async with migration_tap(o.tap, bundle, f"unix:{mig_sock}", work, summary) as uri:
-            rows = await drive_migration(src, uri, mig_opts)
+        rows: list[dict[str, Any]] = []
+        try:
+            async with migration_tap(o.tap, bundle, f"unix:{mig_sock}", work, summary) as uri:
+                await session.drive_migration(src, uri, bandwidth_mb=o.bandwidth_mb, downtime_ms=o.downtime_ms,
+                                              timeout_s=o.timeout_s, poll_ms=o.poll_ms, rows=rows)
+        finally:
+            if rows:
+                writer.append("qmp", pd.DataFrame(rows))
         timings["migrate_wall"] = round(time.monotonic() - t3, 2)
-        writer.append("qmp", pd.DataFrame(rows))
-        final = json.loads(rows[-1]["raw"])
-        summary["migration"].update({
-            "status": final.get("status"), "total_time_ms": final.get("total-time"),
-            "downtime_ms": final.get("downtime"), "setup_time_ms": final.get("setup-time"),
-            "ram": final.get("ram"), "polls": len(rows)})
+        summary["migration"].update(session.migration_outcome(rows))
         writer.flush()
-        if final.get("status") != "completed":
-            raise HintscopeError(f"migration ended {final.get('status')}: {final.get('error-desc', 'no reason')}")
-        summary["states_after"] = {"src": await wait_status(src, {"postmigrate"}, 20),
-                                   "dst": await wait_status(dst, {"paused"}, 60)}
+        session.require_completed(summary["migration"])
+        summary["states_after"] = await session.paused_both(src, dst, 20, 60)
         if o.memcheck:
             t4 = time.monotonic()
-            diff = await memory_check(src, dst, o.mem_mb, work / "scratch")
+            diff = await session.memory_check(src, dst, o.mem_mb, work / "scratch")
             mc = diff.summary()
             mc["seconds"] = round(time.monotonic() - t4, 2)
-            mc["method"] = "pmemsave of paused source (postmigrate) and paused destination, from GPA 0"
+            mc["method"] = session.MEMCHECK_METHOD
             writer.meta["memcheck"] = mc
             timings["memcheck"] = mc["seconds"]
         t_cont = time.monotonic()
@@ -328,29 +320,12 @@ async def run_linux(o: LinuxOptions) -> dict[str, Any]:
         summary["dst_status_after_health"] = await _watch_destination(dst, o.health_s)
         timings["health_window"] = round(time.monotonic() - t_cont, 2)
         end_reason = "target-exit"
-    except asyncio.CancelledError:
-        end_reason = "sigint"
-        raise
-    except HintscopeError as e:
-        end_reason = f"error: {e}"
+    except (asyncio.CancelledError, HintscopeError) as e:
+        end_reason = session.end_reason(e)
         raise
     finally:
-        for name, path in (("src-serial.log", src.cfg.serial_path), ("dst-serial.log", dst.cfg.serial_path),
-                           ("src-guest-stream.log", ports["src"]), ("dst-guest-stream.log", ports["dst"])):
-            with contextlib.suppress(Exception):
-                shutil.copyfile(path, files / name)
-        if probe is not None:
-            try:
-                summary["probe"]["exit"] = await probe.stop()
-            except Exception as e:  # never leave QEMU running because a probe misbehaved
-                summary["probe"]["stop_error"] = str(e)[:200]
-            with contextlib.suppress(Exception):
-                shutil.copyfile(work / "probe.log", files / "probe.log")
-        for vm in (src, dst):
-            try:
-                summary.setdefault("qemu_exit", {})[vm.cfg.name] = await vm.stop()
-            except Exception as e:
-                summary.setdefault("qemu_exit", {})[vm.cfg.name] = f"stop failed: {e}"[:200]
+        await session.teardown([src, dst], probe, files, summary,
+                               {"src-guest-stream.log": ports["src"], "dst-guest-stream.log": ports["dst"]})
         if writer is not None:
             try:
                 _finish_guest(writer, summary, files, diff, o)

@@ -1,4 +1,5 @@
-"""``hintscope lab migrate``: a real QEMU live migration on loopback, probed, with a memory check.
+"""``hintscope lab migrate --guest dirtier``: the bare-metal dirtier migrated on loopback, probed,
+with a memory check (the shared driver is lab/session.py).
 
 Steps (docs/lab.md has timings):
  1. build the bare-metal dirtier guest (cached) and start the source QEMU running it, plus a
@@ -20,14 +21,9 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
-import importlib.util
-import json
-import math
 import os
 import re
 import shutil
-import signal
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -39,12 +35,12 @@ import pandas as pd
 
 from hintscope.bundle import BundleWriter
 from hintscope.errors import HintscopeError
-from hintscope.lab import build, memdiff
+from hintscope.lab import build, session
 from hintscope.lab.crosscheck import IoctlCounter
-from hintscope.tap.lab import migration_tap
 from hintscope.lab.qemu import (TRACE_EVENTS, Qemu, ram_map, QemuConfig, available_trace_events, find_qemu,
                                 qemu_label, qemu_version, resolve_accel)
-from hintscope.protocol import FINAL_STATES
+from hintscope.lab.session import HostProbe, read_serial
+from hintscope.tap.lab import migration_tap
 
 PRODUCER = "lab migrate"
 FILL_AT = 0x1000  # gfn where the guest's --fill region starts (16 MiB)
@@ -134,211 +130,12 @@ def _kv(line: str) -> dict[str, str]:
     return dict(t.split("=", 1) for t in line.split() if "=" in t)
 
 
-def read_serial(path: Path, limit: int = 4 << 20) -> str:
-    """The guest's serial output (guest-controlled: bounded, undecodable bytes replaced)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(limit).decode("ascii", errors="replace")
-    except FileNotFoundError:
-        return ""
-
-
-async def wait_serial(path: Path, pattern: re.Pattern, timeout: float, what: str,
-                      fail: re.Pattern | None = None) -> re.Match:
-    deadline = time.monotonic() + timeout
-    while True:
-        text = read_serial(path)
-        if fail and (m := fail.search(text)):
-            raise HintscopeError(f"{path}: guest reported: {m.group(0)[:200]}")
-        if m := pattern.search(text):
-            return m
-        if time.monotonic() > deadline:
-            raise HintscopeError(f"{path}: no {what} from the guest within {timeout:.0f} s")
-        await asyncio.sleep(0.05)
-
-
 def last_heartbeat(text: str) -> dict[str, int] | None:
     hbs = HB_RE.findall(text)
     if not hbs:
         return None
     hb, rnd, seq = hbs[-1]
     return {"hb": int(hb), "round": int(rnd), "seq": int(seq), "lines": len(hbs)}
-
-
-# ---------------------------------------------------------------------------------------------
-# host probe subprocess
-
-
-def _package_env() -> dict[str, str]:
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def probe_unavailable_reason() -> str | None:
-    if importlib.util.find_spec("hintscope.probes.host") is None:
-        return "hintscope.probes.host is not installed"
-    from hintscope.probes.bcc_env import bpf_unavailable_reason
-
-    return bpf_unavailable_reason()
-
-
-class HostProbe:
-    """``python -m hintscope probe host`` attached to one PID, stopped with SIGINT."""
-
-    def __init__(self, pid: int, bundle: Path, trace_log: Path | None, log_path: Path,
-                 extra: list[str] | None = None):
-        self.pid, self.bundle, self.trace_log, self.log_path = pid, bundle, trace_log, log_path
-        self.extra = list(extra or [])  # e.g. ["--append"] to join a bundle the caller created
-        self.proc: asyncio.subprocess.Process | None = None
-        self.argv: list[str] = []
-        self._drain: asyncio.Task | None = None
-        self._log = None
-
-    async def start(self, timeout: float = 120.0) -> None:
-        argv = [sys.executable, "-m", "hintscope", "probe", "host", "--pid", str(self.pid), "-o", str(self.bundle),
-                *self.extra]
-        # A log outside the bundle is copied in by the probe at stop; the lab's own log is already
-        # at files/qemu-trace.log (copying it onto itself would fail).
-        if (self.trace_log is not None and self.bundle.resolve() not in self.trace_log.resolve().parents
-                and "--qemu-trace-log" in await self._help()):
-            argv += ["--qemu-trace-log", str(self.trace_log)]
-        self.argv = argv
-        self._log = open(self.log_path, "ab")
-        self.proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
-                                                         stderr=self._log, env=_package_env())
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = await asyncio.wait_for(self.proc.stdout.readline(), max(0.1, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                await self.stop()
-                raise HintscopeError(f"host probe did not print ATTACHED within {timeout:.0f} s (log {self.log_path})")
-            if not line:
-                rc = await self.proc.wait()
-                raise HintscopeError(f"host probe exited with {rc} before ATTACHED: {self._log_tail()}")
-            self._log.write(line)
-            self._log.flush()
-            if line.strip().startswith(b"ATTACHED"):
-                break
-        self._drain = asyncio.create_task(self._drain_stdout())
-
-    async def _help(self) -> str:
-        p = await asyncio.create_subprocess_exec(sys.executable, "-m", "hintscope", "probe", "host", "--help",
-                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-                                                 env=_package_env())
-        out, _ = await p.communicate()
-        return out.decode(errors="replace")
-
-    async def _drain_stdout(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
-            self._log.write(line)
-        self._log.flush()
-
-    def _log_tail(self) -> str:
-        self._log.flush()
-        try:
-            lines = self.log_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return "no log"
-        return lines[-1][:300] if lines else "no output"
-
-    async def stop(self, timeout: float = 60.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGINT)
-            try:
-                await asyncio.wait_for(self.proc.wait(), timeout)
-            except asyncio.TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
-                await self.proc.wait()
-        if self._drain:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._drain, 5)
-        if self._log:
-            self._log.close()
-        return self.proc.returncode
-
-
-# ---------------------------------------------------------------------------------------------
-# QMP polling
-
-
-def qmp_row(ts_ns: int, wall_ns: int, info: dict[str, Any]) -> dict[str, Any]:
-    """One `qmp` table row. QMP replies are VMM output: anything but an int64-sized number is -1."""
-    ram = info.get("ram")
-    ram = ram if isinstance(ram, dict) else {}
-
-    def num(d: dict, k: str) -> int:
-        v = d.get(k)
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return -1
-        if isinstance(v, float) and not math.isfinite(v):
-            return -1
-        v = int(v)
-        return v if -(2**63) <= v < 2**63 else -1
-
-    status = info.get("status", "")
-    return {
-        "ts_ns": ts_ns, "wall_ns": wall_ns, "status": status[:64] if isinstance(status, str) else "?",
-        "total_time": num(info, "total-time"), "transferred": num(ram, "transferred"),
-        "normal": num(ram, "normal"), "duplicate": num(ram, "duplicate"),
-        "dirty_sync_count": num(ram, "dirty-sync-count"), "remaining": num(ram, "remaining"),
-        "dirty_pages_rate": num(ram, "dirty-pages-rate"), "raw": json.dumps(info, sort_keys=True),
-    }
-
-
-async def drive_migration(src: Qemu, uri: str, o: LabOptions,
-                          rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """Start the migration and poll it to a final state; snapshots go to ``rows`` as they arrive
-    (so a caller keeps them when this raises)."""
-    await src.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
-    await src.cmd("migrate-set-parameters", {"max-bandwidth": o.bandwidth_mb << 20,
-                                             "downtime-limit": o.downtime_ms})
-    await src.cmd("migrate", {"uri": uri})
-    rows = [] if rows is None else rows
-    deadline = time.monotonic() + o.timeout_s
-    while True:
-        info = await src.cmd("query-migrate")
-        rows.append(qmp_row(time.clock_gettime_ns(time.CLOCK_MONOTONIC), time.time_ns(), info))
-        if rows[-1]["status"] in FINAL_STATES:
-            return rows
-        if time.monotonic() > deadline:
-            with contextlib.suppress(HintscopeError):
-                await src.cmd("migrate_cancel")
-            raise HintscopeError(f"migration still {rows[-1]['status']} after {o.timeout_s:.0f} s "
-                                 f"(remaining {rows[-1]['remaining']} bytes); lower --rate or narrow --pages")
-        await asyncio.sleep(o.poll_ms / 1000)
-
-
-async def wait_status(vm: Qemu, want: set[str], timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = await vm.status()
-        if st in want:
-            return st
-        if time.monotonic() > deadline:
-            raise HintscopeError(f"QEMU {vm.cfg.name} stayed {st!r}, expected {sorted(want)}")
-        await asyncio.sleep(0.05)
-
-
-async def memory_check(src: Qemu, dst: Qemu, mem_mb: int, scratch: Path) -> memdiff.MemDiff:
-    scratch.mkdir(parents=True, exist_ok=True)
-    size = mem_mb << 20
-    s_img, d_img = scratch / "src.ram", scratch / "dst.ram"
-    try:
-        await src.cmd("pmemsave", {"val": 0, "size": size, "filename": str(s_img)}, timeout=120)
-        await dst.cmd("pmemsave", {"val": 0, "size": size, "filename": str(d_img)}, timeout=120)
-        return await asyncio.to_thread(memdiff.compare_images, s_img, d_img)
-    finally:
-        if not os.environ.get("HINTSCOPE_KEEP_SCRATCH"):  # debugging aid: keep the RAM images
-            shutil.rmtree(scratch, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,14 +168,8 @@ async def run_lab(o: LabOptions) -> dict[str, Any]:
     if o.dirty_ring and accel != "kvm":
         raise HintscopeError("--dirty-ring needs --accel kvm")
     bundle = Path(o.bundle)
-    if (bundle / "meta.json").exists():
-        raise HintscopeError(f"{bundle}: a bundle already exists there (choose another -o)")
-    if o.probe == "off":
-        probe_reason = "--probe off"
-    else:
-        probe_reason = probe_unavailable_reason()
-    if o.probe == "on" and probe_reason:
-        raise HintscopeError(f"--probe on: {probe_reason}")
+    session.check_new_bundle(bundle)
+    probe_reason = session.probe_choice(o.probe)
     use_probe = probe_reason is None
 
     t0 = time.monotonic()
@@ -424,14 +215,14 @@ async def run_lab(o: LabOptions) -> dict[str, Any]:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(dst.start())
-                ready_t = tg.create_task(timed("boot_to_ready", wait_serial(
+                ready_t = tg.create_task(timed("boot_to_ready", session.wait_serial(
                     src.cfg.serial_path, READY_RE, 30, "'DIRTIER ready' line", fail=re.compile(r"DIRTIER error: [^\n]*\n"))))
                 if probe:
                     tg.create_task(timed("probe_attached", probe.start()))
                 if counter:
                     tg.create_task(timed("crosscheck_attached", counter.start()))
         except BaseExceptionGroup as eg:
-            raise _first_leaf(eg) from None
+            raise session.first_leaf(eg) from None
         ready = _kv(ready_t.result().group(1)[:2000])  # guest text: bounded
         writer = BundleWriter(bundle, PRODUCER, append=use_probe)
         writer.append("ram_map", await ram_map(src, o.mem_mb << 20))
@@ -465,58 +256,33 @@ async def run_lab(o: LabOptions) -> dict[str, Any]:
         t3 = time.monotonic()
         try:
             async with migration_tap(o.tap, bundle, f"unix:{mig_sock}", work, summary) as uri:
-                await drive_migration(src, uri, o, rows)
+                await session.drive_migration(src, uri, bandwidth_mb=o.bandwidth_mb, downtime_ms=o.downtime_ms,
+                                              timeout_s=o.timeout_s, poll_ms=o.poll_ms, rows=rows)
         finally:
             if rows:
                 writer.append("qmp", pd.DataFrame(rows))
-        t_mig = time.monotonic() - t3
-        final = json.loads(rows[-1]["raw"])
-        summary["migration"].update({
-            "status": final.get("status"), "total_time_ms": final.get("total-time"),
-            "downtime_ms": final.get("downtime"), "setup_time_ms": final.get("setup-time"),
-            "ram": final.get("ram"), "polls": len(rows),
-        })
-        summary["timings_s"]["migrate_wall"] = round(t_mig, 3)
+        summary["migration"].update(session.migration_outcome(rows))
+        summary["timings_s"]["migrate_wall"] = round(time.monotonic() - t3, 3)
         writer.flush()
-        if final.get("status") != "completed":
-            raise HintscopeError(f"migration ended {final.get('status')}: {final.get('error-desc', 'no reason')}")
-
-        src_state = await wait_status(src, {"postmigrate"}, 10)
-        dst_state = await wait_status(dst, {"paused"}, 30)
-        summary["states_after"] = {"src": src_state, "dst": dst_state}
+        session.require_completed(summary["migration"])
+        summary["states_after"] = await session.paused_both(src, dst)
         src_hb = last_heartbeat(read_serial(src.cfg.serial_path))
         summary["src_heartbeat"] = {"before_migrate": src_hb_before, "at_end": src_hb}
 
         if o.memcheck:
             t4 = time.monotonic()
-            diff = await memory_check(src, dst, o.mem_mb, bundle / ".scratch")
-            mc = diff.summary()
-            mc["seconds"] = round(time.monotonic() - t4, 3)
-            mc["method"] = "pmemsave of paused source (postmigrate) and paused destination, from GPA 0"
-            # kvmclock records differ by design (KVM rewrites them per host): listed in meta, kept out of
-            # the lost_pages table so that every row there is a page the migration failed to carry.
-            d = diff.differing
-            kvmclock = d["classification"] == "kvmclock"
-            mc["kvmclock_gfns"] = [int(g) for g in d.loc[kvmclock, "gfn"]]
-            writer.meta["memcheck"] = summary["memcheck"] = mc
-            writer.append("lost_pages", d[~kvmclock])
+            diff = await session.memory_check(src, dst, o.mem_mb, bundle / ".scratch")
+            mc = summary["memcheck"] = session.record_memcheck(writer, diff, time.monotonic() - t4)
             summary["timings_s"]["memcheck"] = mc["seconds"]
 
         await dst.cmd("cont")
         health = await destination_health(dst, src_hb)
         summary["dst_health"] = health
         end_reason = "target-exit"
-    except asyncio.CancelledError:
-        end_reason = "sigint"
-        raise
-    except HintscopeError as e:
-        end_reason = f"error: {e}"
+    except (asyncio.CancelledError, HintscopeError) as e:
+        end_reason = session.end_reason(e)
         raise
     finally:
-        with contextlib.suppress(Exception):
-            shutil.copyfile(src.cfg.serial_path, files / "src-serial.log")
-        with contextlib.suppress(Exception):
-            shutil.copyfile(dst.cfg.serial_path, files / "dst-serial.log")
         if counter is not None:
             try:
                 summary["crosscheck"] = {"tool": "bpftrace syscalls:sys_exit_ioctl", "pid": src.pid,
@@ -526,16 +292,9 @@ async def run_lab(o: LabOptions) -> dict[str, Any]:
                                          "ioctls": None, "error": str(e)}
             with contextlib.suppress(Exception):
                 shutil.copyfile(counter.log_path, files / "bpftrace.log")
-        try:
-            if probe is not None:
-                summary["probe"]["exit"] = await probe.stop()
-                with contextlib.suppress(Exception):
-                    shutil.copyfile(probe.log_path, files / "probe.log")
-                if o.dirty_ring:
-                    summary["ring_occupancy"] = ring_occupancy(bundle, o.dirty_ring)
-        finally:  # QEMU must go whatever happened above
-            for vm in (src, dst):
-                summary.setdefault("qemu_exit", {})[vm.cfg.name] = await vm.stop()
+        await session.teardown([src, dst], probe, files, summary)
+        if probe is not None and o.dirty_ring:
+            summary["ring_occupancy"] = ring_occupancy(bundle, o.dirty_ring)
         summary["timings_s"] = summary.get("timings_s", {}) | {"total": round(time.monotonic() - t0, 3)}
         if writer is not None:
             writer.close(end_reason=end_reason)
@@ -559,21 +318,6 @@ def ring_occupancy(bundle: Path, ring_entries: int) -> dict[str, Any]:
     occ = rp["dirty_index"].to_numpy(np.int64) - rp["reset_index"].to_numpy(np.int64)
     return {"entries": ring_entries, "pushes": int(len(rp)), "max": int(occ.max()),
             "pushes_over_size": int((occ > ring_entries).sum()), "overflow": bool(occ.max() > ring_entries)}
-
-
-def _first_leaf(eg: BaseExceptionGroup) -> BaseException:
-    """The first real error in a task group's failure (a HintscopeError when there is one)."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for x in e.exceptions:
-                walk(x)
-        else:
-            leaves.append(e)
-
-    walk(eg)
-    return next((e for e in leaves if isinstance(e, HintscopeError)), leaves[0])
 
 
 async def destination_health(dst: Qemu, src_hb: dict[str, int] | None, timeout: float = 10.0) -> dict[str, Any]:
@@ -603,57 +347,8 @@ def make_sample(path: str | os.PathLike, **kw: Any) -> dict[str, Any]:
     return asyncio.run(run_lab(o))
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("migrate", help="run a probed QEMU live migration of a lab guest (root for the probe)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--guest", default="dirtier", choices=["dirtier", "linux", "hintguest"],
-                   help="lab guest (default dirtier; linux = Debian guest under TCG, see lab/linux.py; "
-                        "hintguest = bare-metal free page hinting guest, 2 GiB, see lab/hintguest.py)")
-    p.add_argument("--behaviour", default="polite", choices=["polite", "early-reuse", "late-reuse"],
-                   help="--guest hintguest: what the guest does with blocks it hinted (docs/hintguest.md)")
-    p.add_argument("--stale-id", action="store_true",
-                   help="--guest hintguest control: the start message carries a stale id, QEMU drops every hint")
-    p.add_argument("--zero-before-hint", action="store_true",
-                   help="--guest hintguest: zero each block after the cmd id, before hinting it (init_on_alloc)")
-    p.add_argument("--pages", default="0x400-0x4ff", help="gfns the guest writes: GFN or GFN-GFN, comma list")
-    p.add_argument("--rate", type=int, default=20000, help="page writes per second (0 = unlimited; ~60k max here)")
-    p.add_argument("--rounds", type=int, default=0, help="stop writing after N passes over --pages (0 = never)")
-    p.add_argument("--prefill", type=int, default=0, metavar="MB",
-                   help="dirtier fills MB of RAM once at boot (~10 MiB/s here), giving the bulk round real pages")
-    p.add_argument("--accel", default="auto", choices=["kvm", "tcg", "auto"])
-    p.add_argument("--dirty-ring", type=int, default=0, metavar="N", help="KVM dirty ring entries (0 = bitmap)")
-    p.add_argument("--mem", type=int, default=256, metavar="MB", help="guest RAM in MiB (default 256)")
-    p.add_argument("--hint", default="on", choices=["on", "off"], help="virtio-balloon free-page-hint device")
-    p.add_argument("--probe", default="auto", choices=["auto", "on", "off"], help="attach the host probe")
-    p.add_argument("--tap", default="on", choices=["on", "off"],
-                   help="migrate through the migration-stream tap, which records page_sends (docs/tap.md)")
-    p.add_argument("--bandwidth", type=int, default=1000, metavar="MIBPS", help="migration max-bandwidth")
-    p.add_argument("--downtime", type=int, default=300, metavar="MS",
-                   help="migration downtime-limit (1 keeps QEMU iterating and syncing longer)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds the migration may take")
-    p.add_argument("--crosscheck", action="store_true",
-                   help="also count the source's dirty-log ioctls with bpftrace (meta lab.crosscheck)")
-    p.add_argument("--no-memcheck", action="store_true", help="skip the destination memory comparison")
-    p.add_argument("--keep-workdir", action="store_true", help="keep /tmp/hs-lab-* (QEMU logs, sockets)")
-    p.add_argument("--qemu", default=None, metavar="PATH", help="QEMU binary (default $HINTSCOPE_QEMU or /usr/bin)")
-    p.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="bundle directory to create")
-    from hintscope.lab import linux  # hook: --guest linux options and runner live in lab/linux.py
-    linux.add_arguments(p)
-    p.set_defaults(func=run)
-    return p
-
-
 def run(args: argparse.Namespace) -> int:
-    if args.guest == "linux":
-        from hintscope.lab import linux
-        return linux.run(args)
-    if args.guest == "hintguest":
-        from hintscope.lab import hintguest
-        return hintguest.run_from_migrate(args)
+    """``hintscope lab migrate --guest dirtier`` (dispatched by lab/cli.py)."""
     o = LabOptions(bundle=Path(args.output), guest=args.guest, pages=args.pages, rate=args.rate,
                    rounds=args.rounds, fill_mb=args.prefill, downtime_ms=args.downtime, accel=args.accel,
                    dirty_ring=args.dirty_ring, mem_mb=args.mem,
