@@ -80,7 +80,7 @@ def test_qemu10_state_numbers_read_as_names_everywhere(sim, with_table):
     raw = b10.table("qemu_events")
     assert 9 in raw.loc[raw["event"] == "migrate_state", "a2"].tolist()
     # the detector's epochs (final sync, cmd ids), the analysis sync table and the timeline agree
-    pd.testing.assert_frame_equal(epochs.sync_table(c10.qe, c10.states), epochs.sync_table(c72.qe, c72.states))
+    pd.testing.assert_frame_equal(epochs.sync_table(c10), epochs.sync_table(c72))
     pd.testing.assert_frame_equal(sync_table(c10), sync_table(c72))
     assert c10.states["state"].tolist() == c72.states["state"].tolist()
     f10, f72 = detector.detect(b10), detector.detect(sim)
@@ -94,7 +94,7 @@ def test_apply_after_failed_is_impossible_with_qemu10_numbers(sim):
     b10 = _as_qemu10(sim)
     qe = b10.table("qemu_events")
     c = Context(b10)
-    s = epochs.sync_table(c.qe, c.states)
+    s = epochs.sync_table(c)
     t_fail = int(s["after"].iloc[1]) + 1_000      # the migration fails in epoch 2, mid-run
     fail = qe[qe["event"] == "migrate_state"].iloc[[-1]].assign(ts_ns=t_fail, a1=V10.index("active"),
                                                                   a2=V10.index("failed"))
@@ -165,7 +165,7 @@ def test_real_72_bundles_same_syncs_with_precopy_list(path, tmp_path):
     cols = ["sync", "source", "before_ns", "after_ns", "fetch_start_ns", "fetch_end_ns", "epoch"]
     pd.testing.assert_frame_equal(sync_table(Context(b))[cols], sync_table(Context(ref))[cols])
     ca, cb = Context(ref), Context(b)
-    pd.testing.assert_frame_equal(epochs.sync_table(cb.qe, cb.states), epochs.sync_table(ca.qe, ca.states))
+    pd.testing.assert_frame_equal(epochs.sync_table(cb), epochs.sync_table(ca))
 
 
 # ------------------------------------------------------------------------------------- verdicts on samples
@@ -261,7 +261,7 @@ def test_detector_sync_numbers_are_the_analysis_sync_numbers(variant, mode, kind
         n = int(text.split()[1])
         col = "fetch_start_ns" if "fetch begins" in text else "fetch_end_ns" if "fetch ends" in text else "before_ns"
         assert s.loc[n, col] == t, (text, t, s.loc[n, col])
-    assert (epochs.sync_table(Context(b).qe, Context(b).states)["sync"].to_numpy() == s.index.to_numpy()).all()
+    assert (epochs.sync_table(Context(b))["sync"].to_numpy() == s.index.to_numpy()).all()
 
 
 def test_verdict_basis_reaches_the_summary_and_report():

@@ -2,8 +2,9 @@
 
 Sync d = BEFORE_d (precopy_notify reason 1) -> fetch window [d_s, d_e] (sync_fetch_begin/_end)
 -> AFTER_d (reason 2).  Epoch k = [AFTER_k, BEFORE_{k+1}); its id is 0x80000001 + k for every
-AFTER while the VM runs.  The final sync is the last one before migration reaches a final state
-(its AFTER sets DONE, not a new id).  Missing fetch events fall back to BEFORE/AFTER.
+AFTER while the VM runs.  The final sync (``syncs.final_syncs``: the first after QEMU's
+PRECOPY_NOTIFY_COMPLETE) opens no epoch: its AFTER sets DONE.  Missing fetch events fall back to
+BEFORE/AFTER.
 
 The rows and their ``sync`` numbers are those of ``analysis/syncs.py`` (same boundary events, same
 numbering), so a finding's "sync N" is row N of the analysis' sync table.
@@ -14,45 +15,33 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from hintscope.analysis.qemu_states import FINAL_STATES
-from hintscope.analysis.syncs import probe_boundary_events, sync_numbers
+from hintscope.analysis import syncs
 from hintscope.protocol import CMD_ID_MIN  # noqa: F401 (re-exported)
 
 SYNC_COLS = ["sync", "before", "fetch_begin", "fetch_end", "after", "final", "epoch_id"]
 
 
-def sync_table(qe: pd.DataFrame, states: pd.DataFrame) -> pd.DataFrame:
-    """``qe``: ``Context.qe``; ``states``: ``Context.states`` (ts_ns, state name)."""
-    before, after, fb, fe = probe_boundary_events(qe)
-    if not len(before):
-        # fetch-only capture: one sync per fetch window
-        before = fb.copy()
-    if not len(before):
+def sync_table(ctx) -> pd.DataFrame:
+    """The detector's view of ``syncs.sync_table(ctx)`` (the same rows and numbers): ``SYNC_COLS``.
+
+    Only syncs the host uprobes bound (source notify or fetch): the ordering checks need their
+    windows on the probe's clock.  A missing fetch event falls back to BEFORE/AFTER; a missing AFTER
+    is "never" (BIG).
+    """
+    s = syncs.sync_table(ctx)
+    if not len(s) or s["source"].iloc[0] not in ("notify", "fetch"):
         return pd.DataFrame({c: pd.Series(dtype="int64") for c in SYNC_COLS})
     big = np.iinfo(np.int64).max
-
-    def first_after(x, t):
-        i = np.searchsorted(x, t, side="left")
-        return np.where(i < len(x), x[np.minimum(i, max(len(x) - 1, 0))] if len(x) else big, big)
-
-    nxt_before = np.r_[before[1:], big]
-    s_fb = first_after(fb, before)
-    s_fb = np.where(s_fb < nxt_before, s_fb, before)
-    s_fe = first_after(fe, s_fb)
-    s_af = first_after(after, before)
-    s_af = np.where(s_af < nxt_before, s_af, big)
-    s_fe = np.where(s_fe <= np.minimum(s_af, nxt_before), s_fe, np.where(s_af < big, s_af, s_fb))
-    st_ts = states["ts_ns"].to_numpy(np.int64)
-    end_states = st_ts[states["state"].isin(FINAL_STATES).to_numpy() & (st_ts >= 0)]
-    final = np.zeros(len(before), bool)
-    if len(end_states):
-        k = np.searchsorted(before, end_states.min(), side="left") - 1
-        if k >= 0:
-            final[k] = True
-    running_after = ~final & (s_af < big)
+    fs, fe = s["fetch_start_ns"].to_numpy(np.int64), s["fetch_end_ns"].to_numpy(np.int64)
+    before = np.where(s["before_ns"] >= 0, s["before_ns"], fs).astype(np.int64)
+    after = np.where(s["after_ns"] >= 0, s["after_ns"], big).astype(np.int64)
+    fb = np.where(fs >= 0, fs, before)
+    fe = np.where((fe >= 0) & (fe <= after), fe, np.where(after < big, after, fb))
+    final = s["final"].to_numpy(bool)
+    running_after = ~final & (after < big)
     epoch_id = np.where(running_after, CMD_ID_MIN + np.cumsum(running_after), 0)
-    return pd.DataFrame({"sync": sync_numbers(len(before)), "before": before, "fetch_begin": s_fb,
-                         "fetch_end": s_fe, "after": s_af, "final": final, "epoch_id": epoch_id.astype(np.int64)})
+    return pd.DataFrame({"sync": s["sync"].to_numpy(np.int64), "before": before, "fetch_begin": fb,
+                         "fetch_end": fe, "after": after, "final": final, "epoch_id": epoch_id.astype(np.int64)})
 
 
 def epoch_id_at(syncs: pd.DataFrame, t: np.ndarray) -> np.ndarray:

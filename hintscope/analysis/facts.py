@@ -81,7 +81,7 @@ def load_facts(ctx: Context) -> Facts:
     bundle = ctx.bundle
     qe = ctx.qe
     _check_fetch_order(qe, ctx)
-    syncs = epochs.sync_table(qe, ctx.states)
+    syncs = epochs.sync_table(ctx)
     ap = ctx.hint_pages
     a = ctx.hint_applies
     gfn0 = ap.groupby("apply")["gfn"].min().reindex(range(len(a))).fillna(-1).to_numpy(np.int64)

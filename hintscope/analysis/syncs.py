@@ -40,6 +40,7 @@ import pandas as pd
 from hintscope.analysis import harvest
 from hintscope.analysis.context import Context
 from hintscope.bundle import Bundle
+from hintscope.protocol import FINAL_STATES
 
 GET_GAP_NS = 20_000_000
 # Clock mapping of the QEMU log (microsecond stamps, anchor interpolation) is good to well under this.
@@ -47,7 +48,7 @@ TRACE_TOL_NS = 2_000_000
 PERIOD_NS = 1_000_000_000
 
 COLUMNS = [
-    "sync", "source", "before_ns", "after_ns", "fetch_start_ns", "fetch_end_ns", "epoch",
+    "sync", "source", "before_ns", "after_ns", "fetch_start_ns", "fetch_end_ns", "final", "epoch",
     "get_calls", "harvested", "harvested_by_slot", "ring_pages", "rearmed", "rearmed_by_hint", "clear_calls",
     "trace_start_ns", "trace_end_ns", "qemu_dirty_pages", "qemu_new_pages", "est_new_pages", "incomplete", "note",
 ]
@@ -95,6 +96,33 @@ def probe_boundary_events(qe: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.
     fb = np.sort(ts[ev == "sync_fetch_begin"])
     fe = np.sort(ts[ev == "sync_fetch_end"])
     return before, after, fb, fe
+
+
+def final_syncs(start: np.ndarray, c: Context) -> np.ndarray:
+    """Which syncs (by start time) are the final one: the sync ram_save_complete runs with the VM stopped.
+
+    QEMU notifies PRECOPY_NOTIFY_COMPLETE (reason 3) right before it, so the final sync is the first
+    that starts after that notify.  Without the notifier rows: the last sync that started before the
+    migration reached a final state.
+    """
+    final = np.zeros(len(start), bool)
+    if not len(start):
+        return final
+    qe = c.qe
+    done = qe.loc[(qe["event"] == "precopy_notify") & (qe["a1"].to_numpy().astype(np.int64) == 3), "ts_ns"] \
+        if len(qe) else pd.Series(dtype="int64")
+    if len(done):
+        k = int(np.searchsorted(start, int(done.min()), side="right"))
+        if k < len(start):
+            final[k] = True
+        return final
+    st = c.states
+    end = st.loc[st["state"].isin(FINAL_STATES) & (st["ts_ns"] >= 0), "ts_ns"]
+    if len(end):
+        k = int(np.searchsorted(start, int(end.min()), side="left")) - 1
+        if k >= 0:
+            final[k] = True
+    return final
 
 
 def _boundaries(c: Context) -> tuple[pd.DataFrame, str]:
@@ -316,8 +344,19 @@ def _get_pages_per_call(c: Context, get: pd.DataFrame) -> np.ndarray:
 
 
 def sync_table(b: Bundle | Context) -> pd.DataFrame:
-    """The per-sync table (``COLUMNS``); see the module docstring for each column's source."""
+    """The per-sync table (``COLUMNS``); see the module docstring for each column's source.
+
+    Computed once per Context (the summary, the accounting and the detector share it)."""
     c = b if isinstance(b, Context) else Context(b)
+    done = c.__dict__.get("_sync_table")
+    if done is not None:
+        return done
+    s = _sync_table(c)
+    c.__dict__["_sync_table"] = s
+    return s
+
+
+def _sync_table(c: Context) -> pd.DataFrame:
     s, source = _boundaries(c)
     s = s.reset_index(drop=True)
     n = len(s)
@@ -326,9 +365,10 @@ def sync_table(b: Bundle | Context) -> pd.DataFrame:
     _match_trace(s, c.trace, source)
     start, end = windows(s)
 
-    # Epochs: AFTER_k opens epoch k unless the VM is stopped (final sync of a completed migration).
+    # Epochs: AFTER_k opens epoch k unless the VM is stopped (the final sync).
     # Without notifier probes, AFTER is inferred: QEMU runs it right after every sync.
-    final = (np.arange(n) == n - 1) & (c.outcome == "completed")
+    final = final_syncs(np.where(s["before_ns"] >= 0, s["before_ns"], s["fetch_start_ns"]).astype(np.int64), c)
+    s["final"] = final
     opens = ((s["after_ns"].to_numpy() >= 0) | (source != "notify")) & ~final
     s["epoch"] = np.where(opens, s["sync"], -1).astype(np.int64)
 
