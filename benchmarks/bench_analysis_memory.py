@@ -43,8 +43,8 @@ load_s = time.perf_counter() - t
 size = int(sum(df.memory_usage(deep=True).sum() for df in tables.values()))
 after_load = rss()
 t = time.perf_counter()
-f = detector.detect(b)
-v = detector.verdict(b, f)
+res = detector.run(b)
+f, v = res.frame, res.verdict
 detect_s = time.perf_counter() - t
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"base_rss": base, "after_load_rss": after_load, "peak_rss": peak, "in_memory_bytes": size,

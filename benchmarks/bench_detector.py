@@ -161,8 +161,8 @@ def main(argv=None) -> int:
             b.table(name)
         load_s, load_cpu = time.perf_counter() - t, time.process_time() - c
         t, c = time.perf_counter(), time.process_time()
-        f = detector.detect(b)
-        v = detector.verdict(b, f)
+        res = detector.run(b)
+        f, v = res.frame, res.verdict
         detect_s, detect_cpu = time.perf_counter() - t, time.process_time() - c
         anchor = polars_anchor(frames["ring_push"], n_hint, order)
     finally:

@@ -83,10 +83,10 @@ def test_qemu10_state_numbers_read_as_names_everywhere(sim, with_table):
     pd.testing.assert_frame_equal(epochs.sync_table(c10), epochs.sync_table(c72))
     pd.testing.assert_frame_equal(sync_table(c10), sync_table(c72))
     assert c10.states["state"].tolist() == c72.states["state"].tolist()
-    f10, f72 = detector.detect(b10), detector.detect(sim)
-    assert f10["kind"].tolist() == f72["kind"].tolist()
-    assert detector.verdict(b10, f10) == detector.verdict(sim, f72)
-    assert f10.attrs["coverage"]["state_names"] == c10.state_names.basis
+    r10, r72 = detector.run(b10), detector.run(sim)
+    assert r10.frame["kind"].tolist() == r72.frame["kind"].tolist()
+    assert r10.verdict == r72.verdict
+    assert r10.coverage["state_names"] == c10.state_names.basis
 
 
 def test_apply_after_failed_is_impossible_with_qemu10_numbers(sim):
@@ -171,22 +171,22 @@ def test_real_72_bundles_same_syncs_with_precopy_list(path, tmp_path):
 # ------------------------------------------------------------------------------------- verdicts on samples
 def _judge(path: Path):
     b = read_bundle(path)
-    f = detector.detect(b)
-    return b, f, detector.verdict(b, f)
+    r = detector.run(b)
+    return b, r, r.verdict
 
 
 def test_lab_bitmap_no_hint_applied_is_no_unsafe_ordering():
     b, f, v = _judge(SAMPLES / "lab-bitmap")
     assert b.meta["sources"]["qemu_uprobes"]["symbols"]["qemu_guest_free_page_hint"] == "attached"
-    assert v == "no unsafe ordering found" and f.empty
-    basis = f.attrs["verdict_basis"]
-    assert "no hint was applied" in basis and "qemu_guest_free_page_hint attached, 0 calls" in basis
+    assert v == "no unsafe ordering found" and f.frame.empty
+    assert "no hint was applied" in f.basis and "qemu_guest_free_page_hint attached, 0 calls" in f.basis
     # the sends and guest events are still reported absent, they just cannot change this answer
-    assert f.attrs["coverage"]["evidence"]["sends"].startswith("page sends")
+    assert f.coverage["evidence"]["sends"].startswith("page sends")
 
 
 def test_lab_ring4096_lost_pages_are_not_hint_findings():
-    b, f, v = _judge(SAMPLES / "lab-ring4096-lost")
+    b, r, v = _judge(SAMPLES / "lab-ring4096-lost")
+    f = r.frame
     lost = b.table("lost_pages")
     want = set(lost.loc[lost["classification"].astype(str) == "lost-write", "gfn"].astype(int))
     assert want, "the sample's memory check found lost pages"
@@ -195,16 +195,16 @@ def test_lab_ring4096_lost_pages_are_not_hint_findings():
     assert {g for gs in f["gfns"] for g in gs} == want
     assert not f["kind"].isin(["lost-write", "rearm-wipe", "stale-epoch-apply"]).any()
     assert v == "no unsafe ordering found"       # a migration loss, not an unsafe hint ordering
-    assert detector.exit_code(f, v, "lost-write") == 1
+    assert r.exit_code("lost-write") == 1
 
 
 def test_lab_ring65536_is_clean():
     b, f, v = _judge(SAMPLES / "lab-ring65536")
-    assert f.empty
+    assert f.frame.empty
     # the hint-apply uprobe was attached for the whole migration and saw no call
     assert v == "no unsafe ordering found"
-    assert "0 calls" in f.attrs["verdict_basis"]
-    assert detector.exit_code(f, v, "hazard") == 0
+    assert "0 calls" in f.basis
+    assert f.exit_code("hazard") == 0
 
 
 @pytest.mark.parametrize("change", ["lost", "incomplete", "not-completed", "applied", "detached"])
@@ -229,10 +229,9 @@ def test_no_hint_applied_needs_every_condition(change, tmp_path):
             row = qe[qe["event"] == "migrate_state"].iloc[[1]].assign(event="hint_apply", a0=0, a1=4096)
             qe = pd.concat([qe, row], ignore_index=True)
         b = MemoryBundle(b.meta, {t: b.table(t) for t in b.tables()} | {"qemu_events": qe}, list(b.problems))
-    f = detector.detect(b)
-    v = detector.verdict(b, f)
-    assert v != "no unsafe ordering found", (change, v)
-    assert f.attrs["coverage"]["no_hint_applied"] is None
+    r = detector.run(b)
+    assert r.verdict != "no unsafe ordering found", (change, r.verdict)
+    assert r.coverage["no_hint_applied"] is None
 
 
 def test_capture_stopped_before_the_migration_ended_is_inconclusive(tmp_path):
@@ -243,8 +242,7 @@ def test_capture_stopped_before_the_migration_ended_is_inconclusive(tmp_path):
     final = [V72.index(s) for s in ("completed", "failed", "cancelled")]
     qe = qe[~((qe["event"] == "migrate_state") & qe["a2"].isin(final))]
     b = MemoryBundle(b.meta, {t: b.table(t) for t in b.tables()} | {"qemu_events": qe}, list(b.problems))
-    f = detector.detect(b)
-    v = detector.verdict(b, f)
+    v = detector.run(b).verdict
     assert v.startswith("inconclusive") and "does not show the migration ending" in v
 
 

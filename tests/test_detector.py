@@ -64,7 +64,7 @@ def _drop_events(b: MemoryBundle, *events: str) -> MemoryBundle:
 
 def test_never_safe_without_evidence():
     b = simulate("qemu", 0, "get", dest_compare=False)
-    assert detector.verdict(b, detector.detect(b)) == "no unsafe ordering found"
+    assert detector.run(b).verdict == "no unsafe ordering found"
     no_guest = b.without("guest_events", "guest_hints", "guest_returns", "guest_reuse")
     must = {
         # the ordering checks need when each hint was made available and under which id: host pops or guest hints
@@ -73,24 +73,24 @@ def test_never_safe_without_evidence():
         "memslots": b.without("memslots"),
     }
     for what, bb in must.items():
-        v = detector.verdict(bb, detector.detect(bb))
+        v = detector.run(bb).verdict
         assert v.startswith("inconclusive") and what in v, (what, v)
     # evidence the ordering question does not need: host pops stand in for the guest probe
     for bb in (no_guest, _drop_events(b, "page_send"), b.without("bitmap_words")):
-        assert detector.verdict(bb, detector.detect(bb)) == "no unsafe ordering found"
+        assert detector.run(bb).verdict == "no unsafe ordering found"
     lost = MemoryBundle(dict(b.meta, lost={"host_ioctl": 12}), b._tables)
-    assert "lost events" in detector.verdict(lost, detector.detect(lost))
+    assert "lost events" in detector.run(lost).verdict
     running = MemoryBundle(dict(b.meta, status="running"), b._tables)
-    assert "did not finish" in detector.verdict(running, detector.detect(running))
+    assert "did not finish" in detector.run(running).verdict
 
 
 def test_unsafe_even_with_missing_guest():
     # (b)/(c) need the guest, but apply-during-sync is host-only
     b = simulate("sync-in-io-handler", 0, "get", dest_compare=False)
     bb = b.without("guest_events", "guest_hints", "guest_returns", "guest_reuse")
-    f = detector.detect(bb)
-    assert "apply-during-sync" in set(f["kind"])
-    assert detector.verdict(bb, f) == "unsafe ordering found"
+    r = detector.run(bb)
+    assert "apply-during-sync" in set(r.frame["kind"])
+    assert r.verdict == "unsafe ordering found"
 
 
 def test_memcheck_pages_classified():
@@ -142,8 +142,7 @@ def test_exit_codes():
 
 def test_findings_json_round_trip():
     b = simulate("filter-after-sync", 0, "ring", dest_compare=False)
-    f = detector.detect(b)
-    d = json.loads(detector.findings_json_text(f, detector.verdict(b, f)))
+    d = detector.run(b).to_json()
     assert d["verdict"] == "unsafe ordering found"
     assert d["coverage"]["mode"] == "ring"
     assert all({"ts_ns", "source", "event"} == set(e) for x in d["findings"] for e in x["evidence"])
@@ -152,8 +151,7 @@ def test_findings_json_round_trip():
 def test_clock_band_contains_true_offset():
     for mode in MODES:
         b = simulate("shrinker-reuse", 4, mode, dest_compare=False)
-        f = detector.detect(b)
-        clk = f.attrs["coverage"]["clock"]
+        clk = detector.run(b).coverage["clock"]
         true = b.meta["sim"]["delta_ns"]
         # drift of at most 30 ppm over the run moves delta by a few us
         assert clk["delta_lo_ns"] - 20_000 <= true <= clk["delta_hi_ns"] + 20_000
@@ -168,8 +166,7 @@ def test_hostile_apply_lengths_do_not_explode():
     qe.loc[i, "a1"] = np.uint64(1 << 62)
     t["qemu_events"] = qe
     bb = MemoryBundle(dict(b.meta), t)
-    f = detector.detect(bb)
-    assert any("impossible lengths" in p for p in f.attrs["coverage"]["problems"])
+    assert any("impossible lengths" in p for p in detector.run(bb).coverage["problems"])
 
 
 def test_bench_quick_smoke(tmp_path):
@@ -192,8 +189,8 @@ def test_hostile_guest_blocks_are_dropped():
     h.loc[0, "order"] = 60
     h.loc[1, "pfn"] = np.uint64(2**63)
     t["guest_hints"] = h
-    f = detector.detect(MemoryBundle(dict(b.meta), t))
-    assert any("guest_hints: 2 rows" in p for p in f.attrs["coverage"]["problems"])
+    r = detector.run(MemoryBundle(dict(b.meta), t))
+    assert any("guest_hints: 2 rows" in p for p in r.coverage["problems"])
 
 
 def test_bad_id_sequence_from_guest_reads():
@@ -227,9 +224,9 @@ def test_destination_reuse_after_done_is_not_a_loss():
         "order": h["order"].to_numpy(), "gfp": np.uint64(0xCC0), "block_pfn": h["pfn"].to_numpy(),
         "returned_ns": late + np.arange(n)})], ignore_index=True)
     bb = MemoryBundle(dict(b.meta), t)
-    f = detector.detect(bb)
-    assert not f["kind"].isin(detector.LOST_KINDS).any()
-    assert detector.verdict(bb, f) == "no unsafe ordering found"
+    r = detector.run(bb)
+    assert not r.frame["kind"].isin(detector.LOST_KINDS).any()
+    assert r.verdict == "no unsafe ordering found"
 
 
 def test_real_lab_bundle_kvmclock_page_is_not_a_loss():
@@ -238,14 +235,13 @@ def test_real_lab_bundle_kvmclock_page_is_not_a_loss():
     p = Path(__file__).resolve().parent / "data" / "bundle-lab-probed-7.2"
     b = read_bundle(p)
     assert set(b.table("lost_pages")["classification"]) == {"kvmclock"}
-    f = detector.detect(b)
-    assert not f["kind"].isin(detector.LOST_KINDS).any()
-    v = detector.verdict(b, f)
+    r = detector.run(b)
+    assert not r.frame["kind"].isin(detector.LOST_KINDS).any()
     # no page-send uprobe and no guest probe, but the apply uprobe was attached for the whole
     # migration and QEMU applied no hint (bare-metal guest, no balloon driver): nothing was filtered
-    assert v == "no unsafe ordering found"
-    assert "no hint was applied" in f.attrs["verdict_basis"]
-    ev = f.attrs["coverage"]["evidence"]
+    assert r.verdict == "no unsafe ordering found"
+    assert "no hint was applied" in r.basis
+    ev = r.coverage["evidence"]
     assert ev["sends"].startswith("page sends") and ev["guest"].startswith("guest balloon")
 
 

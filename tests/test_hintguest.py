@@ -1,5 +1,5 @@
-"""hintguest: log parsers on captured output, classification on synthetic RAM images, the guest build,
-and (lab / KVM) real migrations of the guest."""
+"""hintguest: log parsers on captured output, page records on synthetic RAM images and their classes
+(analysis.lost_pages), the guest build, and (lab / KVM) real migrations of the guest."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from hintscope.analysis import lost_pages
 from hintscope.errors import HintscopeError
 from hintscope.lab import hintguest as hg
+from hintscope.lab import hintguest_log as hgl
 lab, needs_kvm, needs_qemu = pytest.mark.lab, pytest.mark.needs_kvm, pytest.mark.needs_qemu
 
 DATA = Path(__file__).parent / "data"
 SERIAL = DATA / "hintguest-src-serial.log"      # early-reuse, bitmap mode, 3 rounds; the VM stopped mid-line
-HOST = DATA / "hintguest-host-trace.txt"        # bpftrace output of the same run
-QTRACE = DATA / "hintguest-qemu-trace.log"      # excerpt of the same run's QEMU -trace log
 
 
 # ---------------------------------------------------------------------------------------------
@@ -26,7 +26,7 @@ QTRACE = DATA / "hintguest-qemu-trace.log"      # excerpt of the same run's QEMU
 
 
 def test_parse_captured_serial_log():
-    log = hg.read_serial_log(SERIAL)
+    log = hgl.read_serial_log(SERIAL)
     assert log.tsc_hz > 10**9
     assert log.boot["behaviour"] == "early-reuse" and log.boot["pool"] == "0x40000"
     # three rounds of 8 blocks; the third round's writes are cut short by the switchover
@@ -59,7 +59,7 @@ def test_parse_hostile_serial_log():
         "HG t=600 ev=error msg=\"pool: outside RAM\"",
         "",
     ])
-    log = hg.parse_serial(text, "x.log")
+    log = hgl.parse_serial(text, "x.log")
     assert log.hints["gfn"].tolist() == [0x40000]
     assert log.writes[["gfn", "seq"]].values.tolist() == [[0x40000, 5]]
     assert log.events.loc[log.events["ev"] == "hint", "guest_ns"].tolist()[0] == 200
@@ -68,51 +68,24 @@ def test_parse_hostile_serial_log():
     assert "beyond 64 bits" in joined and "not in 'HG" in joined and "'hint' line(s) missing" in joined
     assert "'write' line(s) missing" in joined
     with pytest.raises(HintscopeError, match="y.log: no hintguest event lines"):
-        hg.parse_serial("hello\nworld\n", "y.log")
+        hgl.parse_serial("hello\nworld\n", "y.log")
 
 
 def test_read_serial_log_missing_file(tmp_path):
     with pytest.raises(HintscopeError, match="cannot read the hintguest serial log"):
-        hg.read_serial_log(tmp_path / "nope.log")
+        hgl.read_serial_log(tmp_path / "nope.log")
 
 
 # ---------------------------------------------------------------------------------------------
-# host-side logs
+# the guest's kicks (bpftrace kvm:kvm_pio)
 
 
-def test_parse_host_trace_maps_applies_to_hinted_blocks():
-    log = hg.read_serial_log(SERIAL)
-    host, problems = hg.parse_host_trace(HOST.read_text())
-    assert problems == []
-    ap = host[host["kind"] == "apply"]
-    # each apply is one 4 MiB block, at exactly the gfn the guest hinted (HVA -> GPA via memslots)
-    assert sorted(ap["gfn"]) == sorted(log.hints["gfn"])
-    assert (ap["npages"] == 1024).all() and (ap["b"] == 4 << 20).all()
-    cl = host[host["kind"] == "clear"]
-    assert (cl["gfn"] >= 0).all()
-    # the clears issued by the hint thread are whole 1 GiB chunks starting at the pool's chunk
-    by_apply_tid = cl[cl["tid"].isin(set(ap["tid"]))]
-    assert len(by_apply_tid) >= 1 and set(by_apply_tid["gfn"]) == {0x40000}
-    assert set(by_apply_tid["npages"]) == {262144}
-    clock = hg.kick_clock(log, host)
-    assert clock["pairs"] >= 2 and 0.2 < clock["ns_per_tsc"] < 1.0 and clock["max_abs_residual_ns"] < 1e6
-
-
-def test_parse_host_trace_hostile():
-    host, problems = hg.parse_host_trace("Attaching 9 probes...\nA 1 2 notanumber 4\nQ junk\nS 5 6\n")
-    assert host["kind"].tolist() == ["sync"]
-    assert problems == ["host trace: 2 unparsable line(s)"]
-
-
-def test_parse_qemu_trace_excerpt():
-    q = hg.parse_qemu_trace(QTRACE.read_text(), 0, (0x40000, 0x50000))
-    kinds = q["kind"].value_counts().to_dict()
-    assert kinds["sync_start"] == kinds["sync_end"] == 9
-    sends = q[q["kind"] == "send"]
-    assert len(sends) == 20 and sends["gfn"].between(0x40000, 0x4ffff).all()   # pool sends only
-    chunks = q[(q["kind"] == "clear_chunk") & (q["gfn"] >= 0)]
-    assert set(chunks["gfn"]) <= {0, 0x40000} and set(chunks["npages"]) == {262144}
-    assert (q["ts_ns"] == q["wall_ns"]).all()
+def test_parse_kicks_keeps_only_kick_lines():
+    k = hg.parse_kicks("Attaching 2 probes...\nREADY\nKICK ts_ns=100 tid=7 port=49168 val=3\n"
+                       "KICK ts_ns=notanumber tid=7 port=1 val=3\nKICK ts_ns=200 tid=7 port=49168 val=3\n\n# exit 0\n")
+    assert k["ts_ns"].tolist() == [100, 200] and set(k["port"]) == {49168} and set(k["val"]) == {3}
+    assert hg.parse_kicks("").empty
+    assert hg.KICKS_BT.read_text().count("tracepoint:kvm:kvm_pio") == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,69 +118,47 @@ def test_classify_and_memory_truth(tmp_path):
     s_img, d_img = tmp_path / "s.ram", tmp_path / "d.ram"
     s_img.write_bytes(bytes(src))
     d_img.write_bytes(bytes(dst))
-    mem = hg.reuse_writes_in_memory(s_img, pool)
+    mem = hgl.reuse_writes_in_memory(s_img, pool)
     assert mem["gfn"].tolist() == [16, 17, 20] and mem["seq"].tolist() == [10, 11, 12]
     assert set(mem["cmd_id"]) == {0x80000001}
     text = "\n".join(["HG t=1 ev=calib tsc_hz=1000000000",
                       "HG t=2 ev=hint id=0x80000001 gfn=0x10 npages=32 round=1 avail_idx=1",
                       "HG t=3 ev=write id=0x80000001 gfn=0x10 seq=10 phase=early round=1",
                       "HG t=4 ev=write id=0x80000001 gfn=0x11 seq=11 phase=early round=1"])
-    log = hg.parse_serial(text)
+    log = hgl.parse_serial(text)
+    from hintscope.bundle import BundleWriter, read_bundle
     from hintscope.lab import memdiff
     diff = memdiff.compare_images(s_img, d_img)
-    pages = hg.classify(diff.differing["gfn"].to_numpy(dtype=np.int64), log, None, s_img, d_img, mem)
+    gfns = np.union1d(diff.differing["gfn"].to_numpy(np.int64), mem["gfn"].to_numpy(np.int64))
+    w = BundleWriter(tmp_path / "b", "test")
+    w.append("lost_pages", diff.differing)
+    w.append("hintguest_pages", hgl.page_records(s_img, d_img, gfns))
+    for name, frame in (("hintguest_events", log.events), ("hintguest_hints", log.hints),
+                        ("hintguest_writes", log.writes)):
+        w.append(name, frame)
+    w.close(end_reason="target-exit")
+    pages = lost_pages.page_classes(read_bundle(tmp_path / "b"))
     cls = dict(zip(pages["gfn"], pages["cls"]))
     assert cls[16] == "lost-reuse-write" and cls[20] == "lost-reuse-write"
     assert cls[17] == "reuse-ok" and cls[5] == "lost-other"
     assert all(cls[g] == "hinted-held" for g in range(18, 48) if g != 20)
     row16 = pages[pages["gfn"] == 16].iloc[0]
     assert (row16["src_magic"], row16["dst_magic"], row16["src_seq"], row16["dst_seq"]) == ("HGRW", "HGUS", 10, 1)
-    assert not pages["applied"].any()
+    assert row16["cmd_id"] == 0x80000001 and row16["h_round"] == 1
+    assert pages.loc[pages["gfn"] == 20, "write_seq"].item() == 12      # from the source RAM record only
 
 
-def test_round_verdicts_follow_first_chunk_clear():
-    """A round's writes are judged against the first clear of their chunk in the epoch."""
-    log = hg.parse_serial("\n".join([
-        "HG t=1 ev=calib tsc_hz=1000000000",
-        "HG t=1000 ev=write id=0x80000001 gfn=0x40000 seq=1 phase=early round=1",
-        "HG t=5000 ev=write id=0x80000002 gfn=0x42000 seq=2 phase=early round=2",
-    ]))
-    host = pd.DataFrame({"ts_ns": [500, 1100, 4000], "tid": [7, 9, 7], "kind": ["sync", "apply", "sync"],
-                         "slot": -1, "a": -1, "b": -1, "c": -1, "d": -1, "gfn": [-1, 0x40000, -1],
-                         "npages": [-1, 1024, -1]})
-    q = pd.DataFrame({"ts_ns": [1200, 4500], "wall_ns": [0, 0], "tid": [9, 7], "kind": "clear_chunk",
-                      "gfn": [0x40000, 0x40000], "npages": [262144, 262144]})
-    pages = pd.DataFrame({"gfn": [0x40000, 0x42000], "cls": ["lost-reuse-write", "reuse-ok"]})
-    v = hg.round_verdicts(log, host, q, pages, {"ns_per_tsc": 1.0, "offset_ns": 0.0})
-    assert [(r["round"], r["lost"], r["chunk_cleared_by"], r["expected"]) for r in v] == [
-        (1, 1, "hint apply (iothread)", "lost"), (2, 0, "migration thread", "kept")]
-    assert v[0]["clear_minus_first_write_us"] == 0.2 and v[1]["clear_minus_first_write_us"] == -0.5
-    assert v[0]["unarmed_at_epoch_start"] is True
+def test_hint_rounds_on_the_early_reuse_sample():
+    """Per round: every rewritten page lost, each explained as rearm-wipe, and the first re-arm of the
+    round's pages a KVM_CLEAR_DIRTY_LOG inside a hint apply, after the guest's first write."""
+    from hintscope.bundle import read_bundle
+    r = lost_pages.hint_rounds(read_bundle(EARLY))
+    assert r["round"].tolist() == [1, 2, 3]
+    assert (r["writes"] == 32).all() and (r["lost"] == 32).all() and (r["rearm_wipe"] == 32).all()
+    assert set(r["cleared_by"]) == {"hint apply"} and (r["clear_minus_first_write_us"] > 0).all()
+    assert lost_pages.hint_rounds(read_bundle(POLITE)).empty
 
 
-def test_round_verdicts_armed_page_is_kept():
-    """A block used (written) before its chunk's last clear is armed at the next GET: a reuse write
-    traps and is logged, so even an apply-side clear after it cannot lose it."""
-    log = hg.parse_serial("\n".join([
-        "HG t=1 ev=calib tsc_hz=1000000000",
-        "HG t=100 ev=use gfn=0x42000 npages=8192 round=2 t_end=200 seq=9",
-        "HG t=5000 ev=write id=0x80000002 gfn=0x42000 seq=10 phase=early round=2",
-    ]))
-    host = pd.DataFrame({"ts_ns": [4000, 5100], "tid": [7, 9], "kind": ["sync", "apply"], "slot": -1, "a": -1,
-                         "b": -1, "c": -1, "d": -1, "gfn": [-1, 0x42000], "npages": [-1, 1024]})
-    q = pd.DataFrame({"ts_ns": [300, 5200], "wall_ns": 0, "tid": [7, 9], "kind": "clear_chunk",
-                      "gfn": 0x40000, "npages": 262144})
-    pages = pd.DataFrame({"gfn": [0x42000], "cls": ["reuse-ok"]})
-    (v,) = hg.round_verdicts(log, host, q, pages, {"ns_per_tsc": 1.0, "offset_ns": 0.0})
-    assert v["unarmed_at_epoch_start"] is False and v["expected"] == "kept" and v["lost"] == 0
-    assert v["chunk_cleared_by"] == "hint apply (iothread)"
-
-
-# ---------------------------------------------------------------------------------------------
-# guest build
-
-
-@pytest.mark.skipif(not (shutil.which("gcc") and shutil.which("ld")), reason="needs gcc and ld")
 def test_guest_builds_from_source(tmp_path, monkeypatch):
     monkeypatch.setenv("HINTSCOPE_CACHE", str(tmp_path))
     from hintscope.lab import build
@@ -246,8 +197,7 @@ def test_real_polite_migration(tmp_path):
     """One real run (~30 s): hints are applied (pages skipped) and nothing the guest wrote is lost."""
     s = _run(tmp_path, "polite", 0)
     from hintscope.bundle import read_bundle
-    b = read_bundle(tmp_path / "polite-0")
-    pages = b.table("hintguest_pages")
+    pages = lost_pages.page_classes(read_bundle(tmp_path / "polite-0"))
     r = s["result"]
     assert s["migration"]["status"] == "completed"
     assert r["guest_reuse_writes"] == 0 and r["lost_reuse_writes"] == 0
@@ -266,12 +216,12 @@ def _check_bitmap_run(s: dict, pages: pd.DataFrame, behaviour: str) -> None:
     if behaviour == "polite":
         return
     assert s["reuse_writes_in_source_ram"] > 0
-    for v in s.get("rounds", []):                        # needs the bpftrace trace (root)
-        # (c'): unarmed page + the apply's CLEAR after every write -> all lost; armed page or chunk
-        # re-armed before the writes -> they trap and are kept
-        if v["expected"] == "lost":
-            assert v["lost"] == v["writes"], v
-        elif v["expected"] == "kept":
+    for v in s.get("rounds", []):                        # per round, from analysis.lost_pages.hint_rounds
+        # with the probe, every lost write of a round is explained as a (c') re-arm wipe, and a round
+        # whose pages were first re-armed by the migration thread before the writes loses none
+        if s["probe"].get("used"):
+            assert v["rearm_wipe"] == v["lost"], v
+        if v["cleared_by"] == "migration thread" and v["clear_minus_first_write_us"] < 0:
             assert v["lost"] == 0, v
     if behaviour == "early-reuse":
         # round 1: INITIALLY_SET leaves every page unarmed until its chunk's first clear, and the
@@ -286,7 +236,7 @@ def _check_bitmap_run(s: dict, pages: pd.DataFrame, behaviour: str) -> None:
 def test_lab_hintguest(tmp_path, behaviour, ring):
     s = _run(tmp_path, behaviour, ring)
     from hintscope.bundle import read_bundle
-    pages = read_bundle(tmp_path / f"{behaviour}-{ring}").table("hintguest_pages")
+    pages = lost_pages.page_classes(read_bundle(tmp_path / f"{behaviour}-{ring}"))
     r = s["result"]
     assert s["migration"]["status"] == "completed"
     assert r["classes"].get("hinted-held", 0) > 0
@@ -298,7 +248,7 @@ def test_lab_hintguest(tmp_path, behaviour, ring):
     # dirty ring: the hint path issues no KVM clear, and the first round's reuse writes survive
     if "host" in r:
         assert r["host"]["clears"] == 0 and r["host"]["applies"] > 0
-    first = [x for x in s.get("rounds_from_ram", []) if x["round"] == 1]
+    first = [x for x in s.get("rounds", []) if x["round"] == 1]
     assert all(x["lost"] == 0 for x in first), first
     # This PVM host's dirty ring itself drops dirty pages (docs/lab.md, docs/hintguest.md); what it
     # loses must be the background writer's pages, carried over in an older version.
@@ -328,7 +278,7 @@ def test_lab_qemu10_early_reuse_loses_writes_too(tmp_path):
     o = hg.HintguestOptions(bundle=tmp_path / "q10", behaviour="early-reuse", qemu=QEMU10)
     s = asyncio.run(hg.run_hintguest(o))
     from hintscope.bundle import read_bundle
-    pages = read_bundle(tmp_path / "q10").table("hintguest_pages")
+    pages = lost_pages.page_classes(read_bundle(tmp_path / "q10"))
     assert "10." in s["qemu_version"]
     _check_bitmap_run(s, pages, "early-reuse")
 
@@ -363,26 +313,8 @@ def test_lab_migrate_dispatches_hintguest(tmp_path, monkeypatch):
     assert build.GUESTS["hintguest"] == (["common/boot.S", "hintguest/hintguest.c", "common/baremetal.c"], "common/link.ld")
 
 
-def test_round_verdicts_without_uprobes():
-    """Tracepoints only: syncs are GET bursts, the apply thread is the one that clears but never GETs."""
-    log = hg.parse_serial("\n".join([
-        "HG t=1 ev=calib tsc_hz=1000000000",
-        "HG t=10000000 ev=write id=0x80000001 gfn=0x40000 seq=1 phase=early round=1",
-    ]))
-    ts = [5_000_000, 5_000_100, 5_000_200, 12_000_000]
-    host = pd.DataFrame({"ts_ns": ts, "tid": [7, 7, 7, 9], "kind": ["get", "get", "get", "clear"], "slot": 5,
-                         "a": -1, "b": -1, "c": -1, "d": -1, "gfn": [-1, -1, -1, 0x40000],
-                         "npages": [-1, -1, -1, 262144]})
-    q = pd.DataFrame({"ts_ns": [11_999_990], "wall_ns": 0, "tid": [9], "kind": "clear_chunk",
-                      "gfn": [0x40000], "npages": [262144]})
-    pages = pd.DataFrame({"gfn": [0x40000], "cls": ["lost-reuse-write"]})
-    (v,) = hg.round_verdicts(log, host, q, pages, {"ns_per_tsc": 1.0, "offset_ns": 0.0})
-    assert v["epoch_sync_ns"] == 5_000_000 and v["chunk_cleared_by"] == "hint apply (iothread)"
-    assert v["expected"] == "lost" and v["lost"] == 1
-
-
 # ---------------------------------------------------------------------------------------------
-# hintscope's own detector on hintguest bundles (analysis/lost_pages.py via detector.detect)
+# hintscope's own detector on hintguest bundles (analysis/lost_pages.py via detector.run)
 
 SAMPLES = Path(__file__).parent.parent / "samples"
 EARLY = SAMPLES / "hintguest-early-reuse"     # probed early-reuse run, bitmap mode (manual protect)
@@ -401,8 +333,8 @@ def _detect(path):
     from hintscope.analysis import detector
     from hintscope.bundle import read_bundle
     b = read_bundle(path)
-    f = detector.detect(b)
-    return b, f, detector.verdict(b, f)
+    r = detector.run(b)
+    return b, r.frame, r.verdict
 
 
 def _gfns(f, kind, conf=None) -> set[int]:

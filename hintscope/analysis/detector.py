@@ -16,7 +16,6 @@ The verdict is derived from the checks' declarations, not from which tables happ
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pandas as pd
@@ -136,32 +135,21 @@ def _verdict(cov: dict[str, Any], frame: pd.DataFrame, runs: list[CheckRun]) -> 
 
 
 # ---------------------------------------------------------------------------------- frame API
-# Older callers (tests, benchmarks) hold the findings frame; these keep that working on top of run().
+# Shorthands for callers that want only the frame or only the verdict; run() is the contract.
 def detect(bundle) -> pd.DataFrame:
-    """The findings frame; ``attrs`` carry coverage/verdict for callers that predate :class:`Findings`."""
-    res = run(bundle)
-    df = res.frame
-    df.attrs.update(coverage=res.coverage, verdict=res.verdict, verdict_basis=res.basis)
-    return df
+    """The findings frame of ``run(bundle)``."""
+    return run(bundle).frame
 
 
-def verdict(bundle, findings: pd.DataFrame) -> str:
-    return findings.attrs.get("verdict") or run(bundle).verdict
+def verdict(bundle, findings: pd.DataFrame | None = None) -> str:
+    """The verdict of ``run(bundle)`` (``findings`` is accepted for old call sites and ignored)."""
+    return run(bundle).verdict
 
 
 def exit_code(findings: pd.DataFrame, verdict_text: str, fail_on: str | None) -> int:
+    """``Findings.exit_code`` for a frame and a verdict computed earlier."""
     res = Findings(frame=findings, verdict=verdict_text, basis="", coverage={}, checks=[])
     return 0 if fail_on is None else res.exit_code(fail_on)
 
 
 _finding = finding
-
-
-def findings_to_json(findings: pd.DataFrame, verdict_text: str | None = None) -> dict[str, Any]:
-    a = findings.attrs
-    return Findings(frame=findings, verdict=verdict_text or a.get("verdict", ""), basis=a.get("verdict_basis", ""),
-                    coverage=a.get("coverage", {}), checks=[]).to_json()
-
-
-def findings_json_text(findings: pd.DataFrame, verdict_text: str | None = None) -> str:
-    return json.dumps(findings_to_json(findings, verdict_text), indent=1, default=str)

@@ -37,8 +37,8 @@ def one_run(variant: str, seed: int, mode: str, dest_compare: bool = False, host
     if host:
         b = host_only(b)
     t1 = time.perf_counter()
-    f = detector.detect(b)
-    vd = detector.verdict(b, f)
+    res = detector.run(b)
+    f, vd = res.frame, res.verdict
     t2 = time.perf_counter()
     lost = gt["lost"].to_numpy()
     gfn = gt["gfn"].to_numpy().astype(np.int64)
