@@ -61,9 +61,9 @@ def exposure(f: Facts) -> tuple[pd.DataFrame, pd.DataFrame]:
     A hinted page p of apply A is exposed when the last re-arm of p before A dropped it from the
     migration bitmap came after the cmd id of A's epoch was issued, p had been harvested dirty
     and not re-armed before that re-arm, and nothing sent p in between: a guest write in
-    [max(harvest, id issued), re-arm] is then wiped and never sent.  The re-arm is a CLEAR inside
-    a hint apply (the hint path's own clear), or any CLEAR when page sends show p was not sent
-    between it and the drop.
+    [max(harvest, id issued), re-arm] is then wiped and never sent.  The re-arm is the hint path's
+    own CLEAR (inside an apply) or the migration thread's lazy chunk clear; page sends, when
+    captured, clear a page that was sent between the re-arm and the drop (that send carried the write).
     """
     empty = pd.DataFrame(columns=EXPOSURE_COLUMNS)
     A = _apply_bounds(f)
@@ -92,9 +92,7 @@ def exposure(f: Facts) -> tuple[pd.DataFrame, pd.DataFrame]:
     else:
         sent_between = np.zeros(len(x), bool)
         sent_after = np.full(len(x), -1)
-    by_apply = x["by_apply"].astype(bool).to_numpy()
-    ok = (np.isfinite(h) & (h > prev) & (x["rearm_ns"].to_numpy(float) > issued) & ~sent_between
-          & (by_apply | bool(have_sends)))
+    ok = np.isfinite(h) & (h > prev) & (x["rearm_ns"].to_numpy(float) > issued) & ~sent_between
     x = x.assign(harvest_ns=h, window_lo_ns=np.maximum(h, issued), sent_after=np.asarray(sent_after, np.int64),
                  epoch_id=epochs.epoch_id_at(f.syncs, x["a"].to_numpy(np.int64)) if len(f.syncs) else 0)[ok]
     if not len(x):

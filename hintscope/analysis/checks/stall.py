@@ -26,7 +26,7 @@ def bulk_stall(f: Facts, run) -> None:
     if g > STALL_MIN_NS and g > STALL_FACTOR * max(med, 1.0):
         t0 = t1 if i == 0 else int(st[i - 1])
         napply = int(((f.applies["a"] >= t0) & (f.applies["a"] < t0 + g)).sum())
-        if not napply and len(f.applies):
+        if not napply:
             return      # an idle sender with no hint applied meanwhile is rate limiting, not hinting
         bulk = f"sync {int(s['sync'].iloc[0])} AFTER_BITMAP_SYNC: bulk round starts"
         run.out.append(finding("bulk-stall", "confirmed", [], [(t1, "qemu", bulk), (t0, "qemu", "sender idle from"),
