@@ -7,9 +7,9 @@
 # - Source: the upstream tarball Debian ships (`apt-get source --print-uris` with deb-src lines
 #   added idempotently; the archive answers 404 for the bookworm-backports .dsc of 10.0.2, so
 #   the checksummed orig tarball is fetched on its own and Debian's own patches are not applied).
-# - x86_64-softmmu only, KVM, trace backend "log" (so `-trace PATTERN` works), no docs or blobs:
-#   run the binary with the packaged firmware (`-L` the backports and system share dirs), as the
-#   lab does.
+# - x86_64-softmmu only, KVM, trace backend "log" (so `-trace PATTERN` works), no docs or blobs.
+#   QEMU looks for firmware relative to its binary (PREFIX/share/qemu), so that directory holds
+#   links to the packaged firmware (/usr/share/seabios, /usr/share/qemu) and no -L is needed.
 # - Prefix /opt/hintscope/qemu-<upstream version>-<stock | p-<patch hash>>: a second call with
 #   the same source version and the same patch code finds it and returns at once. The hash is
 #   over `git patch-id --stable` of each patch, in order: it covers the diff only, so rewording
@@ -155,6 +155,9 @@ trap 'rc=$?; rm -rf "$stage"; echo "build-qemu: FAILED at step \"$step\" (exit $
 mkdir -p "$stage/bin" "$stage/patches"
 install -m 755 build/qemu-system-x86_64 "$stage/bin/"
 for p in ${patches[@]+"${patches[@]}"}; do cp "$p" "$stage/patches/"; done
+mkdir -p "$stage/share/qemu"
+for f in /usr/share/seabios/* /usr/share/qemu/*; do if [ -e "$f" ]; then ln -sfn "$f" "$stage/share/qemu/"; fi; done
+[ -e "$stage/share/qemu/bios-256k.bin" ] || { echo "build-qemu: no bios-256k.bin in /usr/share/seabios or /usr/share/qemu (install seabios)" >&2; false; }
 "$stage/bin/qemu-system-x86_64" --version >>"$log" 2>&1
 secs=$(( $(date +%s) - t0 ))
 {
