@@ -125,6 +125,8 @@ def one_run(mode: str, qemu: str, mem_mb: int, work: Path, k: int) -> dict:
                 res["tap_pages"] = src["decoder"]["pages"]
                 res["tap_rows"] = b.meta["rows"].get("page_sends", 0)
                 res["tap_max_backlog_bytes"] = src["proxy"]["max_backlog_bytes"]
+                res["tap_copied_bytes"] = src["proxy"].get("copied_bytes")
+                res["tap_cpu_s"] = {"proxy": src["proxy"].get("cpu_s"), "decoder": src["decoder"].get("cpu_s")}
             else:
                 ev = b.table("qemu_events") if b.has("qemu_events") else None
                 res["uprobe_page_sends"] = int((ev["event"] == "page_send").sum()) if ev is not None else 0
@@ -140,6 +142,35 @@ def one_run(mode: str, qemu: str, mem_mb: int, work: Path, k: int) -> dict:
     return res
 
 
+def valid(r: dict, metric: str) -> float | None:
+    """QEMU sometimes reports total-time 0 for a completed migration: not a measurement."""
+    v = r.get(metric)
+    return float(v) if r.get("status") == "completed" and v else None
+
+
+def aggregate(res: dict) -> None:
+    """Per-repetition ratios against that repetition's no-tap run, then median (min-max); prints the table."""
+    runs, modes = res["runs"], res["modes"]
+    by = {m: [r for r in runs if r["mode"] == m] for m in modes}
+    ratios: dict[str, dict] = {}
+    for m in modes:
+        for metric in ("total_time_ms", "wall_ms"):
+            xs = []
+            for base in by.get("none", []):
+                cur = next((r for r in by[m] if r["rep"] == base["rep"]), None)
+                if cur and valid(base, metric) and valid(cur, metric):
+                    xs.append(valid(cur, metric) / valid(base, metric))
+            ratios.setdefault(m, {})[metric] = B.summary(xs)
+    rows = []
+    for m in modes:
+        rows.append([m, B.fmt(B.summary([valid(r, "total_time_ms") for r in by[m]]), digits=4),
+                     B.fmt(B.summary([valid(r, "wall_ms") for r in by[m]]), digits=4),
+                     B.fmt(ratios[m]["total_time_ms"]), B.fmt(ratios[m]["wall_ms"])])
+    print(B.table(rows, ["mode", "total-time ms", "wall ms", "ratio total-time", "ratio wall"]))
+    res["ratios_vs_none"] = ratios
+    res["all_tap_captured"] = all(r.get("tap_status") == "captured" for r in by.get("tap", []))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=5)
@@ -148,7 +179,13 @@ def main() -> int:
     ap.add_argument("--modes", default="none,tap,uprobe")
     ap.add_argument("--quick", action="store_true", help="1 repetition, 128 MiB, none + tap")
     ap.add_argument("-o", "--output", default=None)
+    ap.add_argument("--aggregate", metavar="JSON", help="only recompute the ratios of an earlier result file")
     a = ap.parse_args()
+    if a.aggregate:
+        res = json.loads(Path(a.aggregate).read_text())
+        aggregate(res)
+        Path(a.aggregate).write_text(json.dumps(res, indent=1, default=str) + "\n")
+        return 0
     if a.quick:
         a.reps, a.mem, a.modes = 1, 128, "none,tap"
     modes = a.modes.split(",")
@@ -163,26 +200,8 @@ def main() -> int:
                 runs.append(r)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    by = {m: [r for r in runs if r["mode"] == m] for m in modes}
-    ratios: dict[str, dict] = {}
-    for m in modes:
-        for metric in ("total_time_ms", "wall_ms"):
-            xs = []
-            for k in range(a.reps):
-                base = next((r for r in by["none"] if r["rep"] == k), None)
-                cur = next((r for r in by[m] if r["rep"] == k), None)
-                if base and cur and base.get(metric) and cur.get(metric) is not None:
-                    xs.append(cur[metric] / base[metric])
-            ratios.setdefault(m, {})[metric] = B.summary(xs)
-    rows = []
-    for m in modes:
-        rows.append([m, B.fmt(B.summary([r["total_time_ms"] for r in by[m]]), digits=4),
-                     B.fmt(B.summary([r["wall_ms"] for r in by[m]]), digits=4),
-                     B.fmt(ratios[m]["total_time_ms"]), B.fmt(ratios[m]["wall_ms"])])
-    print(B.table(rows, ["mode", "total-time ms", "wall ms", "ratio total-time", "ratio wall"]))
-    res = {"bench": "tap", "qemu": a.qemu, "mem_mb": a.mem, "reps": a.reps, "modes": modes,
-           "runs": runs, "ratios_vs_none": ratios,
-           "all_tap_captured": all(r.get("tap_status") == "captured" for r in by.get("tap", []))}
+    res = {"bench": "tap", "qemu": a.qemu, "mem_mb": a.mem, "reps": a.reps, "modes": modes, "runs": runs}
+    aggregate(res)
     B.write("bench_tap_quick" if a.quick else "bench_tap", res, a.output)
     return 0
 
