@@ -165,7 +165,7 @@ secs=$(( $(date +%s) - t0 ))
   echo "debian_version=$debver"
   echo "patch_hash=${phash#p-}"
   for p in ${patches[@]+"${patches[@]}"}; do echo "patch=$(basename "$p") sha256=$(sha256sum "$p" | cut -c1-64)"; done
-  echo "label=$( [ "$phash" = stock ] && echo "$upver (source)" || echo "patched (${phash#p-})")"
+  echo "label=$( [ "$phash" = stock ] && echo "stock $upver (source build)" || echo "patched (${phash#p-})")"
   echo "build_seconds=$secs"
   echo "built=$(date -u +%FT%TZ)"
 } > "$stage/BUILD-INFO"

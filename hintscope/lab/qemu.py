@@ -74,7 +74,7 @@ def qemu_label(qemu: str, version: str | None = None) -> str:
     """The QEMU version label for metadata and plots.
 
     A binary built by scripts/build-qemu.sh sits in ``PREFIX/bin`` beside ``PREFIX/BUILD-INFO``, whose
-    ``label=`` line says what it is: ``patched (<hash of its patches>)`` or ``10.0.2 (source)``.
+    ``label=`` line says what it is: ``patched (<hash of its patches>)`` or ``stock 10.0.2 (source build)``.
     Any other binary is labelled by its version number (``7.2.22``, ``10.0.2``)."""
     info = Path(os.path.realpath(qemu)).parent.parent / "BUILD-INFO"
     with contextlib.suppress(OSError, UnicodeDecodeError):
