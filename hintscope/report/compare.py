@@ -32,40 +32,18 @@ PLOT_METRICS = [
 # The small multiples of overview.png/svg.
 OVERVIEW = ["migration.total_time_ms", "migration.transferred", "syncs", "hints.applied_pages",
             "hints.skipped_pages", "hints.resent_pages", "findings"]
+# Labels that differ between runs without making them a different configuration (or that repeat
+# another label: qemu_build refines qemu, balloon explains hint); --group can still name them.
+NOT_AUTO_GROUPED = ("seed", "producer", "qemu_build", "balloon", "workload")
 _LABEL_RE = re.compile(r"^(?:(?P<bundle>.+):)?(?P<key>[A-Za-z0-9_.-]+)=(?P<value>.*)$")
 
 
 def meta_labels(meta: dict[str, Any]) -> dict[str, str]:
-    """Labels a bundle carries about itself (lab and simulator meta, and meta['labels'])."""
-    out: dict[str, str] = {}
-    lab = meta.get("lab") if isinstance(meta.get("lab"), dict) else {}
-    sim = meta.get("sim") if isinstance(meta.get("sim"), dict) else {}
-    vmm = meta.get("vmm") if isinstance(meta.get("vmm"), dict) else {}
-    if "hint" in lab:
-        h = lab["hint"]
-        out["hint"] = ("on" if h else "off") if isinstance(h, bool) else str(h)
-    hg = meta.get("hintguest") if isinstance(meta.get("hintguest"), dict) else {}
-    ver = lab.get("qemu_version") or hg.get("qemu_version") or vmm.get("version")
-    # scripts/build-qemu.sh binaries carry their own label ("patched (<hash>)"), see lab.qemu.qemu_label
-    label = lab.get("qemu_label") or hg.get("qemu_label")
-    if isinstance(label, str) and label:
-        out["qemu"] = label[:80]
-    elif ver:
-        m = re.search(r"(\d+\.\d+(?:\.\d+)?)", str(ver))
-        out["qemu"] = m.group(1) if m else str(ver)[:40]
-    if lab.get("guest"):
-        out["guest"] = str(lab["guest"])
-    argv = lab.get("src_argv") or []
-    if isinstance(argv, list) and "-smp" in argv and argv.index("-smp") + 1 < len(argv):
-        out["vcpus"] = str(argv[argv.index("-smp") + 1]).split(",")[0]
-    if lab.get("accel"):
-        out["accel"] = str(lab["accel"]) + ("+ring" if lab.get("dirty_ring") else "")
-    for k in ("variant", "seed"):
-        if k in sim:
-            out[k] = str(sim[k])
-    if isinstance(meta.get("labels"), dict):
-        out.update({str(k): str(v) for k, v in meta["labels"].items()})
-    return out
+    """Labels a bundle carries about itself (QEMU, kernels, guest, vCPUs, accelerator, hint, workload,
+    simulator variant, meta['labels']): :func:`hintscope.fleet.labels.run_labels`, shared with the fleet index."""
+    from hintscope.fleet.labels import run_labels
+
+    return run_labels(meta)
 
 
 def parse_labels(items: list[str], bundles: list[str]) -> dict[str, dict[str, str]]:
@@ -124,7 +102,7 @@ def group_column(df: pd.DataFrame, keys: list[str] | None = None) -> pd.Series:
             raise HintscopeError(f"--group {','.join(missing)}: no run has that label "
                                  f"(labels: {', '.join(c[6:] for c in label_cols) or 'none'})")
     else:
-        cols = [c for c in label_cols if df[c].fillna("?").nunique() > 1 and c != "label.seed"]
+        cols = [c for c in label_cols if df[c].fillna("?").nunique() > 1 and c[6:] not in NOT_AUTO_GROUPED]
     if not cols:
         return pd.Series("all runs", index=df.index)
     return df[cols].fillna("?").astype(str).apply(
