@@ -176,3 +176,21 @@ def test_labels_new_guest_meta_and_hostile_values():
     for junk in ({"lab": []}, {"lab": {"smp": "x" * 10_000, "src_argv": [1, None]}, "guest": {"kernel": 5}},
                  {"vmm": {"cmdline": "qemu -smp 'unterminated"}, "labels": {"a": {"b": 1}}}, {"sim": {"config": 7}}):
         assert isinstance(run_labels(junk), dict)
+
+
+def test_scheduler_address_mode(fleet, tmp_path, capsys):
+    """--scheduler tcp://HOST:PORT: the client path for a remote cluster, here against a LocalCluster's scheduler."""
+    distributed = pytest.importorskip("dask.distributed")
+    root, recs = fleet
+    picks = [r["bundle"] for r in recs[:4]]
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=40) as cluster:
+        addr = cluster.scheduler_address
+        assert addr.startswith("tcp://")
+        assert main(["fleet", "index", *picks, "-o", str(tmp_path / "idx"), "--scheduler", addr, "-q"]) == 0
+    assert "4 indexed (0 errors)" in capsys.readouterr().out
+    assert sorted(runs(tmp_path / "idx")["bundle"].to_list()) == sorted(picks)
+    from hintscope.errors import HintscopeError
+    with pytest.raises(HintscopeError, match="cannot reach the scheduler tcp://127.0.0.1:9"):
+        build([picks[0]], tmp_path / "i2", Engine("dask", scheduler="tcp://127.0.0.1:9", connect_timeout_s=2),
+              progress=False)

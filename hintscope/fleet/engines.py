@@ -29,6 +29,7 @@ class Engine:
     kind: str = "processes"          # serial | processes | dask
     jobs: int | None = None          # worker processes (processes, dask-local)
     scheduler: str | None = None     # dask scheduler address
+    connect_timeout_s: float = 20.0  # giving up on an unreachable scheduler
 
     def describe(self) -> str:
         if self.kind == "dask":
@@ -48,7 +49,7 @@ class Engine:
         if self.kind == "processes":
             return _processes(tasks, self.workers())
         if self.kind == "dask":
-            return _dask(tasks, self.workers(), self.scheduler)
+            return _dask(tasks, self.workers(), self.scheduler, self.connect_timeout_s)
         raise HintscopeError(f"unknown engine {self.kind!r}")
 
 
@@ -67,7 +68,7 @@ def _processes(tasks: Sequence[Task], n: int) -> Iterator[pa.Table]:
                 yield error_row(futs[fut], f"{futs[fut]}: worker failed ({type(e).__name__}: {e})"[:300], None)
 
 
-def _dask(tasks: Sequence[Task], n: int, scheduler: str | None) -> Iterator[pa.Table]:
+def _dask(tasks: Sequence[Task], n: int, scheduler: str | None, timeout_s: float = 20.0) -> Iterator[pa.Table]:
     try:
         from dask.distributed import Client, LocalCluster, as_completed
     except ImportError:
@@ -75,7 +76,7 @@ def _dask(tasks: Sequence[Task], n: int, scheduler: str | None) -> Iterator[pa.T
     cluster = None
     try:
         if scheduler:
-            client = Client(scheduler, timeout="20s")
+            client = Client(scheduler, timeout=f"{timeout_s}s")
         else:
             cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
                                    silence_logs=40)
