@@ -328,7 +328,7 @@ def _merge_meta(base: dict[str, Any], extra: dict[str, Any]) -> None:
     for k, v in extra.items():
         if k in ("sources", "lost") and isinstance(v, dict):
             base.setdefault(k, {}).update(v)
-        elif k == "clock_anchors" and isinstance(v, list):
+        elif k in ("clock_anchors", "problems") and isinstance(v, list) and isinstance(base.get(k, []), list):
             base.setdefault(k, []).extend(v)
         elif k in ("producer", "status", "end_reason", "rows"):
             base.setdefault("producers", {}).setdefault(extra.get("producer", "?"), {})[k] = v
