@@ -23,6 +23,7 @@ cell measured in the same matrix).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -87,13 +88,23 @@ def clear_costs(b) -> dict[str, float]:
     return out
 
 
-def analyze(bundle: Path) -> dict[str, object]:
-    r = subprocess.run([sys.executable, "-m", "hintscope", "analyze", str(bundle), "--json"], cwd=REPO,
-                       capture_output=True, text=True, timeout=600)
-    try:
-        j = json.loads(r.stdout)
-    except json.JSONDecodeError:
-        return {"verdict": f"analyze failed (exit {r.returncode}): {(r.stderr or r.stdout).strip()[-200:]}"}
+def analyze(bundle: Path, tree: Path, cache: Path | None) -> dict[str, object]:
+    """``hintscope analyze BUNDLE --json`` run from source tree ``tree`` (this repo, or a snapshot of
+    it with a detector change under test); the JSON is kept in ``cache`` so a re-summary is cheap."""
+    j = None
+    if cache is not None and cache.exists():
+        with contextlib.suppress(json.JSONDecodeError, OSError):
+            j = json.loads(cache.read_text())
+    if j is None:
+        r = subprocess.run([sys.executable, "-m", "hintscope", "analyze", str(bundle), "--json"], cwd=tree,
+                           env=dict(os.environ, PYTHONPATH=str(tree)), capture_output=True, text=True, timeout=900)
+        try:
+            j = json.loads(r.stdout)
+        except json.JSONDecodeError:
+            return {"verdict": f"analyze failed (exit {r.returncode}): {(r.stderr or r.stdout).strip()[-200:]}"}
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(j))
     # The lead moves verdict/findings to the top level this session; read both layouts.
     inner = j.get("findings") if isinstance(j.get("findings"), dict) else {}
     verdict = j.get("verdict") or inner.get("verdict")
@@ -110,7 +121,7 @@ def analyze(bundle: Path) -> dict[str, object]:
     return out
 
 
-def summarise(bundle: Path, qemu: str, cell: str, run: int, with_analysis: bool) -> dict[str, object]:
+def summarise(bundle: Path, qemu: str, cell: str, run: int, tree: Path | None, cache: Path | None) -> dict[str, object]:
     row: dict[str, object] = {"qemu": qemu, "cell": cell, "run": run, "bundle": str(bundle)}
     try:
         b = read_bundle(bundle)
@@ -132,8 +143,8 @@ def summarise(bundle: Path, qemu: str, cell: str, run: int, with_analysis: bool)
         "applies": (res.get("host") or {}).get("applies"),
     })
     row.update(clear_costs(b))
-    if with_analysis:
-        row.update(analyze(bundle))
+    if tree is not None and b.complete:
+        row.update(analyze(bundle, tree, cache))
     return row
 
 
@@ -183,6 +194,9 @@ def main() -> int:
     ap.add_argument("-o", "--output", required=True, type=Path, help="results prefix: writes .csv and .json")
     ap.add_argument("--collect-only", action="store_true", help="summarise existing bundles, run nothing")
     ap.add_argument("--no-analysis", action="store_true", help="skip hintscope analyze")
+    ap.add_argument("--analysis-tree", type=Path, default=REPO,
+                    help="hintscope source tree to analyse with (default this one); results cached under "
+                         "OUT_DIR/analysis-<tree name>/")
     a = ap.parse_args()
     qemus = []
     for item in a.qemu:
@@ -208,7 +222,9 @@ def main() -> int:
                     print(f"[{time.strftime('%H:%M:%S')}] {label} {cell} run {run}", flush=True)
                     run_one(bundle, path, cell, log)
                 if (bundle / "meta.json").exists():
-                    rows.append(summarise(bundle, label, cell, run, not a.no_analysis))
+                    tree = None if a.no_analysis else a.analysis_tree.resolve()
+                    cache = (a.out_dir / f"analysis-{tree.name}" / label / f"{cell}-r{run}.json") if tree else None
+                    rows.append(summarise(bundle, label, cell, run, tree, cache))
     df = pd.DataFrame(rows)
     a.output.parent.mkdir(parents=True, exist_ok=True)
     df.drop(columns=["bundle"], errors="ignore").to_csv(a.output.with_suffix(".csv"), index=False)
