@@ -1,8 +1,9 @@
 """Stale destination pages explained: which ones a free page hint hid, and by which mechanism.
 
 Input: the lab memory check (``lost_pages``: every page whose destination copy differs from the
-source), the lab guest's own log (``hintguest_hints``, ``hintguest_writes``, ``hintguest_pages``,
-``hintguest_events``) and the host probe (``qemu_events`` hint applies and syncs, ``bitmap_words``
+source), the lab guest's own log (``hintguest_hints``, ``hintguest_writes``, ``hintguest_events``),
+the guest's page records in both RAM images (``hintguest_pages``), its kicks as the host saw them
+(``hintguest_kicks``) and the host probe (``qemu_events`` hint applies and syncs, ``bitmap_words``
 GET harvests and CLEAR masks, ``ioctls``), plus page sends (``page_send`` or QEMU's
 ``ram_save_page``).
 
@@ -28,6 +29,9 @@ Confidence is ``confirmed`` (the destination copy is stale) unless the guest/hos
 cannot order the write against the CLEAR (``ambiguous``).  The guest's TSC is put on the host
 clock by a linear fit of the guest's logged kicks against the host's ``kvm:kvm_pio`` of them;
 the error band is twice the fit's largest residual plus 1 µs.
+
+``page_classes`` and ``hint_rounds`` are the per-page and per-round views the lab prints after a
+run (hinted-held / lost-reuse-write / ...; writes lost per round and who re-armed them first).
 
 All matching is ``pd.merge_asof`` by gfn; per-finding work is a handful of groups, not pages.
 """
@@ -56,13 +60,14 @@ def _table(bundle, name: str) -> pd.DataFrame:
 
 
 def guest_clock(bundle) -> dict[str, Any] | None:
-    """host_ns = tsc * k + b from the guest's logged kicks (ev kick/stop) paired in order with the
-    host's kvm_pio of the kick port; None when fewer than two pairs."""
-    ev, host = _table(bundle, "hintguest_events"), _table(bundle, "hintguest_host")
-    if not len(ev) or not len(host):
+    """host_ns = tsc * k + b from the guest's logged kicks (ev kick/stop, TSC read just before the
+    port write) paired in order with the host's kvm_pio of them (``hintguest_kicks``); None when
+    fewer than two pairs."""
+    ev, kicks = _table(bundle, "hintguest_events"), _table(bundle, "hintguest_kicks")
+    if not len(ev) or not len(kicks):
         return None
     g = ev.loc[ev["ev"].isin(["kick", "stop"]), "tsc"].to_numpy(np.float64)
-    h = host.loc[host["kind"] == "pio", "ts_ns"].to_numpy(np.float64)
+    h = np.sort(kicks["ts_ns"].to_numpy(np.float64))
     n = min(len(g), len(h))     # the source log can end early (VM stopped mid-print), never start late
     if n < 2:
         return None
@@ -242,6 +247,109 @@ def explain(bundle, ctx: Context | None = None) -> pd.DataFrame | None:
     P["ram_written"] = P["src_magic"].astype(str).eq("HGRW").to_numpy()
     P.attrs["send_source"] = send_source
     return P
+
+
+HGRW = "HGRW"   # the record magic of a reuse write (lab/guests/hintguest)
+
+
+def page_classes(bundle) -> pd.DataFrame | None:
+    """Every page the memory check found different, plus every page the guest rewrote after hinting
+    it, in one class each; None when the bundle is no hintguest capture.
+
+    cls: ``hinted-held`` (in a hinted block the guest never rewrote: the host may skip it, not a
+    loss), ``lost-reuse-write`` (rewritten after the hint, stale on the destination), ``reuse-ok``
+    (rewritten and carried over), ``kvmclock`` (only SeaBIOS's kvmclock record differs: KVM rewrites
+    it on each host), ``lost-other`` (differs, no hint covers it).  Other columns: cmd_id and
+    h_round of the latest hint covering the page (-1 none), write_seq (last reuse write, log or
+    source RAM; -1 none), src_seq, dst_seq, src_magic, dst_magic (records in the two RAM images)."""
+    if not bundle.has("hintguest_events"):
+        return None
+    lp, rec, w = _table(bundle, "lost_pages"), _table(bundle, "hintguest_pages"), _table(bundle, "hintguest_writes")
+    mc = bundle.meta.get("memcheck") or {}
+    kvmclock = np.array([g for g in mc.get("kvmclock_gfns", []) if isinstance(g, int)], np.int64)
+    diff = np.union1d(lp["gfn"].to_numpy().astype(np.int64) if len(lp) else np.zeros(0, np.int64), kvmclock)
+    if not len(rec):
+        rec = pd.DataFrame({"gfn": pd.Series(dtype="int64"), "src_seq": pd.Series(dtype="int64"),
+                            "dst_seq": pd.Series(dtype="int64"), "src_magic": pd.Series(dtype="string"),
+                            "dst_magic": pd.Series(dtype="string")})
+    rec = rec.drop_duplicates("gfn").assign(gfn=lambda d: d["gfn"].astype(np.int64))
+    ram_w = rec.loc[rec["src_magic"].astype(str) == HGRW, ["gfn", "src_seq"]].rename(columns={"src_seq": "seq"})
+    log_w = w[["gfn", "seq"]].astype(np.int64) if len(w) else ram_w.iloc[:0]
+    writes = pd.concat([log_w, ram_w], ignore_index=True)
+    wseq = writes.groupby("gfn")["seq"].max()
+    gfns = np.union1d(diff, wseq.index.to_numpy(np.int64))
+    P = pd.DataFrame({"gfn": gfns})
+    hints = _table(bundle, "hintguest_hints")
+    hints = hints[(hints["gfn"] >= 0) & (hints["npages"] > 0) & (hints["npages"] <= 1 << 18)] if len(hints) else hints
+    if len(hints):
+        H = _expand_blocks(hints).sort_values("h_tsc", kind="stable").drop_duplicates("gfn", keep="last")
+        P = P.merge(H[["gfn", "h_id", "h_round"]], on="gfn", how="left")
+    else:
+        P = P.assign(h_id=np.nan, h_round=np.nan)
+    P["cmd_id"] = P.pop("h_id").fillna(-1).astype(np.int64)
+    P["h_round"] = P["h_round"].fillna(-1).astype(np.int64)
+    P["write_seq"] = wseq.reindex(gfns).fillna(-1).to_numpy(np.int64)
+    P = P.merge(rec[["gfn", "src_seq", "dst_seq", "src_magic", "dst_magic"]], on="gfn", how="left")
+    P[["src_seq", "dst_seq"]] = P[["src_seq", "dst_seq"]].fillna(-1).astype(np.int64)
+    P[["src_magic", "dst_magic"]] = P[["src_magic", "dst_magic"]].fillna("").astype(str)
+    differs = np.isin(gfns, diff)
+    reused = P["write_seq"].to_numpy() >= 0
+    cls = np.where(reused, np.where(differs, "lost-reuse-write", "reuse-ok"),
+                   np.where(P["cmd_id"].to_numpy() >= 0, "hinted-held", "lost-other"))
+    cls = np.where((cls == "lost-other") & np.isin(gfns, kvmclock), "kvmclock", cls)
+    P.insert(1, "cls", cls)
+    return P
+
+
+def hint_rounds(bundle, ctx: Context | None = None) -> pd.DataFrame:
+    """Per hinting round of a hintguest capture (round, cmd_id): the pages the guest rewrote after
+    hinting them (``writes``), how many the destination lacks (``lost``), how many of those
+    hintscope explains as ``rearm-wipe``, and the first KVM_CLEAR_DIRTY_LOG after the epoch's last
+    GET whose mask holds one of the round's pages: when (``first_clear_ns``, host ns;
+    ``clear_minus_first_write_us`` against the round's first logged write) and by whom
+    (``cleared_by``: "hint apply" when it ran inside a qemu_guest_free_page_hint call on the same
+    thread, "migration thread" otherwise, "" with no such CLEAR, e.g. dirty ring or no probe).
+    (c') predicts the round's writes lost when that CLEAR came from the hint apply after them."""
+    cols = ["round", "cmd_id", "writes", "lost", "rearm_wipe", "first_write_ns", "first_clear_ns",
+            "cleared_by", "clear_minus_first_write_us"]
+    pc = page_classes(bundle)
+    if pc is None:
+        return pd.DataFrame(columns=cols)
+    W = pc[pc["cls"].isin(["lost-reuse-write", "reuse-ok"]) & (pc["h_round"] >= 0)]
+    if not len(W):
+        return pd.DataFrame(columns=cols)
+    ctx = ctx or Context(bundle)
+    clock = guest_clock(bundle)
+    w = _table(bundle, "hintguest_writes")
+    first_tsc = w.groupby("round")["tsc"].min() if len(w) else pd.Series(dtype="float64")
+    P = explain(bundle, ctx)
+    wiped = (P[P["kind"] == "rearm-wipe"].groupby("h_round").size() if P is not None and len(P)
+             else pd.Series(dtype="int64"))
+    io = ctx.ioctls
+    gets = np.sort(io.loc[io["name"] == "GET_DIRTY_LOG", "ts_ns"].to_numpy(np.int64)) if len(io) else np.zeros(0)
+    cp = harvest.bitmap_pages(ctx.words, "clear", ctx.iv, io) if len(io) else pd.DataFrame(columns=["gfn"])
+    cp = cp[cp["gfn"].isin(W["gfn"])]
+    tids = io.drop_duplicates("seq").set_index("seq")["tid"] if len(io) else pd.Series(dtype="int64")
+    ha = ctx.hint_applies
+    rows = []
+    for (rnd, cid), g in W.groupby(["h_round", "cmd_id"]):
+        t_w = (float(first_tsc.get(rnd)) * clock["ns_per_tsc"] + clock["offset_ns"]
+               if clock and rnd in first_tsc.index else np.nan)
+        epoch = gets[gets < t_w].max() if np.isfinite(t_w) and (gets < t_w).any() else -np.inf
+        c = cp[cp["gfn"].isin(g["gfn"]) & (cp["ts_ns"] >= epoch)].sort_values("ts_ns")
+        first_clear, by = np.nan, ""
+        if len(c):
+            first_clear = float(c["ts_ns"].iloc[0])
+            tid = tids.get(int(c["seq"].iloc[0]), -1)
+            end = np.where(ha["end_ns"] >= 0, ha["end_ns"], np.iinfo(np.int64).max)
+            inside = ((ha["tid"] == tid) & (ha["ts_ns"] <= first_clear) & (end >= first_clear)).any()
+            by = "hint apply" if inside else "migration thread"
+        rows.append({"round": int(rnd), "cmd_id": int(cid), "writes": int(len(g)),
+                     "lost": int((g["cls"] == "lost-reuse-write").sum()), "rearm_wipe": int(wiped.get(rnd, 0)),
+                     "first_write_ns": t_w, "first_clear_ns": first_clear, "cleared_by": by,
+                     "clear_minus_first_write_us": round((first_clear - t_w) / 1e3, 1)
+                     if np.isfinite(first_clear) and np.isfinite(t_w) else np.nan})
+    return pd.DataFrame(rows, columns=cols)
 
 
 def _t(x) -> int:

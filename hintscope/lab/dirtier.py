@@ -40,7 +40,6 @@ from hintscope.lab.crosscheck import IoctlCounter
 from hintscope.lab.qemu import (TRACE_EVENTS, Qemu, ram_map, QemuConfig, available_trace_events, find_qemu,
                                 qemu_label, qemu_version, resolve_accel)
 from hintscope.lab.session import HostProbe, read_serial
-from hintscope.tap.lab import migration_tap
 
 PRODUCER = "lab migrate"
 FILL_AT = 0x1000  # gfn where the guest's --fill region starts (16 MiB)
@@ -52,8 +51,7 @@ PAGES_RE = re.compile(r"^(0x[0-9a-fA-F]+|\d+)(-(0x[0-9a-fA-F]+|\d+))?$")
 
 
 @dataclass
-class LabOptions:
-    bundle: Path
+class LabOptions(session.MigrationOptions):
     guest: str = "dirtier"
     pages: str = "0x400-0x4ff"
     rate: int = 20000
@@ -63,17 +61,9 @@ class LabOptions:
     dirty_ring: int = 0
     mem_mb: int = 256
     hint: bool = True
-    qemu: str | None = None
-    probe: str = "auto"            # auto | on | off
-    bandwidth_mb: int = 1000       # migration max-bandwidth, MiB/s
-    downtime_ms: int = 300
     pre_ms: int = 500              # guest runs this long under the probe before `migrate`
-    timeout_s: float = 60.0        # migration must reach a final state within this
-    poll_ms: int = 100
     memcheck: bool = True
     crosscheck: bool = False       # count the source's dirty-log ioctls with bpftrace too (tests)
-    keep_workdir: bool = False
-    tap: bool = True               # migrate through `hintscope tap` (table page_sends)
     extra_qemu: list[str] = field(default_factory=list)
 
 
@@ -99,8 +89,7 @@ def _check_opts(o: LabOptions) -> list[tuple[int, int]]:
         raise HintscopeError(f"--guest {o.guest}: only 'dirtier' is built in")
     if not 16 <= o.mem_mb <= 3072:
         raise HintscopeError(f"--mem {o.mem_mb}: expected 16..3072 MiB (the RAM must sit below the PCI hole)")
-    if o.dirty_ring and (o.dirty_ring & (o.dirty_ring - 1) or not 1024 <= o.dirty_ring <= 65536):
-        raise HintscopeError(f"--dirty-ring {o.dirty_ring}: expected a power of two in 1024..65536")
+    session.check_dirty_ring(o.dirty_ring)
     if o.rate < 0 or o.rounds < 0:
         raise HintscopeError("--rate and --rounds must be >= 0")
     ranges = parse_pages(o.pages)
@@ -252,15 +241,10 @@ async def run_lab(o: LabOptions) -> dict[str, Any]:
 
         await asyncio.sleep(o.pre_ms / 1000)
         src_hb_before = last_heartbeat(read_serial(src.cfg.serial_path))
-        rows: list[dict[str, Any]] = []
         t3 = time.monotonic()
-        try:
-            async with migration_tap(o.tap, bundle, f"unix:{mig_sock}", work, summary) as uri:
-                await session.drive_migration(src, uri, bandwidth_mb=o.bandwidth_mb, downtime_ms=o.downtime_ms,
-                                              timeout_s=o.timeout_s, poll_ms=o.poll_ms, rows=rows)
-        finally:
-            if rows:
-                writer.append("qmp", pd.DataFrame(rows))
+        rows = await session.migrate_recorded(src, writer, work, summary, tap=o.tap, forward=f"unix:{mig_sock}",
+                                              bandwidth_mb=o.bandwidth_mb, downtime_ms=o.downtime_ms,
+                                              timeout_s=o.timeout_s, poll_ms=o.poll_ms)
         summary["migration"].update(session.migration_outcome(rows))
         summary["timings_s"]["migrate_wall"] = round(time.monotonic() - t3, 3)
         writer.flush()
@@ -298,10 +282,7 @@ async def run_lab(o: LabOptions) -> dict[str, Any]:
         summary["timings_s"] = summary.get("timings_s", {}) | {"total": round(time.monotonic() - t0, 3)}
         if writer is not None:
             writer.close(end_reason=end_reason)
-        if o.keep_workdir:
-            summary["workdir"] = str(work)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        session.finish_workdir(work, o.keep_workdir, summary)
     return summary
 
 

@@ -39,7 +39,6 @@ from hintscope.errors import HintscopeError
 from hintscope.lab import image as lab_image
 from hintscope.lab import session
 from hintscope.lab.session import HostProbe
-from hintscope.tap.lab import migration_tap
 from hintscope.lab.qemu import (TRACE_EVENTS, Qemu, ram_map, QemuConfig, available_trace_events, find_qemu,
                                 qemu_version)
 from hintscope.parse import guest_stream
@@ -54,28 +53,21 @@ PORT_READY_RE = re.compile(rb"\nW \d+ \d+ READY")
 
 
 @dataclass
-class LinuxOptions:
-    bundle: Path
+class LinuxOptions(session.MigrationOptions):
+    bandwidth_mb: int = 128        # QEMU 7.2's default max-bandwidth, as in the guest-lab runs
+    timeout_s: float = 120.0
     hint: bool = True
     smp: int = 2
     mem_mb: int = 1024
-    qemu: str | None = None
-    probe: str = "auto"            # host probe: auto | on | off
     guest_probe: bool = True
     page_sends: bool = False       # host probe --page-sends (zero-page sends too; ~50 us per page)
-    tap: bool = True               # migrate through `hintscope tap` (table page_sends)
     fill_mb: int = 400
     pressure_mb: int = 0
     writer_mb: int = 16
-    bandwidth_mb: int = 128        # QEMU 7.2's default max-bandwidth, as in the guest-lab runs
-    downtime_ms: int = 300
-    timeout_s: float = 120.0
-    poll_ms: int = 100
     pre_ms: int = 2000
     health_s: float = 15.0
     boot_timeout_s: float = 600.0
     memcheck: bool = True
-    keep_workdir: bool = False
     extra_qemu: list[str] = field(default_factory=list)
     guest_kernel: str | None = None  # kernel series (lab/guest_kernel.py); None: the default (6.1)
 
@@ -294,14 +286,9 @@ async def run_linux(o: LinuxOptions) -> dict[str, Any]:
         writer.flush()
         await asyncio.sleep(o.pre_ms / 1000)
         t3 = time.monotonic()
-        rows: list[dict[str, Any]] = []
-        try:
-            async with migration_tap(o.tap, bundle, f"unix:{mig_sock}", work, summary) as uri:
-                await session.drive_migration(src, uri, bandwidth_mb=o.bandwidth_mb, downtime_ms=o.downtime_ms,
-                                              timeout_s=o.timeout_s, poll_ms=o.poll_ms, rows=rows)
-        finally:
-            if rows:
-                writer.append("qmp", pd.DataFrame(rows))
+        rows = await session.migrate_recorded(src, writer, work, summary, tap=o.tap, forward=f"unix:{mig_sock}",
+                                              bandwidth_mb=o.bandwidth_mb, downtime_ms=o.downtime_ms,
+                                              timeout_s=o.timeout_s, poll_ms=o.poll_ms)
         timings["migrate_wall"] = round(time.monotonic() - t3, 2)
         summary["migration"].update(session.migration_outcome(rows))
         writer.flush()
@@ -332,10 +319,7 @@ async def run_linux(o: LinuxOptions) -> dict[str, Any]:
             finally:
                 timings["total"] = round(time.monotonic() - t0, 2)
                 writer.close(end_reason=end_reason)
-        if o.keep_workdir:
-            summary["workdir"] = str(work)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        session.finish_workdir(work, o.keep_workdir, summary)
     return summary
 
 

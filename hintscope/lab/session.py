@@ -21,15 +21,33 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import numpy as np
+import pandas as pd
 
 from hintscope.errors import HintscopeError
 from hintscope.lab import memdiff
 from hintscope.lab.qemu import Qemu
 from hintscope.protocol import FINAL_STATES
+from hintscope.tap.lab import migration_tap
+
+@dataclass
+class MigrationOptions:
+    """The options every lab runner has; each runner's options class adds its guest's and may set
+    other defaults."""
+    bundle: Path
+    qemu: str | None = None
+    probe: str = "auto"            # auto | on | off: the host probe on the source
+    tap: bool = True               # migrate through `hintscope tap` (table page_sends)
+    bandwidth_mb: int = 1000       # migration max-bandwidth, MiB/s
+    downtime_ms: int = 300
+    timeout_s: float = 60.0        # migration must reach a final state within this
+    poll_ms: int = 100
+    keep_workdir: bool = False
+
 
 MEMCHECK_METHOD = "pmemsave of paused source (postmigrate) and paused destination, from GPA 0"
 
@@ -90,6 +108,20 @@ def probe_choice(mode: str) -> str | None:
     return reason
 
 
+async def read_until(stream: asyncio.StreamReader, marker: bytes, timeout: float,
+                     sink: Callable[[bytes], None]) -> bool:
+    """Hand a helper's stdout lines to ``sink`` until one starts with ``marker`` (True) or the
+    stream ends (False); asyncio.TimeoutError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        line = await asyncio.wait_for(stream.readline(), max(0.1, deadline - time.monotonic()))
+        if not line:
+            return False
+        sink(line)
+        if line.strip().startswith(marker):
+            return True
+
+
 class HostProbe:
     """``python -m hintscope probe host`` attached to one PID, stopped with SIGINT."""
 
@@ -114,20 +146,18 @@ class HostProbe:
         self._log = open(self.log_path, "ab")
         self.proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
                                                          stderr=self._log, env=package_env())
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = await asyncio.wait_for(self.proc.stdout.readline(), max(0.1, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                await self.stop()
-                raise HintscopeError(f"host probe did not print ATTACHED within {timeout:.0f} s (log {self.log_path})")
-            if not line:
-                rc = await self.proc.wait()
-                raise HintscopeError(f"host probe exited with {rc} before ATTACHED: {self._log_tail()}")
+
+        def log_line(line: bytes) -> None:
             self._log.write(line)
             self._log.flush()
-            if line.strip().startswith(b"ATTACHED"):
-                break
+        try:
+            attached = await read_until(self.proc.stdout, b"ATTACHED", timeout, log_line)
+        except asyncio.TimeoutError:
+            await self.stop()
+            raise HintscopeError(f"host probe did not print ATTACHED within {timeout:.0f} s (log {self.log_path})") from None
+        if not attached:
+            rc = await self.proc.wait()
+            raise HintscopeError(f"host probe exited with {rc} before ATTACHED: {self._log_tail()}")
         self._drain = asyncio.create_task(self._drain_stdout())
 
     async def _help(self) -> str:
@@ -227,6 +257,20 @@ async def drive_migration(src: Qemu, uri: str, *, bandwidth_mb: int, downtime_ms
         await asyncio.sleep(poll_ms / 1000)
 
 
+async def migrate_recorded(src: Qemu, writer, work: Path, summary: dict[str, Any], *, tap: bool, forward: str,
+                           **drive: Any) -> list[dict[str, Any]]:
+    """:func:`drive_migration` through the migration-stream tap (when ``tap``), which forwards to
+    ``forward`` and joins the bundle; every QMP snapshot lands in table ``qmp``, also when it fails."""
+    rows: list[dict[str, Any]] = []
+    try:
+        async with migration_tap(tap, writer.path, forward, work, summary) as uri:
+            await drive_migration(src, uri, rows=rows, **drive)
+    finally:
+        if rows:
+            writer.append("qmp", pd.DataFrame(rows))
+    return rows
+
+
 def migration_outcome(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The last snapshot's outcome (meta lab.migration); raises when the migration did not complete."""
     final = json.loads(rows[-1]["raw"])
@@ -321,9 +365,21 @@ def first_leaf(eg: BaseExceptionGroup) -> BaseException:
     return next((e for e in leaves if isinstance(e, HintscopeError)), leaves[0])
 
 
+def check_dirty_ring(entries: int) -> None:
+    if entries and (entries & (entries - 1) or not 1024 <= entries <= 65536):
+        raise HintscopeError(f"--dirty-ring {entries}: expected a power of two in 1024..65536")
+
+
 def check_new_bundle(bundle: Path) -> None:
     if (bundle / "meta.json").exists():
         raise HintscopeError(f"{bundle}: a bundle already exists there (choose another -o)")
+
+
+def finish_workdir(work: Path, keep: bool, summary: dict[str, Any]) -> None:
+    if keep:
+        summary["workdir"] = str(work)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def end_reason(e: BaseException) -> str:

@@ -1,7 +1,8 @@
 """Tables of the hintguest lab: the bare-metal hinting guest's own log and the host facts around it.
 
-The guest tables come from its serial log (lab/guests/hintguest, parsed by hintscope.lab.hintguest);
-the host tables from a small bpftrace script on the source QEMU. ``guest_hints`` and ``guest_events``
+The guest tables come from its serial log (lab/guests/hintguest, parsed by hintscope.lab.hintguest_log),
+its page records from the memory check's RAM images, its kicks from lab/hintguest_kicks.bt; every other
+host fact of a hintguest run comes from the host probe. ``guest_hints`` and ``guest_events``
 belong to the Linux guest probe, hence the ``hintguest_`` prefix here.
 """
 
@@ -60,48 +61,34 @@ HINTGUEST_WRITES = register(Table(
     area=AREA,
 ))
 
-HOST_CLOCK = "host CLOCK_MONOTONIC (ts_ns, bpftrace nsecs)"
-
-HINTGUEST_HOST = register(Table(
-    "hintguest_host",
-    "Host events on the source QEMU from the lab's bpftrace script. kind: apply (entry of "
-    "qemu_guest_free_page_hint: hva, len), apply_ret (its return), sync (memory_global_dirty_log_sync entry; "
-    "sync_end in files from older runs), get (KVM_GET_DIRTY_LOG), clear (KVM_CLEAR_DIRTY_LOG: "
-    "slot, first_page, num_pages), memslot (KVM_SET_USER_MEMORY_REGION: slot, flags, gpa, size, hva), reset "
-    "(KVM_RESET_DIRTY_RINGS), pio (a guest port write seen by kvm:kvm_pio: port, val).",
+HINTGUEST_KICKS = register(Table(
+    "hintguest_kicks",
+    "The guest's virtqueue kicks as the host saw them: each write to the balloon's legacy QUEUE_NOTIFY "
+    "port (kvm:kvm_pio, rw = write, from the lab's bpftrace file lab/hintguest_kicks.bt). The guest logs "
+    "the TSC just before each kick (ev kick/stop), so the two pair in order and give the guest TSC -> "
+    "host clock fit (analysis.lost_pages.guest_clock).",
     [
-        Col("ts_ns", "int64", "ns", "host CLOCK_MONOTONIC"),
-        Col("tid", "int32", "", "host thread id"),
-        Col("kind", "string", "", "apply, apply_ret, sync, sync_end, get, clear, memslot, reset, pio"),
-        Col("slot", "int64", "", "memslot field as passed (as_id << 16 | id); -1 if none"),
-        Col("a", "int64", "", "apply: hva; clear: first_page; memslot: gpa; pio: port; else -1"),
-        Col("b", "int64", "", "apply: len (bytes); clear: num_pages; memslot: size (bytes); pio: value; else -1"),
-        Col("c", "int64", "", "memslot: hva; memslot flags in `d`; else -1"),
-        Col("d", "int64", "", "memslot: flags; else -1"),
-        Col("gfn", "int64", "gfn", "apply/clear: first guest page covered (via the memslot table); -1 unknown"),
-        Col("npages", "int64", "count", "apply/clear: pages covered; -1 if none"),
+        Col("ts_ns", "int64", "ns", "host CLOCK_MONOTONIC (bpftrace nsecs) of the port write"),
+        Col("tid", "int32", "", "host thread id (the vCPU thread)"),
+        Col("port", "int64", "", "I/O port written (BAR0 + 16: QUEUE_NOTIFY)"),
+        Col("val", "int64", "", "value written: the queue index kicked"),
     ],
-    clock=HOST_CLOCK,
+    clock="host CLOCK_MONOTONIC (ts_ns)",
     area=AREA,
 ))
 
 HINTGUEST_PAGES = register(Table(
     "hintguest_pages",
-    "Pages that differ between the paused source and the paused destination, plus every reuse-written page, "
-    "classified against the guest log. cls: hinted-held (in a block hinted and never written since: the host "
-    "may skip it, not a loss), lost-reuse-write (the guest wrote it after hinting and the destination lacks "
-    "that write), reuse-ok (written after hinting and carried over), kvmclock (only SeaBIOS's kvmclock record "
-    "differs: KVM rewrites it on each host, not a loss), lost-other (differs, no hint involved).",
+    "The guest's page records in the two RAM images of the memory check, for every page that differs and "
+    "every hint-pool page whose source copy holds a reuse-write record (HGRW). Facts only: the analysis "
+    "classifies them (analysis.lost_pages.page_classes: hinted-held, lost-reuse-write, reuse-ok, kvmclock, "
+    "lost-other). Bundles before 2026-12-04 also hold the lab's own classification columns; they are ignored.",
     [
         Col("gfn", "int64", "gfn", "guest page"),
-        Col("cls", "string", "", "hinted-held, lost-reuse-write, reuse-ok, kvmclock or lost-other"),
-        Col("cmd_id", "int64", "", "cmd id of the latest hint covering the page; -1 if none"),
-        Col("write_seq", "int64", "", "sequence of the last reuse write the guest logged for the page; -1 none"),
         Col("src_seq", "int64", "", "sequence stamped in the source page (HG record); -1 if none"),
         Col("dst_seq", "int64", "", "sequence stamped in the destination page; -1 if none"),
         Col("src_magic", "string", "", "record magic on the source page (HGUS, HGRW, HGBG, HGFL) or ''"),
         Col("dst_magic", "string", "", "record magic on the destination page or ''"),
-        Col("applied", "bool", "", "a host qemu_guest_free_page_hint call covered the page"),
     ],
     clock="none (state after migration)",
     area=AREA,
@@ -109,6 +96,8 @@ HINTGUEST_PAGES = register(Table(
 
 HINTGUEST_QEMU_TRACE = register(Table(
     "hintguest_qemu_trace",
+    "Written by lab runs before 2026-12-04 (the committed hintguest samples, which drop the trace log for "
+    "size); the analysis reads its sends when a bundle has no other send source. "
     "The source QEMU's own trace log (-trace, log backend), reduced to what the hintguest timeline needs: "
     "kind send (ram_save_page of a page in the hint pool: a non-zero page put on the wire), sync_start / "
     "sync_end (migration_bitmap_sync_*), clear_chunk (migration_bitmap_clear_dirty: the migration thread "
