@@ -162,7 +162,7 @@ def run_one(bundle: Path, qemu_path: str, cell: str, log: Path) -> int:
 
 def aggregate(rows: pd.DataFrame) -> list[dict[str, object]]:
     ok = rows[rows["status"] == "completed"]
-    num = ["lost_writes", "lost_reuse_writes", "reuse_writes", "transferred", "normal_pages", "zero_pages",
+    num = ["lost_writes", "lost_reuse_writes", "hinted_held_pages", "reuse_writes", "transferred", "normal_pages", "zero_pages",
            "total_time_ms", "downtime_ms", "syncs", "mig_clears", "mig_clear_us", "apply_clears", "apply_clear_us",
            "postsync_clears", "postsync_clear_us", "rearm-in-apply_pages", "rearm-wipe_pages"]
     num = [c for c in num if c in ok]
@@ -183,6 +183,29 @@ def aggregate(rows: pd.DataFrame) -> list[dict[str, object]]:
             d["bytes_saved_mean"] = round(float(off["transferred"].mean() - g["transferred"].mean()))
         out.append(d)
     return out
+
+
+def markdown(agg: list[dict[str, object]]) -> str:
+    """The aggregate as the table docs/findings.md quotes (means over the runs of each cell)."""
+    def f(v, nd=0):
+        return "—" if v is None else (f"{v:,.{nd}f}" if isinstance(v, (int, float)) else str(v))
+    head = ("| QEMU | cell | runs | lost writes per run | runs with c′ hazard | hinted pages never sent | MB sent | "
+            "normal pages | zero pages | on/off bytes | total ms | downtime ms | CLEAR ms: mig thread (post-sync) / apply |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for d in agg:
+        mb = d.get("transferred_mean")
+        lines.append("| " + " | ".join([
+            str(d["qemu"]), str(d["cell"]), str(d["runs"]), ", ".join(str(x) for x in d["lost_writes_per_run"]),
+            f(d.get("runs_with_c_prime_hazard")), f(d.get("hinted_held_pages_mean")),
+            f(None if mb is None else mb / 1e6, 1), f(d.get("normal_pages_mean")), f(d.get("zero_pages_mean")),
+            f(d.get("transferred_on_over_off"), 2), f(d.get("total_time_ms_mean")), f(d.get("downtime_ms_mean")),
+            f"{f(_ms(d.get('mig_clear_us_mean')), 1)} ({f(_ms(d.get('postsync_clear_us_mean')), 1)}) / "
+            f"{f(_ms(d.get('apply_clear_us_mean')), 1)}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _ms(us):
+    return None if us is None else us / 1e3
 
 
 def main() -> int:
@@ -232,7 +255,8 @@ def main() -> int:
                "cells": {c: CELLS[c] for c in cells}, "hint_off": HINT_OFF,
                "aggregate": aggregate(df) if len(df) else [], "rows": json.loads(df.to_json(orient="records"))}
     a.output.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"{len(df)} runs summarised -> {a.output.with_suffix('.csv')}, {a.output.with_suffix('.json')}")
+    a.output.with_suffix(".md").write_text(markdown(summary["aggregate"]))
+    print(f"{len(df)} runs summarised -> {a.output.with_suffix('.csv')}, .json, .md")
     return 0
 
 

@@ -273,15 +273,19 @@ static void use_blocks(u64 b0, u64 n, u32 round)
 	kv("round", round); kv("t_end", t1); kv("seq", seq); eol();
 }
 
-/* Zeroes every page of blocks [b0, b0+n), the way init_on_alloc clears a block the Linux driver
- * allocates for hinting: after the cmd id, before the hint. Word stores, not rep stos (slow here). */
+/* Leaves every page of blocks [b0, b0+n) all zero, as init_on_alloc does to a block the Linux
+ * driver allocates for hinting: after the cmd id, before the hint. A pool page's only non-zero
+ * words are its record (stamp): clearing those four words writes the page and makes it a zero
+ * page, without 512 stores per page (this PVM host emulates guest stores: ~4 s per 32 MiB). */
 static void zero_blocks(u64 b0, u64 n)
 {
 	for (u64 b = b0; b < b0 + n && b < pool_blocks; b++)
 		for (u64 g = pool + b * BLOCK_PAGES; g < pool + (b + 1) * BLOCK_PAGES; g++) {
 			volatile u64 *w = (volatile u64 *)(u32)(g << 12);
-			for (u32 i = 0; i < 512; i++)
-				w[i] = 0;
+			w[0] = 0;
+			w[1] = 0;
+			w[2] = 0;
+			w[511] = 0;
 			if (!(g & 7))
 				bg_tick(1);
 		}
