@@ -163,13 +163,16 @@ def test_tap_hinted_pages_not_resent_after_apply(outsider, version, behaviour):
     if why := _tap_reason():
         pytest.skip(why)
     r = outsider(version, behaviour)
-    assert r.tap_exit == 0, f"tap exit {r.tap_exit}"
+    where = f"{_report(r)} ({r.workdir})"
+    assert r.tap_exit == 0, f"tap exit {r.tap_exit}: {(r.workdir / 'tap.log').read_text(errors='replace')[-600:]}; {where}"
     s = resent_after_apply(r)
-    assert s["applies"] > 0 and s["send_rows"] > 0, {k: v for k, v in s.items() if not isinstance(v, list)}
+    counts = {k: (len(v) if isinstance(v, list) else v) for k, v in s.items()}
+    assert s["applies"] > 0 and s["send_rows"] > 0, f"{counts}; {where}"
     # the lost writes never went over the wire after the apply: QEMU itself dropped them
-    assert not s["lost_resent"], f"lost pages the tap saw sent after their apply: {s['lost_resent'][:10]}"
+    assert not s["lost_resent"], f"lost pages the tap saw sent after their apply: {s['lost_resent'][:10]}; {counts}; {where}"
     assert not s["unexplained"], (f"{len(s['unexplained'])} hinted page(s) sent after their apply with no "
-                                  f"write or dirty harvest to explain it: {s['unexplained'][:10]}")
+                                  f"write or dirty harvest to explain it: {[hex(g) for g in s['unexplained'][:10]]}; "
+                                  f"{counts}; {where}")
 
 
 # ---- HINTSCOPE_LAB=1: repetitions and late reuse ---------------------------------------------------
