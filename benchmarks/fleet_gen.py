@@ -141,7 +141,7 @@ def main() -> int:
     if args.plot:
         from hintscope.fleet.plot import plot
         plot(idx, "bytes_saved_upper_bound", "qemu", ["dirty_mode"], args.plot)
-        plot(idx, "lost_pages_found", "date", ["dirty_mode"], str(args.plot).replace(".png", "-date.png"))
+        plot(idx, "lost_write_findings", "date", ["qemu"], str(Path(args.plot).with_name("fleet-lost-by-date.png")), stat="mean")
     _bench.write("fleet_gen", res, args.output)
     return 0 if res["truth_match"] else 1
 

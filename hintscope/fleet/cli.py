@@ -74,7 +74,7 @@ def _query(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from hintscope.fleet.plot import plot
 
-    files = plot(args.index, args.metric, args.x, _csv_list(args.group), args.output)
+    files = plot(args.index, args.metric, args.x, _csv_list(args.group), args.output, stat=args.stat)
     print("wrote " + ", ".join(str(f) for f in files))
     return 0
 
@@ -117,5 +117,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pl_.add_argument("--metric", default="bytes_saved_upper_bound")
     pl_.add_argument("--x", default="qemu", help="x axis: qemu (version order), date, or another label")
     pl_.add_argument("--group", default="dirty_mode", help="series: label columns (default dirty_mode)")
+    pl_.add_argument("--stat", default="median", choices=["median", "mean"], help="the line per series (default median)")
     pl_.add_argument("-o", "--output", default="fleet.png", help="image file (.png or .svg)")
     pl_.set_defaults(func=_plot)
