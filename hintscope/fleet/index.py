@@ -126,7 +126,8 @@ def build(bundles: list[str], index: str | os.PathLike, engine: Engine | None = 
             st.skipped += 1
             continue
         tasks.append((p, h))
-    with _progress(progress, len(tasks)) as tick:
+    # bundles that could not even be hashed count as done (they are error rows already)
+    with _progress(progress, len(tasks) + st.errors, st.errors) as tick:
         for t in engine.run(tasks):
             w.add(t)
             st.indexed += 1
@@ -142,8 +143,8 @@ def build(bundles: list[str], index: str | os.PathLike, engine: Engine | None = 
 class _progress:
     """rich progress on a terminal (done/total, runs/s, errors); silent otherwise."""
 
-    def __init__(self, enabled: bool | None, total: int):
-        self.enabled, self.total = enabled, total
+    def __init__(self, enabled: bool | None, total: int, done: int = 0):
+        self.enabled, self.total, self.done0 = enabled, total, done
         self.prog = None
 
     def __enter__(self):
@@ -159,14 +160,15 @@ class _progress:
                              TextColumn("{task.fields[rate]:.1f} runs/s"), TextColumn("{task.fields[errors]} errors"),
                              TimeElapsedColumn(), console=console, transient=False)
         self.prog.__enter__()
-        task = self.prog.add_task("index", total=self.total, rate=0.0, errors=0)
+        task = self.prog.add_task("index", total=self.total, completed=self.done0, rate=0.0, errors=self.done0)
         t0 = time.perf_counter()
-        done = [0]
+        done = [self.done0]
 
         def tick(st: IndexStats) -> None:
             done[0] += 1
             el = time.perf_counter() - t0
-            self.prog.update(task, completed=done[0], rate=done[0] / el if el > 0 else 0.0, errors=st.errors)
+            self.prog.update(task, completed=done[0], rate=(done[0] - self.done0) / el if el > 0 else 0.0,
+                             errors=st.errors)
         return tick
 
     def __exit__(self, *exc):
