@@ -13,21 +13,22 @@ import sys
 from hintscope import __version__
 from hintscope.errors import HintscopeError
 
-# (group, module) in help order; group None = top-level command.
-COMMANDS: list[tuple[str | None, str]] = [
-    ("probe", "hintscope.probes.host"),
-    ("probe", "hintscope.probes.guest"),
-    ("lab", "hintscope.lab.cli"),
-    ("lab", "hintscope.lab.hintguest"),
-    ("lab", "hintscope.lab.image"),
-    (None, "hintscope.tap.cli"),
-    (None, "hintscope.analysis.cli"),
-    (None, "hintscope.sim.cli"),
-    (None, "hintscope.report.cli"),
-    (None, "hintscope.report.compare"),
-    (None, "hintscope.fleet.cli"),
-    (None, "hintscope.report.perfetto"),
-    (None, "hintscope.report.demo"),
+# (group, command word, module) in help order; group None = top-level command.  Only the modules of
+# the command being run are imported: `analyze` or `probe host` must not depend on the lab importing.
+COMMANDS: list[tuple[str | None, str, str]] = [
+    ("probe", "probe", "hintscope.probes.host"),
+    ("probe", "probe", "hintscope.probes.guest"),
+    ("lab", "lab", "hintscope.lab.cli"),
+    ("lab", "lab", "hintscope.lab.hintguest"),
+    ("lab", "lab", "hintscope.lab.image"),
+    (None, "tap", "hintscope.tap.cli"),
+    (None, "analyze", "hintscope.analysis.cli"),
+    (None, "simulate", "hintscope.sim.cli"),
+    (None, "report", "hintscope.report.cli"),
+    (None, "compare", "hintscope.report.compare"),
+    (None, "fleet", "hintscope.fleet.cli"),
+    (None, "export", "hintscope.report.perfetto"),
+    (None, "demo", "hintscope.report.demo"),
 ]
 
 EPILOG = """examples:
@@ -39,13 +40,16 @@ EPILOG = """examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``only`` (a command word) just that command's modules are imported."""
     ap = argparse.ArgumentParser(prog="hintscope", description="Observe free page hinting against KVM dirty-log syncs during live migration.", epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"hintscope {__version__}")
     top = ap.add_subparsers(dest="command", metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
-    for group, modname in COMMANDS:
+    for group, word, modname in COMMANDS:
+        if only is not None and word != only:
+            continue
         try:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as e:
@@ -63,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    word = next((a for a in argv if not a.startswith("-")), None)
+    ap = build_parser(word if any(word == w for _, w, _ in COMMANDS) else None)
     args = ap.parse_args(argv)
     if not getattr(args, "func", None):
         ap.print_help()

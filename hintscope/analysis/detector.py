@@ -131,7 +131,13 @@ def _verdict(cov: dict[str, Any], frame: pd.DataFrame, runs: list[CheckRun]) -> 
         v = f"{INCONCLUSIVE}: " + "; ".join(why)
         return v, v
     ran = [r.name for r in runs if r.decides_ordering and r.status == "ran"]
-    return SAFE, cov["no_hint_applied"] or ("every ordering check ran on the evidence it needs: " + ", ".join(ran))
+    basis = cov["no_hint_applied"] or ("every ordering check ran on the evidence it needs: " + ", ".join(ran))
+    mig = frame[(frame["severity"] == "migration") & frame["confidence"].isin(HARD)] if len(frame) else frame
+    if len(mig):
+        # the hint ordering is safe, yet the migration lost data: say so where the verdict is read
+        basis += (f"; but {int(mig['gfn_count'].sum())} page(s) were lost with no hint involved "
+                  f"({', '.join(sorted(set(mig['kind'])))}), which --fail-on lost-write/hazard fail on")
+    return SAFE, basis
 
 
 # ---------------------------------------------------------------------------------- frame API
