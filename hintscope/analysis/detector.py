@@ -76,7 +76,10 @@ def coverage(ctx: Context, f: Facts, runs: list[CheckRun]) -> dict[str, Any]:
         if n is None or n > 0:
             lost[str(k)] = n if n is not None else f"unreadable count {str(v)[:40]!r}"
     srcs = meta.get("sources") if isinstance(meta.get("sources"), dict) else {}
-    partial = {k: v.get("status") for k, v in srcs.items() if isinstance(v, dict) and v.get("status") != "captured"
+    # "partial" is a source that saw part of the run; an "unavailable" one saw nothing, and the checks
+    # that need it say so through their evidence instead (TCG has no KVM dirty log to trace at all)
+    partial = {k: v.get("status") for k, v in srcs.items() if isinstance(v, dict)
+               and v.get("status") not in ("captured", "unavailable")
                and not (k == "qemu_trace" and ctx.memslot_source != "qemu_trace" and len(f.syncs)
                         and "sync_fetch_begin" in set(f.qe["event"]))}
     # A probe stopped mid-migration (signal, crash, disk full) still closes its bundle cleanly;
