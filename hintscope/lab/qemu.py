@@ -204,7 +204,7 @@ class Qemu:
                     self.qmp = client
                     self.greeting = dict(client.greeting._raw) if client.greeting else {}
                     return self
-                except Exception:
+                except Exception:  # noqa: BLE001 - qemu.qmp raises many types while QEMU starts; retry
                     with contextlib.suppress(Exception):
                         await client.disconnect()
             if time.monotonic() > deadline:
@@ -218,7 +218,7 @@ class Qemu:
             return await asyncio.wait_for(self.qmp.execute(name, args), timeout)
         except asyncio.TimeoutError:
             raise HintscopeError(f"QEMU {self.cfg.name}: QMP {name} got no reply in {timeout:.0f} s") from None
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a dead QEMU surfaces as any qemu.qmp error: name the exit
             if self.proc is not None and self.proc.poll() is not None:
                 raise HintscopeError(f"QEMU {self.cfg.name} died (exit {self.proc.returncode}): "
                                      f"{self.stderr_tail() or 'no message'}") from None

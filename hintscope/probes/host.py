@@ -216,7 +216,7 @@ class HostProbe:
             self.b = BPF(text=text, cflags=cflags)
             walk = self.b.load_func("bitmap_walk", BPF.TRACEPOINT)
             self.b["tail"][ct.c_int(0)] = ct.c_int(walk.fd)
-        except Exception as e:
+        except Exception as e:  # BCC raises bare Exception for compile and load errors: one line for the user
             raise bcc_env.compile_error(e) from None
         w = self.w
         kvm = bool(self.target.kvm_fds)
@@ -323,7 +323,7 @@ class HostProbe:
         if self.b is not None:
             try:
                 self.b.cleanup()
-            except Exception:
+            except Exception:  # noqa: BLE001 - already failing: detaching must not hide the first error
                 pass
         if self.w is not None:
             self.w.close(end_reason=f"error: {e}")

@@ -90,7 +90,7 @@ class Capture:
     def finish(self) -> str:
         try:
             self.dec.finish(eof=self.cut is None and not self.crashed)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - the stream is hostile input: a decoder bug is a problem line
             self.problem(f"tap decoder error at the end: {type(e).__name__}: {e}")
         for p in self.dec.problems:
             self.problem(f"tap: {p}")
