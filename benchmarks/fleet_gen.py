@@ -49,6 +49,29 @@ def run_engine(name: str, eng: Engine, bundles: list[str], idx: Path) -> dict:
             "seconds": round(st.seconds, 2), "runs_per_s": round(st.rate, 3), "loadavg_before": load0}
 
 
+def interleaved(args, bundles: list[str], work: Path, res: dict) -> int:
+    engines = {"serial": Engine("serial"), "embedded": Engine("processes", jobs=args.workers),
+               "dask": Engine("dask", jobs=args.workers)}
+    names = list(engines)
+    rng = random.Random(11)
+    rounds = []
+    for k in range(args.interleave):
+        sample = rng.sample(bundles, args.sample)
+        row = {}
+        for name in names[k % 3:] + names[:k % 3]:   # rotate who goes first
+            row[name] = run_engine(f"round {k} {name}", engines[name], sample, work / f"idx-r-{name}")
+        rounds.append(row)
+    res["rounds"] = rounds
+    res["sample"] = args.sample
+    ratios = {n: [r[n]["runs_per_s"] / r["serial"]["runs_per_s"] for r in rounds] for n in ("embedded", "dask")}
+    res["ratio_vs_serial_per_round"] = {n: [round(x, 2) for x in v] for n, v in ratios.items()}
+    res["ratio_vs_serial"] = {n: _bench.summary(v) for n, v in ratios.items()}
+    print(f"per-round ratio vs serial: embedded {_bench.fmt(res['ratio_vs_serial']['embedded'])}, "
+          f"dask {_bench.fmt(res['ratio_vs_serial']['dask'])}")
+    _bench.write("fleet_gen_interleaved", res, args.output)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", type=int, default=1000)
@@ -58,6 +81,10 @@ def main() -> int:
     ap.add_argument("--reuse", action="store_true", help="use the run record of an earlier generation in --work "
                     "(an interrupted generation resumes by itself: finished bundles are kept)")
     ap.add_argument("--plot", default=None, help="also write the fleet plot here (docs/fleet-*.png)")
+    ap.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                    help="instead of the full runs: ROUNDS rounds, each indexing a fresh random sample of "
+                         "--sample bundles with every engine in rotating order (ratios under changing load)")
+    ap.add_argument("--sample", type=int, default=100)
     ap.add_argument("-o", "--output", default=None)
     args = ap.parse_args()
     work = Path(args.work)
@@ -77,6 +104,8 @@ def main() -> int:
     res["bundles_bytes"] = du(broot)
     print(f"generated {len(runs)} bundles in {res['generate_s']} s ({res['bundles_bytes'] / 1e6:.0f} MB)", flush=True)
     bundles = [r["bundle"] for r in runs]
+    if args.interleave:
+        return interleaved(args, bundles, work, res)
 
     rng = random.Random(7)
     sample = bundles if not args.serial_sample else rng.sample(bundles, min(args.serial_sample, len(bundles)))
