@@ -173,6 +173,11 @@ def test_labels_new_guest_meta_and_hostile_values():
     # lab says hint on, but the command line has no balloon device: no hint=on
     meta["lab"]["src_argv"] = ["qemu", "-m", "512"]
     assert (run_labels(meta)["hint"], run_labels(meta)["balloon"]) == ("off", "none")
+    # a probe attached by pid: only the command line
+    pid = run_labels({"vmm": {"cmdline": "qemu -accel tcg -m 1024 -kernel /boot/vmlinuz-6.12.57+deb12-amd64 "
+                                         "-device virtio-balloon-pci,free-page-hint=on"}})
+    assert (pid["guest"], pid["guest_kernel"], pid["hint"], pid["dirty_ring"]) == \
+        ("linux", "6.12.57+deb12-amd64", "on", "none")
     for junk in ({"lab": []}, {"lab": {"smp": "x" * 10_000, "src_argv": [1, None]}, "guest": {"kernel": 5}},
                  {"vmm": {"cmdline": "qemu -smp 'unterminated"}, "labels": {"a": {"b": 1}}}, {"sim": {"config": 7}}):
         assert isinstance(run_labels(junk), dict)

@@ -61,17 +61,31 @@ def balloon(argv: list[str]) -> str | None:
     return "free-page-hint=on" if on else "free-page-hint=off"
 
 
-def _guest_kind(meta: dict) -> str | None:
+def _kernel_file(argv: list[str]) -> str:
+    k = _opt(argv, "-kernel")
+    return k[-1].rsplit("/", 1)[-1] if k else ""
+
+
+def _guest_kind(meta: dict, argv: list[str]) -> str | None:
     g = _d(meta.get("guest"))
     lab = _d(meta.get("lab"))
     if meta.get("hintguest"):
         return "hintguest"
     if isinstance(meta.get("sim"), dict):
         return "sim"
-    return _s(g.get("kind")) or _s(lab.get("guest"))
+    if kind := _s(g.get("kind")) or _s(lab.get("guest")):
+        return kind
+    # a probe attached by pid keeps only the command line: name the guest by its -kernel file
+    kf = _kernel_file(argv)
+    if kf.startswith("vmlinuz-"):
+        return "linux"
+    for own in BARE_METAL:
+        if kf.startswith(own + "-") and kf.endswith(".elf"):
+            return own
+    return None
 
 
-def _guest_kernel(meta: dict) -> str | None:
+def _guest_kernel(meta: dict, argv: list[str]) -> str | None:
     k = _d(_d(meta.get("guest")).get("kernel"))
     if _s(k.get("release")):
         return _s(k["release"])
@@ -79,7 +93,10 @@ def _guest_kernel(meta: dict) -> str | None:
     if _s(img.get("kver")):     # Linux-guest bundles written before meta["guest"] existed
         return _s(img["kver"])
     hdr = _d(_d(_d(meta.get("sources")).get("guest_probe")).get("header"))
-    return _s(hdr.get("kernel"))
+    if _s(hdr.get("kernel")):
+        return _s(hdr["kernel"])
+    kf = _kernel_file(argv)
+    return _s(kf.removeprefix("vmlinuz-")) if kf.startswith("vmlinuz-") else None
 
 
 def _driver(kind: str | None) -> bool | None:
@@ -143,10 +160,10 @@ def run_labels(meta: dict[str, Any]) -> dict[str, str]:
     if _s(_d(meta.get("host")).get("kernel")):
         out["host_kernel"] = _s(meta["host"]["kernel"])
 
-    kind = _guest_kind(meta)
+    kind = _guest_kind(meta, argv)
     if kind:
         out["guest"] = kind
-    if gk := _guest_kernel(meta):
+    if gk := _guest_kernel(meta, argv):
         out["guest_kernel"] = gk
     elif kind in BARE_METAL:
         out["guest_kernel"] = "bare-metal"
@@ -176,7 +193,7 @@ def run_labels(meta: dict[str, Any]) -> dict[str, str]:
 
     ring = _dirty_ring(lab, argv)
     if ring is None and accel in ("tcg", "hvf", "whpx", "xen"):
-        ring = "n/a"                     # no KVM dirty log at all
+        ring = "none"                    # no KVM dirty log at all
     if ring:
         out["dirty_ring"] = ring
 
@@ -206,6 +223,9 @@ def run_labels(meta: dict[str, Any]) -> dict[str, str]:
         work = " ".join(f"{k}={w[k]}" for k in ("fill_mb", "writer_mb", "pressure_mb") if isinstance(w.get(k), int))
     elif _s(_d(lab.get("guest_params")).get("append")):
         work = _d(lab["guest_params"])["append"]
+    elif kind == "hintguest" and _opt(argv, "-append"):
+        m = re.search(r"(?:^|\s)behaviour=(\S+)", _opt(argv, "-append")[-1])
+        work = m.group(1) if m else None
     if work:
         out["workload"] = str(work)[:_MAX]
     for k in ("variant", "seed"):
