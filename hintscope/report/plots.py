@@ -223,17 +223,32 @@ def plot_dirty_rate(rate: pd.DataFrame, title: str = "dirty pages per sync") -> 
     return fig
 
 
+def _wrap_label(group: str, width: int = 16) -> str:
+    lines = []
+    for part in group.split(", "):
+        line = ""
+        for w in part.split(" "):
+            if line and len(line) + 1 + len(w) > width:
+                lines.append(line)
+                line = w
+            else:
+                line = f"{line} {w}" if line else w
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def plot_metric_spread(df: pd.DataFrame, metric: str, group: str, title: str | None = None,
                        ax: plt.Axes | None = None) -> plt.Figure:
     """One metric over repeated runs per group: box plot with every run drawn as a jittered point."""
     groups = [g for g in sorted(df[group].astype(str).unique())]
     data = [df.loc[df[group].astype(str) == g, metric].dropna().to_numpy(dtype=float) for g in groups]
     if ax is None:
-        fig, ax = plt.subplots(figsize=(max(4.5, 1.4 * len(groups) + 2), 3.6 + 0.25 * groups[0].count(", ")))
+        fig, ax = plt.subplots(figsize=(max(4.5, 1.4 * len(groups) + 2), 3.6 + 0.25 * max(_wrap_label(g).count("\n") for g in groups)))
     else:
         fig = ax.figure
-    # One label per line keeps multi-label groups ("qemu=7.2, vcpus=2, hint=on") readable.
-    ax.boxplot(data, tick_labels=[g.replace(", ", "\n") for g in groups], widths=0.5, showfliers=False,
+    # One label per line keeps multi-label groups ("qemu=7.2, vcpus=2, hint=on") readable; a long
+    # value ("qemu=patched (1770bc3effab)", "qemu=stock 10.0.2 (source build)") wraps at its spaces.
+    ax.boxplot(data, tick_labels=[_wrap_label(g) for g in groups], widths=0.5, showfliers=False,
                medianprops={"color": "#cc0000"}, boxprops={"color": "#555753"})
     rng = np.random.default_rng(0)   # fixed jitter: the same runs give the same picture
     for i, d in enumerate(data, start=1):
