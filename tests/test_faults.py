@@ -155,7 +155,7 @@ def check_after(out: Path, before: dict[str, int], end_reasons: tuple[str, ...] 
         for t, n in rows.items():  # what the probe says it wrote is what reads back
             assert len(b.table(t)) == n, (t, n, len(b.table(t)))
     res = analyze(out)
-    verdict = res["findings"].verdict
+    verdict = res["verdict"]
     # Recorded for docs/reliability.md (pytest -s shows it).
     print(f"\nFAULT-RESULT {out.name}: complete={b.complete} end={b.meta.get('end_reason')!r} "
           f"flushed_before={sum(before.values())} rows_after={ {t: len(b.table(t)) for t in b.tables()} } "
