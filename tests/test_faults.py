@@ -160,7 +160,7 @@ def check_after(out: Path, before: dict[str, int], end_reasons: tuple[str, ...] 
     print(f"\nFAULT-RESULT {out.name}: complete={b.complete} end={b.meta.get('end_reason')!r} "
           f"flushed_before={sum(before.values())} rows_after={ {t: len(b.table(t)) for t in b.tables()} } "
           f"problems={len(b.problems)} verdict={verdict!r}")
-    assert verdict != SAFE, f"a faulted capture got the clean verdict: {res['data']}"
+    assert verdict != SAFE, f"a faulted capture got the clean verdict: {res['coverage']}"
     return res
 
 
