@@ -54,6 +54,24 @@ def _asof(q: pd.DataFrame, on: str, src: pd.DataFrame, cols: list[str], exact: b
     return x.sort_values("index").drop(columns="index").reset_index(drop=True)
 
 
+def _announced(f: Facts, after: np.ndarray) -> np.ndarray:
+    """Per AFTER_BITMAP_SYNC (sorted): when the guest could first see the new cmd id.
+
+    The device bumps the id and raises the config interrupt (``notify_config``) inside the AFTER
+    notifier; a CLEAR the migration thread issues in the notifier before that (a re-arm ahead of
+    the id) comes before the window opens. Without a notify_config in the epoch, the AFTER entry."""
+    qe = f.qe if isinstance(f.qe, pd.DataFrame) else pd.DataFrame()
+    if not len(after) or not len(qe) or "event" not in qe:
+        return after
+    nc = np.sort(qe.loc[qe["event"] == "notify_config", "ts_ns"].to_numpy(np.int64))
+    before = np.sort(f.syncs["before"].to_numpy(np.int64)) if len(f.syncs) else np.zeros(0, np.int64)
+    j = np.searchsorted(nc, after, side="left")
+    cand = np.where(j < len(nc), nc[np.minimum(j, max(len(nc) - 1, 0))] if len(nc) else BIG, BIG)
+    nb = np.searchsorted(before, after, side="right")
+    next_before = np.where(nb < len(before), before[np.minimum(nb, max(len(before) - 1, 0))] if len(before) else BIG, BIG)
+    return np.where(cand < next_before, cand, after)
+
+
 def exposure(f: Facts) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per-page rows: apply, gfn, rearm_ns, harvest_ns, window_lo_ns, by_apply, sent_after; per-apply
     EXPOSURE_COLUMNS).
@@ -82,7 +100,8 @@ def exposure(f: Facts) -> tuple[pd.DataFrame, pd.DataFrame]:
     after = f.syncs["after"].to_numpy(np.int64) if len(f.syncs) else np.zeros(0, np.int64)
     after = np.sort(after[after < BIG])
     k = np.searchsorted(after, x["a"].to_numpy(np.int64), side="right") - 1
-    issued = np.where(k >= 0, after[np.maximum(k, 0)] if len(after) else 0, -np.inf)
+    announced = _announced(f, after)
+    issued = np.where(k >= 0, announced[np.maximum(k, 0)] if len(after) else 0, -np.inf)
     have_sends = f.send_source in EVERY_PAGE_SOURCES and len(f.sends)
     if have_sends:
         s = f.sends[f.sends["gfn"] >= 0]
