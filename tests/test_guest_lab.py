@@ -12,7 +12,8 @@ import pytest
 from hintscope.bundle import read_bundle
 from hintscope.lab import guest_kernel, image
 from hintscope.lab.guest_kernel import GuestKernel
-from hintscope.lab.linux import LinuxOptions, classify_diffs, run_linux, unpacked_qemu_args
+from hintscope.analysis.lost_pages import classify_guest_diffs
+from hintscope.lab.linux import LinuxOptions, run_linux, unpacked_qemu_args
 from hintscope.parse.guest_stream import parse_streams
 
 # Two blocks hinted in round 1 (pfn 4096, 5120); the shrinker returns 4096 before the switch and a
@@ -43,7 +44,7 @@ def test_classify_page_diffs(tmp_path):
     p = tmp_path / "s"
     p.write_text(STREAM)
     gs = parse_streams([(p, "src")])
-    cls, switch = classify_diffs(_diff([4100, 5200, 9001, 70]), gs)
+    cls, switch = classify_guest_diffs(_diff([4100, 5200, 9001, 70]), gs.tables)
     assert switch == 3000
     got = dict(zip(cls["gfn"].tolist(), cls["cls"].tolist()))
     assert got == {4100: "hinted-returned", 5200: "hinted-held", 9001: "lost-write", 70: "lost-write"}

@@ -45,6 +45,7 @@ import pandas as pd
 
 from hintscope.analysis import harvest
 from hintscope.analysis.context import Context
+from hintscope.parse import guest_stream
 
 GUEST_TABLES = ("hintguest_hints",)      # hintguest_writes is absent when the guest wrote nothing (polite)
 BAND_FLOOR_NS = 1_000                 # clock error added to twice the fit's worst residual
@@ -445,3 +446,40 @@ def check(ctx: Context, covered: set, out: list) -> None:
                     "gfn_last": int(g[-1]), "gfn_count": int(len(g)), "gfns": g[:MAX_GFNS].tolist(),
                     "evidence": _evidence(r0, P.attrs.get("send_source", "?"), io, fb, done_ns),
                     "sentence": SENTENCES[kind].format(n=len(g), rnd=int(rnd), tail=tail)})
+
+
+def classify_guest_diffs(diff: pd.DataFrame, t: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, int]:
+    """Differing destination pages of a Linux-guest run against the guest probe's hints, returns and
+    reuse (``t``: the guest stream's tables): hinted-held (the device may skip them), hinted-returned
+    (the guest took the block back before the switchover: a write the hint may have hidden) or
+    lost-write (no hint involved).  Returns (frame of ``guest_page_diffs`` columns, switchover guest_ns)."""
+    ev, hints, rets, reuse = t["guest_events"], t["guest_hints"], t["guest_returns"], t["guest_reuse"]
+    done = ev[(ev["event"] == "cmd_id") & (ev["a0"] == guest_stream.CMD_ID_DONE)]
+    if len(done):
+        switch = int(done["guest_ns"].iloc[0])
+    else:
+        src_ns = pd.concat([ev.loc[ev["side"] == "src", "guest_ns"],
+                            t["guest_reports"].loc[t["guest_reports"]["side"] == "src", "guest_ns"]])
+        switch = int(src_ns.max()) if len(src_ns) else np.iinfo(np.int64).max
+    writer = set(t["guest_writer_pages"]["pfn"].astype(np.uint64).tolist())
+    rows = []
+    for r in diff.itertuples(index=False):  # differing pages are few (memdiff), not a hot path
+        gfn = int(r.gfn)
+        blk = (gfn >> guest_stream.HINT_ORDER) << guest_stream.HINT_ORDER
+        hb = hints[(hints["pfn"] == blk) & (hints["guest_ns"] < switch)]
+        h = int(hb["guest_ns"].max()) if len(hb) else -1
+        ret = -1
+        reused = False
+        if h >= 0:
+            rb = rets[(rets["pfn"] == blk) & (rets["guest_ns"] > h) & (rets["guest_ns"] < switch)
+                      & (rets["reason"] != "done")]
+            ret = int(rb["guest_ns"].min()) if len(rb) else -1
+            if ret >= 0:
+                reused = bool(((reuse["block_pfn"] == blk) & (reuse["guest_ns"] > ret)).any())
+        cls = "lost-write" if h < 0 else ("hinted-returned" if ret >= 0 else "hinted-held")
+        rows.append((gfn, blk, cls, h, ret, reused, gfn in writer, bool(r.src_zero), bool(r.dst_zero)))
+    cols = ["gfn", "block_pfn", "cls", "hinted_ns", "returned_ns", "reused", "writer_page", "src_zero", "dst_zero"]
+    out = pd.DataFrame(rows, columns=cols).astype({"gfn": np.uint64, "block_pfn": np.uint64, "hinted_ns": np.int64,
+                                                     "returned_ns": np.int64, "reused": bool, "writer_page": bool,
+                                                     "src_zero": bool, "dst_zero": bool})
+    return out, switch

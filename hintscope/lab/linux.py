@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from hintscope.analysis import lost_pages
 from hintscope.bundle import BundleWriter
 from hintscope.errors import HintscopeError
 from hintscope.lab import image as lab_image
@@ -165,41 +166,6 @@ async def _watch_destination(dst: Qemu, seconds: float) -> str:
         return await dst.status()
     except HintscopeError:
         return "exited"
-
-
-def classify_diffs(diff: pd.DataFrame, gs: guest_stream.GuestStream) -> tuple[pd.DataFrame, int]:
-    """Classify differing pages against the guest's hints/returns/reuse; returns (frame, switch guest_ns)."""
-    t = gs.tables
-    ev, hints, rets, reuse = t["guest_events"], t["guest_hints"], t["guest_returns"], t["guest_reuse"]
-    done = ev[(ev["event"] == "cmd_id") & (ev["a0"] == guest_stream.CMD_ID_DONE)]
-    if len(done):
-        switch = int(done["guest_ns"].iloc[0])
-    else:
-        src_ns = pd.concat([ev.loc[ev["side"] == "src", "guest_ns"],
-                            t["guest_reports"].loc[t["guest_reports"]["side"] == "src", "guest_ns"]])
-        switch = int(src_ns.max()) if len(src_ns) else np.iinfo(np.int64).max
-    writer = set(t["guest_writer_pages"]["pfn"].astype(np.uint64).tolist())
-    rows = []
-    for r in diff.itertuples(index=False):  # differing pages are few (memdiff), not a hot path
-        gfn = int(r.gfn)
-        blk = (gfn >> guest_stream.HINT_ORDER) << guest_stream.HINT_ORDER
-        hb = hints[(hints["pfn"] == blk) & (hints["guest_ns"] < switch)]
-        h = int(hb["guest_ns"].max()) if len(hb) else -1
-        ret = -1
-        reused = False
-        if h >= 0:
-            rb = rets[(rets["pfn"] == blk) & (rets["guest_ns"] > h) & (rets["guest_ns"] < switch)
-                      & (rets["reason"] != "done")]
-            ret = int(rb["guest_ns"].min()) if len(rb) else -1
-            if ret >= 0:
-                reused = bool(((reuse["block_pfn"] == blk) & (reuse["guest_ns"] > ret)).any())
-        cls = "lost-write" if h < 0 else ("hinted-returned" if ret >= 0 else "hinted-held")
-        rows.append((gfn, blk, cls, h, ret, reused, gfn in writer, bool(r.src_zero), bool(r.dst_zero)))
-    cols = ["gfn", "block_pfn", "cls", "hinted_ns", "returned_ns", "reused", "writer_page", "src_zero", "dst_zero"]
-    out = pd.DataFrame(rows, columns=cols).astype({"gfn": np.uint64, "block_pfn": np.uint64, "hinted_ns": np.int64,
-                                                     "returned_ns": np.int64, "reused": bool, "writer_page": bool,
-                                                     "src_zero": bool, "dst_zero": bool})
-    return out, switch
 
 
 async def run_linux(o: LinuxOptions) -> dict[str, Any]:
@@ -345,7 +311,7 @@ def _finish_guest(writer: BundleWriter, summary: dict, files: Path, diff, o: Lin
                          "probe_points": gs.header.get("probes", {}), "load_ms": gs.header.get("load_ms")}
     switch = None
     if diff is not None:
-        cls, switch = classify_diffs(diff.differing, gs)
+        cls, switch = lost_pages.classify_guest_diffs(diff.differing, gs.tables)
         writer.append("guest_page_diffs", cls)
         lost = diff.differing.copy()
         lost["classification"] = cls["cls"].to_numpy(object) if len(cls) else lost["classification"]
