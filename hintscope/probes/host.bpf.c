@@ -358,19 +358,29 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
     return 0;
 }
 
-TRACEPOINT_PROBE(kvm, kvm_dirty_ring_push)
+// Reserve a dirty-ring record with its header filled (both ring tracepoints); NULL when the ring
+// buffer is full, counted as lost.
+static __always_inline struct rec_ring *ring_rec(u16 type)
 {
-    if (!is_target())
-        return 0;
     struct rec_ring *r = events.ringbuf_reserve(sizeof(struct rec_ioctl));
     if (!r) {
         count_lost(LOST_RING);
         return 0;
     }
     __builtin_memset(r, 0, sizeof(*r));
-    r->h.type = REC_RING_PUSH;
+    r->h.type = type;
     r->h.tid = (u32)bpf_get_current_pid_tgid();
     r->h.ts = bpf_ktime_get_ns();
+    return r;
+}
+
+TRACEPOINT_PROBE(kvm, kvm_dirty_ring_push)
+{
+    if (!is_target())
+        return 0;
+    struct rec_ring *r = ring_rec(REC_RING_PUSH);
+    if (!r)
+        return 0;
     r->vcpu = args->index;
     r->dirty_index = args->dirty_index;
     r->reset_index = args->reset_index;
@@ -384,15 +394,9 @@ TRACEPOINT_PROBE(kvm, kvm_dirty_ring_reset)
 {
     if (!is_target())
         return 0;
-    struct rec_ring *r = events.ringbuf_reserve(sizeof(struct rec_ioctl));
-    if (!r) {
-        count_lost(LOST_RING);
+    struct rec_ring *r = ring_rec(REC_RING_RESET);
+    if (!r)
         return 0;
-    }
-    __builtin_memset(r, 0, sizeof(*r));
-    r->h.type = REC_RING_RESET;
-    r->h.tid = (u32)bpf_get_current_pid_tgid();
-    r->h.ts = bpf_ktime_get_ns();
     r->vcpu = args->index;
     r->dirty_index = args->dirty_index;
     r->reset_index = args->reset_index;
