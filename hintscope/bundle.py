@@ -91,6 +91,12 @@ def to_arrow(table: str, frame: pd.DataFrame | Mapping[str, Any]) -> pa.Table:
     """Cast rows to the declared schema of ``table``; a column mismatch is a programming error."""
     t = schema.get(table)
     cols = list(frame.columns) if isinstance(frame, pd.DataFrame) else list(frame.keys())
+    # a writer that predates a column with a declared old value (bitmap_words.nwords) writes that value
+    n = len(frame) if isinstance(frame, pd.DataFrame) else (len(next(iter(frame.values()))) if len(frame) else 0)
+    fill = {c.name: c.old_default for c in t.cols if c.name not in cols and c.old_default is not None}
+    if fill:
+        frame = {**{k: frame[k] for k in cols}, **{k: np.full(n, v) for k, v in fill.items()}}
+        cols = list(frame)
     missing = [c for c in t.names if c not in cols]
     extra = [c for c in cols if c not in t.names]
     if missing or extra:
@@ -360,6 +366,7 @@ class Bundle:
     problems: list[str] = field(default_factory=list)
     # table -> what was left out of it (skipped parts, dropped rows): the analysis marks its source partial
     damaged: dict[str, list[str]] = field(default_factory=dict)
+    major: int = schema.SCHEMA_MAJOR     # the bundle's schema major (older ones are upgraded on read)
     _cache: dict[str, pd.DataFrame] = field(default_factory=dict, repr=False)
 
     def _damage(self, table: str, what: str) -> None:
@@ -402,7 +409,7 @@ class Bundle:
         for f in files:
             try:
                 at = self._read_part(t, f, limits.MAX_TABLE_ROWS - total)
-                at = self._conform(t, at, f)
+                at = self._conform(t, at, f, self.major)
                 at = self._drop_nulls(name, at, f)
             except BundleError as e:
                 self._damage(name, str(e))
@@ -473,12 +480,18 @@ class Bundle:
         return kept
 
     @staticmethod
-    def _conform(t: schema.Table, at: pa.Table, f: Path) -> pa.Table:
-        missing = [c for c in t.names if c not in at.column_names]
+    def _conform(t: schema.Table, at: pa.Table, f: Path, major: int = schema.SCHEMA_MAJOR) -> pa.Table:
+        # a column a later major added takes its declared old value in an older bundle
+        upgraded = {c.name for c in t.cols if c.since > major and c.old_default is not None
+                    and c.name not in at.column_names}
+        missing = [c for c in t.names if c not in at.column_names and c not in upgraded]
         if missing:
             raise BundleError(f"{f}: missing columns {missing}, part skipped")
         cols = []
         for c in t.cols:
+            if c.name in upgraded:
+                cols.append(pa.array(np.full(at.num_rows, c.old_default), type=c.arrow_type))
+                continue
             col = at.column(c.name)
             if col.type != c.arrow_type:
                 try:
@@ -503,10 +516,10 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
         raise BundleError(f"{p / META}: schema is {str(meta.get('schema'))[:60]!r}, expected {schema.SCHEMA_NAME!r}")
     version = str(meta.get("schema_version", ""))
     major = version.split(".")[0]
-    if not major.isdigit() or int(major) != schema.SCHEMA_MAJOR:
+    if not major.isdigit() or int(major) not in schema.READABLE_MAJORS:
         raise BundleError(f"{p / META}: schema version {version[:20]!r} is not supported "
-                          f"(this hintscope reads {schema.SCHEMA_MAJOR}.x)")
-    b = Bundle(p, meta)
+                          f"(this hintscope reads {', '.join(f'{m}.x' for m in schema.READABLE_MAJORS)})")
+    b = Bundle(p, meta, major=int(major))
     _sanitize_meta(meta, p / META, b.problems)
     meta.pop("producers", None)  # only merging below creates it; a foreign one would mask their status
     for extra in sorted(p.glob("meta-*.json")):

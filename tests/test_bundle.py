@@ -130,3 +130,27 @@ def test_mono_from_wall_is_exact_at_real_epoch_values():
     want[3] = m0 + 333_333_333_333 + 2      # 7 * 1/3 = 2.33 rounds to 2
     assert mono_from_wall(meta, w).tolist() == want
 
+
+
+def test_schema_1_bundle_reads_with_word_runs_of_one():
+    """Committed samples are schema 1.0: their bitmap words upgrade to runs of length 1."""
+    from pathlib import Path
+    b = read_bundle(Path(__file__).parent.parent / "samples" / "lab-bitmap")
+    assert b.meta["schema_version"].startswith("1.") and b.major == 1
+    w = b.table("bitmap_words")
+    assert len(w) and (w["nwords"] == 1).all() and not b.damaged
+
+
+def test_word_runs_expand_to_the_same_pages(tmp_path):
+    from hintscope.analysis import harvest
+    run = pd.DataFrame({"ts_ns": [5], "seq": [1], "op": ["get"], "slot": [0], "word": [10],
+                        "mask": np.array([2**64 - 1], np.uint64), "nwords": [3]})
+    w = BundleWriter(tmp_path / "b", producer="t")
+    w.append("bitmap_words", run)
+    w.close("test")
+    got = read_bundle(tmp_path / "b").table("bitmap_words")
+    assert got["nwords"].tolist() == [3] and harvest.run_popcount(got).tolist() == [192]
+    rows = harvest.unrun(got)
+    assert rows["word"].tolist() == [10, 11, 12] and (rows["nwords"] == 1).all()
+    _, pages = harvest.expand_words(rows["word"].to_numpy(), rows["mask"].to_numpy())
+    assert pages.tolist() == list(range(640, 832))

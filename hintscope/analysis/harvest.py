@@ -27,8 +27,26 @@ def expand_words(word: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.nda
     return row.astype(np.int64), word[row] * 64 + bit.astype(np.int64)
 
 
+def unrun(words: pd.DataFrame) -> pd.DataFrame:
+    """``bitmap_words`` with every run (``nwords`` > 1, schema 2) split into one row per word."""
+    if not len(words) or "nwords" not in words or (words["nwords"].to_numpy() == 1).all():
+        return words
+    n = np.clip(words["nwords"].to_numpy(np.int64), 1, None)
+    out = words.loc[words.index.repeat(n)].reset_index(drop=True)
+    start = np.cumsum(n) - n
+    out["word"] = out["word"].to_numpy(np.int64) + (np.arange(int(n.sum())) - np.repeat(start, n))
+    out["nwords"] = 1
+    return out
+
+
 def popcount(mask: np.ndarray) -> np.ndarray:
     return np.bitwise_count(np.asarray(mask, dtype=np.uint64)).astype(np.int64)
+
+
+def run_popcount(words: pd.DataFrame) -> np.ndarray:
+    """Pages per ``bitmap_words`` row: popcount(mask) times the run length."""
+    n = words["nwords"].to_numpy(np.int64) if "nwords" in words else 1
+    return popcount(words["mask"].to_numpy()) * n
 
 
 def _empty() -> pd.DataFrame:
@@ -37,7 +55,7 @@ def _empty() -> pd.DataFrame:
 
 def bitmap_pages(words: pd.DataFrame, op: str, iv: pd.DataFrame, ioctls: pd.DataFrame | None = None) -> pd.DataFrame:
     """Pages of ``bitmap_words`` rows with ``op`` ('get' or 'clear'): ``PAGE_COLS`` (slot as KVM passes it)."""
-    w = words[words["op"] == op]
+    w = unrun(words[words["op"] == op])
     if not len(w):
         return _empty()
     row, page = expand_words(w["word"].to_numpy(), w["mask"].to_numpy())

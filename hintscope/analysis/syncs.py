@@ -337,7 +337,7 @@ def _get_pages_per_call(c: Context, get: pd.DataFrame) -> np.ndarray:
     pages = get["pages"].to_numpy(np.int64)
     if len(w):
         wg = w[w["op"] == "get"]
-        per_seq = pd.Series(harvest.popcount(wg["mask"].to_numpy()), index=wg["seq"].to_numpy()).groupby(level=0).sum()
+        per_seq = pd.Series(harvest.run_popcount(wg), index=wg["seq"].to_numpy()).groupby(level=0).sum()
         from_words = per_seq.reindex(get["seq"].to_numpy()).to_numpy()
         pages = np.where(np.isnan(from_words), pages, np.nan_to_num(from_words)).astype(np.int64)
     return pages
@@ -411,7 +411,7 @@ def _sync_table(c: Context) -> pd.DataFrame:
         w = c.words
         if len(w):
             wc = w[w["op"] == "clear"]
-            per_seq = pd.Series(harvest.popcount(wc["mask"].to_numpy()), index=wc["seq"].to_numpy())
+            per_seq = pd.Series(harvest.run_popcount(wc), index=wc["seq"].to_numpy())
             per_seq = per_seq.groupby(level=0).sum()
             fw = per_seq.reindex(clr["seq"].to_numpy()).to_numpy()
             cpages = np.where(np.isnan(fw), cpages, np.nan_to_num(fw)).astype(np.int64)

@@ -14,9 +14,13 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 SCHEMA_NAME = "hintscope-bundle"
-# Major bumps when a reader of the old version would misread the new one.
-SCHEMA_VERSION = "1.0"
+# Major bumps when a reader of the old version would misread the new one.  2.0: bitmap_words rows
+# are runs of identical words (``nwords``); ground_truth holds only the pages that differ.
+SCHEMA_VERSION = "2.0"
 SCHEMA_MAJOR = int(SCHEMA_VERSION.split(".")[0])
+# Older majors this reader upgrades: a column added in a later major (``Col.since``) is filled
+# with its ``Col.old_default`` when a bundle of an older major lacks it.
+READABLE_MAJORS = (1, 2)
 
 _ARROW = {
     "int8": pa.int8(),
@@ -39,6 +43,8 @@ class Col:
     dtype: str
     unit: str
     doc: str
+    since: int = 1              # schema major that added the column
+    old_default: object = None  # its value in bundles of older majors (None: none, the part is damaged)
 
     def __post_init__(self):
         if self.dtype not in _ARROW:

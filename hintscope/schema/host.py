@@ -57,7 +57,7 @@ MEMSLOTS = register(Table(
 
 BITMAP_WORDS = register(Table(
     "bitmap_words",
-    "Dirty bitmaps as compact nonzero 64-bit words. op=get: the bitmap KVM_GET_DIRTY_LOG returned (read from "
+    "Dirty bitmaps as compact nonzero 64-bit words, runs of identical words in one row. op=get: the bitmap KVM_GET_DIRTY_LOG returned (read from "
     "user memory at syscall exit): bit b of word w set = page w*64+b of the slot was dirty. op=clear: the mask "
     "passed to KVM_CLEAR_DIRTY_LOG (page = first_page + w*64 + b): those pages are re-armed (write-protected "
     "again, their dirty bit cleared). gfn = slot gpa/4096 + page.",
@@ -68,6 +68,8 @@ BITMAP_WORDS = register(Table(
         Col("slot", "int32", "", "memslot id (as_id << 16 | id)"),
         Col("word", "int64", "", "index of the 64-bit word in the slot bitmap (clear: relative to first_page/64)"),
         Col("mask", "uint64", "", "the 64 dirty bits of that word"),
+        Col("nwords", "int64", "count", "the row stands for words word .. word+nwords-1, every one equal to mask "
+            "(a fully dirty slot is one row per ioctl); 1 in schema 1.x bundles", since=2, old_default=1),
     ],
     area=AREA,
 ))
