@@ -21,6 +21,7 @@ from hintscope.parse import qemu_trace
 # Page-level expansion of hint applies (4 KiB rows) stops here: 2**26 pages = 256 GiB of hints,
 # beyond any guest this runs on; a hostile length cannot make the analysis allocate without bound.
 MAX_EXPANDED_PAGES = 1 << 26
+MAX_SLOT_WORDS = 1 << 34      # KVM slots hold under 2^40 pages: 2^34 64-bit words
 
 # send sources that see every page QEMU sent (zero pages included): a page they never show was skipped
 EVERY_PAGE_SOURCES = ("page_send", "tap")
@@ -91,7 +92,22 @@ class Context:
 
     @cached_property
     def words(self) -> pd.DataFrame:
-        return self.bundle.table("bitmap_words")
+        """``bitmap_words`` with impossible runs dropped (hostile ``nwords`` must not explode an expansion)."""
+        w = self.bundle.table("bitmap_words")
+        if not len(w):
+            return w
+        n, word = w["nwords"].to_numpy(np.int64), w["word"].to_numpy(np.int64)
+        bad = (n < 1) | (word < 0) | (word > MAX_SLOT_WORDS) | (n > MAX_SLOT_WORDS - np.clip(word, 0, MAX_SLOT_WORDS))
+        if bad.any():
+            self.inconsistent(f"bitmap_words: {int(bad.sum())} rows with an impossible word index or run length "
+                              f"(nwords < 1 or past {MAX_SLOT_WORDS} words) ignored")
+            w, n = w[~bad].reset_index(drop=True), n[~bad]
+        keep = np.cumsum(n) <= MAX_EXPANDED_PAGES // 8
+        if not keep.all():
+            self.problems.append(f"bitmap_words: runs cover more than {MAX_EXPANDED_PAGES // 8} words; the last "
+                                 f"{int((~keep).sum())} rows are ignored")
+            w = w[keep].reset_index(drop=True)
+        return w
 
     @cached_property
     def trace(self) -> pd.DataFrame:
