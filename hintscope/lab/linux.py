@@ -70,6 +70,16 @@ class LinuxOptions(session.MigrationOptions):
     memcheck: bool = True
     extra_qemu: list[str] = field(default_factory=list)
     guest_kernel: str | None = None  # kernel series (lab/guest_kernel.py); None: the default (6.1)
+    burst: str = "none"            # memory pressure during hinting: none, anon, pagecache, fork (workload.py)
+    burst_at: str = "bulk"         # bulk: at the start of the bulk round's hint run; mid: burst_delay_ms later
+    burst_mb: int = 400
+    burst_s: float = 3.0
+    burst_delay_ms: int = 1500
+    init_on_alloc: int | None = None  # kernel command line init_on_alloc=0/1; None: the kernel's default
+
+
+BURSTS = ("none", "anon", "pagecache", "fork")
+BURST_AT = ("bulk", "mid")
 
 
 def build_payload(work: Path, o: LinuxOptions) -> Path:
@@ -81,7 +91,9 @@ def build_payload(work: Path, o: LinuxOptions) -> Path:
     (d / "init.sh").chmod(0o755)
     (d / "config").write_text(
         f"HS_FILL_MB={int(o.fill_mb)}\nHS_PRESSURE_MB={int(o.pressure_mb)}\nHS_WRITER_MB={int(o.writer_mb)}\n"
-        f"HS_PROBE={1 if o.guest_probe else 0}\nHS_TMPFS_MB={max(64, int(o.fill_mb) + 64)}\n")
+        f"HS_PROBE={1 if o.guest_probe else 0}\nHS_TMPFS_MB={max(64, int(o.fill_mb) + 64)}\n"
+        f"HS_BURST={o.burst}\nHS_BURST_AT={o.burst_at}\nHS_BURST_MB={int(o.burst_mb)}\n"
+        f"HS_BURST_S={float(o.burst_s)}\nHS_BURST_DELAY_MS={int(o.burst_delay_ms)}\n")
     img = work / "payload.ext4"
     subprocess.run(["truncate", "-s", "8M", str(img)], check=True)
     r = subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-L", "hspayload", "-d", str(d), str(img)],
@@ -174,6 +186,13 @@ async def run_linux(o: LinuxOptions) -> dict[str, Any]:
         raise HintscopeError(f"--smp {o.smp}: expected 1..8")
     if o.fill_mb < 0 or o.pressure_mb < 0 or o.writer_mb < 0 or o.fill_mb + o.writer_mb > o.mem_mb - 300:
         raise HintscopeError("--fill/--writer must be >= 0 and leave 300 MiB of guest RAM")
+    if o.burst not in BURSTS or o.burst_at not in BURST_AT:
+        raise HintscopeError(f"--burst {o.burst} --burst-at {o.burst_at}: expected {'|'.join(BURSTS)} and "
+                             f"{'|'.join(BURST_AT)}")
+    if not 0 <= o.burst_mb <= o.mem_mb or not 0 < o.burst_s <= 60 or not 0 <= o.burst_delay_ms <= 60_000:
+        raise HintscopeError("--burst-mb must be 0..--mem, --burst-s 0..60, --burst-delay 0..60000")
+    if o.init_on_alloc not in (None, 0, 1):
+        raise HintscopeError(f"--init-on-alloc {o.init_on_alloc}: expected 0 or 1")
     qemu = find_qemu(o.qemu)
     bundle = Path(o.bundle)
     session.check_new_bundle(bundle)
@@ -200,7 +219,8 @@ async def run_linux(o: LinuxOptions) -> dict[str, Any]:
     events_file.write_text("\n".join(events) + "\n")
     ports = {"src": work / "src-port.log", "dst": work / "dst-port.log"}
     append = (f"console=ttyS0 root=/dev/vda ro rootfstype=ext4 init=/sbin/hintscope-init panic=-1 "
-              f"loglevel=4 fsck.mode=skip")
+              f"loglevel=4 fsck.mode=skip"
+              + (f" init_on_alloc={o.init_on_alloc}" if o.init_on_alloc is not None else ""))
     mig_sock = work / "mig.sock"
     common = dict(workdir=work, qemu=qemu, accel="tcg", mem_mb=o.mem_mb, smp=o.smp, kernel=img["kernel"],
                   initrd=img["initrd"], append=append, hint=o.hint)
@@ -242,7 +262,9 @@ async def run_linux(o: LinuxOptions) -> dict[str, Any]:
             "hint": o.hint, "smp": o.smp, "mem_mb": o.mem_mb, "accel": "tcg", "qemu": qemu, "qemu_version": version,
             "image": {k: img.get(k) for k in ("path", "hash", "image_bytes", "content_bytes", "build_s", "kver")},
             "workload": {"fill_mb": o.fill_mb, "pressure_mb": o.pressure_mb, "writer_mb": o.writer_mb,
-                         "guest_probe": o.guest_probe},
+                         "guest_probe": o.guest_probe, "burst": o.burst, "burst_at": o.burst_at,
+                         "burst_mb": o.burst_mb, "burst_s": o.burst_s, "burst_delay_ms": o.burst_delay_ms},
+            "kernel_cmdline": append, "init_on_alloc": o.init_on_alloc,
             "src_pid": src.pid, "dst_pid": dst.pid, "src_argv": src.cfg.argv(), "dst_argv": dst.cfg.argv(),
             "migration": {"uri": f"unix:{mig_sock}", "max_bandwidth": o.bandwidth_mb << 20,
                           "downtime_limit_ms": o.downtime_ms},
@@ -355,6 +377,15 @@ def add_arguments(p) -> None:
         ("--pressure", dict(type=int, default=0, metavar="MB",
                             help="allocate this many MiB every 2 s so the balloon shrinker returns hinted blocks")),
         ("--writer", dict(type=int, default=16, metavar="MB", help="stamped writer buffer in MiB (16)")),
+        ("--burst", dict(choices=BURSTS, default="none",
+                         help="memory pressure while hinting holds blocks: anon burst, page-cache growth, fork-heavy")),
+        ("--burst-at", dict(choices=BURST_AT, default="bulk",
+                            help="start the burst at the bulk round's hint run, or --burst-delay later (mid)")),
+        ("--burst-mb", dict(type=int, default=400, metavar="MB", help="MiB each burst pass allocates (400)")),
+        ("--burst-s", dict(type=float, default=3.0, metavar="S", help="seconds the burst lasts (3)")),
+        ("--burst-delay", dict(type=int, default=1500, metavar="MS", help="--burst-at mid: delay after hinting starts")),
+        ("--init-on-alloc", dict(type=int, choices=(0, 1), default=None,
+                                 help="guest kernel command line init_on_alloc=0|1 (default: the kernel's, 1 on Debian)")),
         ("--no-guest-probe", dict(action="store_true", help="do not run the BCC probe inside the guest")),
         ("--health", dict(type=float, default=15.0, metavar="S", help="seconds to watch the destination (15)")),
         ("--page-sends", dict(action="store_true",
@@ -376,7 +407,9 @@ def run(args) -> int:
                      downtime_ms=getattr(args, "downtime", 300),
                      keep_workdir=args.keep_workdir, health_s=args.health,
                      page_sends=getattr(args, "page_sends", False), guest_kernel=args.guest_kernel,
-                     tap=getattr(args, "tap", "on") == "on")
+                     tap=getattr(args, "tap", "on") == "on", burst=args.burst, burst_at=args.burst_at,
+                     burst_mb=args.burst_mb, burst_s=args.burst_s, burst_delay_ms=args.burst_delay,
+                     init_on_alloc=args.init_on_alloc)
     s = asyncio.run(run_linux(o))
     print_summary(s)
     h = s.get("dst_health", {})

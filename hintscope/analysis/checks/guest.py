@@ -10,13 +10,32 @@ from hintscope.analysis.facts import Facts, _expand, _hex, _pages_of
 from hintscope.analysis.findings import finding
 
 
+# Why a write into a hinted page taken back before its apply cannot be lost, per dirty-log mode.
+SAFE_MODES = {
+    "tcg": "under TCG QEMU's own dirty bitmap records the write and the next sync sends the page",
+    "get": "legacy KVM_GET_DIRTY_LOG re-arms every page it harvests, so the write is recorded and sent",
+    "ring": "the dirty ring records the write and the next sync sends the page",
+}
+
+
+def reuse_level(mode: str, exposed: bool, settled: bool) -> str:
+    """Level of a reuse-before-apply finding: ``hazard`` (a write can be lost) only under manual protect
+    where the apply re-arms pages such a write leaves unrecorded; ``ambiguous`` when that case is not
+    settled by the clocks; ``note`` (an exposure, not unsafe) under TCG, legacy GET, the dirty ring,
+    or manual protect with the page armed."""
+    if mode != "manual" or not exposed:
+        return "note"
+    return "hazard" if settled else "ambiguous"
+
+
 def reuse_before_apply(f: Facts, run) -> None:
     """d3: the guest took a hinted block back before the host applied its hint.
 
     Legal per VIRTIO 1.2 §5.5.6.5 and lossless wherever the next sync harvests the write: legacy
     GET, dirty ring, TCG, and manual protect when the page was re-armed before the write.  Only a
     block whose apply re-armed pages the write left unrecorded (the c' exposure of that apply) is
-    a hazard; every other one is a ``note``.
+    a hazard; every other one is a ``note`` (reuse_level).  The sentence counts the pages the guest
+    allocated (wrote) in those blocks before the apply (analysis/exposure.py).
     """
     m, out = run.m, run.out
     R = f.returns
@@ -38,20 +57,40 @@ def reuse_before_apply(f: Facts, run) -> None:
     ex = run.exposure
     if f.mode == "manual" and ex is not None and len(ex):
         exposed = np.isin(x["apply"].to_numpy(), ex.loc[ex["exposed_pages"] > 0, "apply"].to_numpy())
-    for conf, sel in (("hazard", sure & exposed), ("ambiguous", maybe & exposed), ("note", (sure | maybe) & ~exposed)):
+    writes = _writes_before_apply(f)
+    levels = np.array([reuse_level(f.mode, bool(e), bool(s)) for e, s in zip(exposed, sure)], object)
+    for conf in ("hazard", "ambiguous", "note"):
+        sel = (sure | maybe) & (levels == conf)
         if not sel.any():
             continue
         r = x[sel]
         r0 = r.iloc[0]
+        w = writes[writes["block_pfn"].isin(r["gfn0"].to_numpy())] if len(writes) else writes
+        wsent = (f"; the guest allocated (wrote) {len(w)} of their pages before the apply "
+                 f"({int((w['before_apply'] == 'sure').sum())} surely by the clock band)" if len(w) else
+                 "; no allocation in them before the apply was seen")
         tail = {"hazard": "", "ambiguous": " (order not settled by the clock band)",
-                "note": f"; under {f.mode} dirty logging the next sync harvests such a write, so none is lost"}[conf]
-        out.append(finding("reuse-before-apply", conf, _pages_of(r["apply"].to_numpy(), f),
+                "note": "; " + SAFE_MODES.get(f.mode, f"under {f.mode} dirty logging the next sync harvests such a "
+                                                        f"write") + ", so none is lost (exposure only)"}[conf]
+        gfns = (w["gfn"].to_numpy(np.int64) if len(w) and conf == "note"
+                else _pages_of(r["apply"].to_numpy(), f))
+        out.append(finding("reuse-before-apply", conf, gfns,
                             [(r0["h_lo"], "guest", f"hint add pfn {_hex(r0['gfn0'])}"),
                              (r0["r_lo"], "guest", "block returned by the shrinker (earliest host time)"),
                              (r0["a"], "qemu", "hint_apply of that block")],
                             f"the guest returned {len(r)} hinted block(s) to its allocator before the host applied "
-                            f"their hints" + (", and that apply re-armed pages such a write leaves unrecorded (c')" if conf != "note"
-                                              else "") + tail + "."))
+                            f"their hints" + (", and that apply re-armed pages such a write leaves unrecorded (c')"
+                                              if conf != "note" else "") + wsent + tail + "."))
+
+
+def _writes_before_apply(f: Facts) -> pd.DataFrame:
+    """Pages allocated in early-returned blocks before their apply (exposure.page_exposure), or empty."""
+    if not len(f.reuse):
+        return pd.DataFrame({"gfn": pd.Series(dtype="int64"), "block_pfn": pd.Series(dtype="int64"),
+                             "before_apply": pd.Series(dtype="object")})
+    from hintscope.analysis import exposure  # exposure imports facts; imported late to keep checks light
+    p = exposure.page_exposure(f)
+    return p[p["before_apply"].isin(["sure", "maybe"])] if len(p) else p
 
 
 def host_time(f: Facts, g) -> float:

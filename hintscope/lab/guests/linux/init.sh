@@ -4,6 +4,7 @@
 # hands it to the probe and the workload, which both write whole lines to it.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 HS_FILL_MB=400 HS_PRESSURE_MB=0 HS_WRITER_MB=16 HS_PROBE=1 HS_TMPFS_MB=900
+HS_BURST=none HS_BURST_AT=bulk HS_BURST_MB=400 HS_BURST_S=3 HS_BURST_DELAY_MS=1500
 [ -f /mnt/config ] && . /mnt/config
 mount -t tmpfs -o size=${HS_TMPFS_MB}m tmp /tmp
 mount -t debugfs none /sys/kernel/debug 2>/dev/null
@@ -37,5 +38,6 @@ if [ "$HS_PROBE" = 1 ]; then
         || echo "HS-INIT: probe did not attach"
 fi
 python3 /mnt/workload.py --out fd:3 --fill-mb "$HS_FILL_MB" --pressure-mb "$HS_PRESSURE_MB" \
-    --writer-mb "$HS_WRITER_MB" &
+    --writer-mb "$HS_WRITER_MB" --burst "$HS_BURST" --burst-at "$HS_BURST_AT" --burst-mb "$HS_BURST_MB" \
+    --burst-s "$HS_BURST_S" --burst-delay-ms "$HS_BURST_DELAY_MS" &
 while true; do sleep 3600; done

@@ -1,0 +1,297 @@
+"""How exposed a Linux guest is to c': its early block returns and writes into not-yet-applied hints.
+
+For a ``lab migrate --guest linux`` bundle (guest probe + host probe), :func:`page_exposure` gives one
+row per hinted page the guest allocated again before the host applied that page's hint, and
+:func:`block_exposure` one row per hinted block; :func:`run_exposure` sums a run into one row
+(docs/findings.md, "Linux guests: exposure").
+
+What is **measured** (guest probe, guest CLOCK_MONOTONIC, exact between guest events):
+* each hinted block (``virtqueue_add_inbuf`` inside ``report_free_page_func``: the moment the hint is
+  made available) and its cmd id;
+* each return of a block to the allocator and why (``done`` or ``shrinker``), and when DONE was read;
+* each allocation that lands in a returned block (``kmem:mm_page_alloc``, at most REUSE_CAP per block
+  and return; the rest are counted in the probe's stats, ``reuse_suppressed``).  The allocation is
+  taken as the page's first write: with ``init_on_alloc=1`` the allocator zeroes the page inside the
+  allocation; with ``init_on_alloc=0`` the new owner writes it next (fault zero-fill, copy on write,
+  the block layer's read), after the allocation, so the write time is a lower bound there.
+
+What is **measured on the host** and joined through the guest/host clock band (analysis/clock_align):
+the apply of each block (``qemu_guest_free_page_hint``), the syncs, and the migration thread's sends.
+Orders between a guest event and an apply are ``sure`` when the whole band agrees, else ``maybe``.
+
+What is **inferred** (TCG has no KVM dirty log, so nothing here is armed or harvested for real): whether
+the page would be *unarmed* under KVM manual protect (``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`` with
+``INITIALLY_SET``) when the guest wrote it.  Two rules, both reported:
+
+* ``exposed`` (the issue's rule): written after its hint was made available and before the apply, in
+  the bulk round (the first hinting round: with INITIALLY_SET every page is dirty and unarmed).  In a
+  later round the page is unarmed only if that round's sync harvested it dirty, which TCG cannot tell:
+  ``exposed`` is then missing (NA), never guessed;
+* ``exposed_chunk``: additionally, the write came before the first re-arm of the page's
+  ``clear_bmap`` chunk in that round (QEMU clears a whole chunk, ``1 << clear_shift`` pages, at its first
+  send or first hint apply after the sync; shift 18 = 1 GiB is QEMU's default).  A write after that
+  re-arm is recorded by KVM and sent, whatever the apply does.
+
+A page that is ``exposed`` would lose that write under manual protect unless the guest rewrites it
+later (the predicted loss); under TCG, legacy GET or the dirty ring the next sync harvests it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from hintscope.analysis import epochs
+from hintscope.bundle import read_bundle
+from hintscope.analysis.context import Context
+from hintscope.analysis.facts import Facts, load_facts, match_hints
+from hintscope.protocol import CMD_ID_MIN
+
+DEFAULT_CLEAR_SHIFT = 18        # QEMU's clear_bmap chunk: 2^18 pages = 1 GiB
+PAGE_COLUMNS = ["gfn", "block_pfn", "cmd_id", "round", "bulk", "hint_g", "return_g", "return_reason", "write_g",
+                "apply_ns", "apply_g_lo", "apply_g_hi", "before_apply", "hint_to_write_ns", "write_to_apply_ns",
+                "chunk", "chunk_rearm_ns", "before_chunk_rearm", "exposed", "exposed_chunk"]
+BLOCK_COLUMNS = ["block_pfn", "pages", "cmd_id", "round", "bulk", "hint_g", "apply_ns", "applied", "return_g",
+                 "return_reason", "returned_before_apply", "returned_before_done", "reused_pages",
+                 "reused_before_apply"]
+
+
+def _facts(target) -> Facts:
+    if isinstance(target, Facts):
+        return target
+    if isinstance(target, Context):
+        ctx = target
+    else:
+        ctx = Context(target if hasattr(target, "problems") else read_bundle(target))
+    f = load_facts(ctx)
+    if f.ctx is None:
+        f.ctx = ctx
+    return f
+
+
+def _order(g: np.ndarray, f: Facts, host: np.ndarray) -> np.ndarray:
+    """'sure' / 'maybe' / 'no' that guest time g came before host time ``host`` (NaN host: 'no')."""
+    lo, hi = f.band.to_host(g) if len(g) else (np.zeros(0), np.zeros(0))
+    host = np.asarray(host, float)
+    return np.where(hi < host, "sure", np.where(lo < host, "maybe", "no"))
+
+
+def _guest_of(f: Facts, host: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Earliest and latest guest time of host times (inf when the band is unknown or host is NaN)."""
+    host = np.asarray(host, float)
+    if not f.band.known:
+        return np.full(host.shape, -np.inf), np.full(host.shape, np.inf)
+    return host - f.band.hi, host - f.band.lo
+
+
+def _done_g(f: Facts) -> float:
+    """Guest time DONE was read (cmd id 1 after a hinting round), inf when never."""
+    ge = f.guest_events
+    if not len(ge):
+        return np.inf
+    d = ge.loc[(ge["event"] == "cmd_id") & (ge["a0"].astype(np.int64) == 1), "guest_ns"]
+    return float(d.min()) if len(d) else np.inf
+
+
+def _apply_of_blocks(f: Facts) -> pd.DataFrame:
+    """Each guest hint (guest_ns, pfn) with the host apply that applied it (NaN when none)."""
+    H = f.hints
+    if not len(H):
+        return pd.DataFrame(columns=["hint_g", "block_pfn", "order", "cmd_id", "apply_ns", "apply"])
+    m = match_hints(f)
+    m = m[m["matched"]] if len(m) else m
+    out = pd.DataFrame({"hint_g": H["guest_ns"].to_numpy(np.int64), "block_pfn": H["pfn"].to_numpy().astype(np.int64),
+                        "order": H["order"].to_numpy().astype(np.int64),
+                        "cmd_id": H["cmd_id"].to_numpy().astype(np.int64)})
+    if len(m):
+        ap = m.groupby(["gfn0", "h_g"], as_index=False).agg(apply_ns=("a", "min"), apply=("apply", "min"))
+        out = out.merge(ap, left_on=["block_pfn", "hint_g"], right_on=["gfn0", "h_g"], how="left")
+        out = out.drop(columns=["gfn0", "h_g"])
+    else:
+        out = out.assign(apply_ns=np.nan, apply=np.nan)
+    return out
+
+
+def _chunk_rearm(f: Facts, gfn: np.ndarray, rnd_start: np.ndarray, shift: int) -> np.ndarray:
+    """First host time >= rnd_start a send or an apply touched the page's clear chunk (inf: none)."""
+    ev_t, ev_c = [], []
+    if len(f.sends):
+        ev_t.append(f.sends["ts_ns"].to_numpy(np.int64))
+        ev_c.append(f.sends["gfn"].to_numpy(np.int64) >> shift)
+    if len(f.applies):
+        A = f.applies[f.applies["gfn0"] >= 0]
+        ev_t.append(A["a"].to_numpy(np.int64))
+        ev_c.append(A["gfn0"].to_numpy(np.int64) >> shift)
+    out = np.full(len(gfn), np.inf)
+    if not ev_t or not len(gfn):
+        return out
+    t = np.concatenate(ev_t)
+    c = np.concatenate(ev_c)
+    E = pd.DataFrame({"t": t.astype(float), "c": c}).sort_values("t")
+    Q = pd.DataFrame({"i": np.arange(len(gfn)), "t": np.asarray(rnd_start, float),
+                      "c": np.asarray(gfn, np.int64) >> shift})
+    ok = np.isfinite(Q["t"].to_numpy())
+    q = Q[ok].sort_values("t")
+    if len(q):
+        x = pd.merge_asof(q, E.rename(columns={"t": "e"}), left_on="t", right_on="e", by="c", direction="forward")
+        out[x["i"].to_numpy()] = x["e"].fillna(np.inf).to_numpy(float)
+    return out
+
+
+def _rounds(f: Facts, cmd_id: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round number (1 = bulk), bulk flag, and host time the round's sync fetch ended (NaN unknown)."""
+    ids = np.asarray(cmd_id, np.int64)
+    new = ids[ids >= CMD_ID_MIN]
+    first = int(new.min()) if len(new) else CMD_ID_MIN + 1
+    rnd = np.where(ids >= CMD_ID_MIN, ids - first + 1, 0)
+    start = np.full(len(ids), np.nan)
+    S = f.syncs
+    if len(S):
+        fe = dict(zip(S["epoch_id"].to_numpy(np.int64), S["fetch_end"].to_numpy(np.int64)))
+        start = np.array([float(fe[i]) if i in fe else np.nan for i in ids], float)
+    return rnd, rnd == 1, start
+
+
+def block_exposure(target) -> pd.DataFrame:
+    """One row per hinted block (BLOCK_COLUMNS): its apply, its early return, its reuse.
+
+    ``returned_before_apply``/``reused_before_apply`` are 'sure', 'maybe' or 'no' (clock band, see the
+    module doc); ``returned_before_done`` is a guest-clock fact (a shrinker return before DONE was read).
+    """
+    f = _facts(target)
+    B = _apply_of_blocks(f)
+    if not len(B):
+        return pd.DataFrame({c: pd.Series(dtype="object") for c in BLOCK_COLUMNS})
+    done = _done_g(f)
+    R = f.returns
+    B = B.sort_values("hint_g").reset_index(drop=True)
+    B["pages"] = (1 << B["order"].to_numpy(np.int64)).astype(np.int64)
+    # the first return of the block after this hint (merge_asof forward, per block)
+    if len(R):
+        Rr = pd.DataFrame({"block_pfn": R["pfn"].to_numpy().astype(np.int64), "return_g": R["guest_ns"].to_numpy(np.int64),
+                           "return_reason": R["reason"].astype(str).to_numpy()}).sort_values("return_g")
+        B = pd.merge_asof(B, Rr, left_on="hint_g", right_on="return_g", by="block_pfn", direction="forward",
+                          allow_exact_matches=False)
+    else:
+        B = B.assign(return_g=np.nan, return_reason=None)
+    # the next hint of the same block ends this hint's life (a return after it belongs to that one)
+    nxt = B.groupby("block_pfn")["hint_g"].shift(-1).to_numpy(float)
+    late = np.isfinite(nxt) & (B["return_g"].to_numpy(float) > nxt)
+    B.loc[late, ["return_g", "return_reason"]] = [np.nan, None]
+    rg = B["return_g"].to_numpy(float)
+    early = np.isfinite(rg) & (B["return_reason"].to_numpy(object) != "done")
+    B["returned_before_apply"] = np.where(early, _order(np.where(early, rg, 0), f,
+                                                        np.where(B["apply_ns"].notna(), B["apply_ns"], np.inf)), "no")
+    B["returned_before_done"] = early & (rg < done)
+    B["applied"] = B["apply_ns"].notna()
+    rnd, bulk, _ = _rounds(f, B["cmd_id"].to_numpy())
+    B["round"], B["bulk"] = rnd, bulk
+    P = page_exposure(f, blocks=B)
+    cnt = P.groupby(["block_pfn", "hint_g"]).agg(reused_pages=("gfn", "size"),
+                                                 reused_before_apply=("before_apply", lambda s: (s == "sure").sum()))
+    B = B.merge(cnt, left_on=["block_pfn", "hint_g"], right_index=True, how="left")
+    B[["reused_pages", "reused_before_apply"]] = B[["reused_pages", "reused_before_apply"]].fillna(0).astype(np.int64)
+    return B[BLOCK_COLUMNS].reset_index(drop=True)
+
+
+def page_exposure(target, clear_shift: int = DEFAULT_CLEAR_SHIFT, blocks: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per page (PAGE_COLUMNS) the guest allocated in a hinted block it took back early (not by DONE).
+
+    ``write_g`` is the allocation's guest time (first write, see the module doc); ``before_apply`` is
+    'sure'/'maybe'/'no' by the clock band, or 'unapplied' when the host never applied the hint;
+    ``exposed``/``exposed_chunk`` follow the module doc (NA where TCG cannot tell).
+    """
+    f = _facts(target)
+    U = f.reuse
+    empty = pd.DataFrame({c: pd.Series(dtype="object") for c in PAGE_COLUMNS})
+    if not len(U):
+        return empty
+    if blocks is None:
+        blocks = block_exposure(f)
+    B = blocks[blocks["return_reason"].notna() & (blocks["return_reason"] != "done")]
+    if not len(B):
+        return empty
+    # one row per page of each allocation (order-k allocations cover 2^k pages)
+    o = U["order"].to_numpy(np.int64).clip(0, 10)
+    n = (1 << o).astype(np.int64)
+    rep = np.repeat(np.arange(len(U)), n)
+    off = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+    pages = pd.DataFrame({"gfn": U["pfn"].to_numpy().astype(np.int64)[rep] + off,
+                          "write_g": U["guest_ns"].to_numpy(np.int64)[rep]})
+    pages["block_pfn"] = pages["gfn"] & ~np.int64(1023)
+    # the page's first allocation after the block's early return (an allocation is its first write)
+    Bk = B[["block_pfn", "hint_g", "cmd_id", "round", "bulk", "return_g", "return_reason", "apply_ns"]]
+    Bk = Bk.assign(return_g=Bk["return_g"].astype(float)).sort_values("return_g")
+    pages["write_g"] = pages["write_g"].astype(float)
+    x = pd.merge_asof(pages.sort_values("write_g"), Bk, left_on="write_g", right_on="return_g", by="block_pfn",
+                      direction="backward")
+    x = x[x["return_g"].notna()].sort_values("write_g").drop_duplicates(["gfn", "hint_g"], keep="first")
+    if not len(x):
+        return empty
+    x["write_g"] = x["write_g"].astype(np.int64)
+    wg = x["write_g"].to_numpy(np.int64)
+    apply_ns = x["apply_ns"].to_numpy(float)
+    x["before_apply"] = np.where(np.isfinite(apply_ns), _order(wg, f, np.nan_to_num(apply_ns, nan=np.inf)),
+                                 "unapplied")
+    glo, ghi = _guest_of(f, apply_ns)
+    x["apply_g_lo"], x["apply_g_hi"] = glo, ghi
+    x["hint_to_write_ns"] = wg - x["hint_g"].to_numpy(np.int64)
+    mid = (glo + ghi) / 2
+    x["write_to_apply_ns"] = np.where(np.isfinite(mid), mid - wg, np.nan)
+    gfn = x["gfn"].to_numpy(np.int64)
+    _, _, start = _rounds(f, x["cmd_id"].to_numpy())
+    x["chunk"] = gfn >> clear_shift
+    x["chunk_rearm_ns"] = _chunk_rearm(f, gfn, start, clear_shift)
+    x["before_chunk_rearm"] = _order(wg, f, x["chunk_rearm_ns"].to_numpy(float))
+    before = x["before_apply"].to_numpy(object)
+    written_in = np.isin(before, ["sure", "maybe"])
+    bulk = x["bulk"].to_numpy(bool)
+    exp = pd.array(np.where(bulk, written_in, False), dtype="boolean")
+    exp[~bulk & written_in] = pd.NA          # later round: harvested dirty? TCG cannot tell
+    x["exposed"] = exp
+    chunk_ok = np.isin(x["before_chunk_rearm"].to_numpy(object), ["sure", "maybe"])
+    ec = pd.array(np.where(bulk, written_in & chunk_ok, False), dtype="boolean")
+    ec[~bulk & written_in & chunk_ok] = pd.NA
+    x["exposed_chunk"] = ec
+    return x[PAGE_COLUMNS].reset_index(drop=True)
+
+
+def run_exposure(target, clear_shift: int = DEFAULT_CLEAR_SHIFT) -> dict:
+    """One run in numbers: blocks and pages hinted, early returns, reuse before the apply, exposure."""
+    f = _facts(target)
+    B = block_exposure(f)
+    P = page_exposure(f, clear_shift, blocks=B)
+    ge = f.guest_events
+    rep = getattr(f.ctx, "bundle", None)
+    out = {
+        "hinted_blocks": int(len(B)), "hinted_pages": int(B["pages"].sum()) if len(B) else 0,
+        "applied_blocks": int(B["applied"].sum()) if len(B) else 0,
+        "shrinker_calls": int((ge["event"] == "shrinker_enter").sum()) if len(ge) else 0,
+        "returned_early": int((B["return_reason"].notna() & (B["return_reason"] != "done")).sum()) if len(B) else 0,
+        "returned_before_done": int(B["returned_before_done"].sum()) if len(B) else 0,
+        "returned_before_apply": int((B["returned_before_apply"] == "sure").sum()) if len(B) else 0,
+        "returned_before_apply_maybe": int((B["returned_before_apply"] == "maybe").sum()) if len(B) else 0,
+        "reused_pages": int(len(P)),
+        "written_before_apply": int((P["before_apply"] == "sure").sum()),
+        "written_before_apply_maybe": int((P["before_apply"] == "maybe").sum()),
+        "exposed": int(P["exposed"].fillna(False).sum()) if len(P) else 0,
+        "exposed_unknown": int(P["exposed"].isna().sum()) if len(P) else 0,
+        "exposed_chunk": int(P["exposed_chunk"].fillna(False).sum()) if len(P) else 0,
+        "clear_shift": clear_shift,
+        "band_width_ns": None if not f.band.known else int(f.band.width_ns),
+        "mode": f.mode,
+    }
+    w = P[P["before_apply"].isin(["sure", "maybe"])]
+    out["hint_to_write_ms_median"] = float(w["hint_to_write_ns"].median() / 1e6) if len(w) else None
+    out["write_to_apply_ms_median"] = float(w["write_to_apply_ns"].median() / 1e6) if len(w) else None
+    if rep is not None and rep.has("guest_reports"):
+        r = rep.table("guest_reports")
+        st = r[r["word"] == "STATS"]
+        out["reuse_suppressed"] = int(st["v1"].max()) if len(st) else None
+        out["probe_drops"] = int(st["v0"].max()) if len(st) else None
+    return out
+
+
+def epoch_of(f: Facts, host_ns: np.ndarray) -> np.ndarray:
+    """The cmd id the host held at host times (0 before the first round): for placing a burst."""
+    return epochs.epoch_id_at(f.syncs, np.asarray(host_ns, np.int64))
