@@ -6,15 +6,17 @@ AREA = "simulator"
 
 GROUND_TRUTH = register(Table(
     "ground_truth",
-    "Per guest page, what the simulated destination holds against what the source held at VM stop. "
-    "stale = the destination copy is older; lost = stale and it matters: a hint hid a write made after "
+    "The guest pages whose simulated destination copy differs from what the source held at VM stop (schema "
+    "2.0: only those; a page not listed arrived intact; meta sim.truth holds the totals, `pages` (guest pages) "
+    "and `in_use` (pages the guest had allocated at stop)). stale = the destination copy is older (always true "
+    "here, kept for readers of 1.x bundles, which list every page); lost = stale and it matters: a hint hid a write made after "
     "the page's last hint (VIRTIO 5.5.6.5.2: the device must keep such writes), or the loss has nothing "
     "to do with hinting (a dirty page the migration thread never sent). A page written before its last "
     "hint may legally be stale.",
     [
         Col("gfn", "uint64", "gfn", "guest page frame number"),
         Col("in_use", "bool", "", "the guest had the page allocated at VM stop"),
-        Col("stale", "bool", "", "destination content differs from the source content at VM stop"),
+        Col("stale", "bool", "", "destination content differs from the source content at VM stop (always true from 2.0)"),
         Col("lost", "bool", "", "stale, and written after its last hint or with no hint involved"),
         Col("reason", "string", "", "'' (not stale), hint (a hint apply came after the page's last write) or "
             "not-hint"),

@@ -1,6 +1,6 @@
 """Discrete-event model of QEMU precopy migration with virtio-balloon free page hinting.
 
-What is modelled (one RAM block of ``pages`` 4 KiB pages split over two memslots):
+What is modelled (one RAM block ``pc.ram`` of ``pages`` 4 KiB pages split over two memslots):
 
 * migration thread: setup sync, bulk round, later rounds (pages sent in ascending order, in
   slices), final stop-and-copy sync, completion; dirty logging in one of three modes:
@@ -16,16 +16,25 @@ What is modelled (one RAM block of ``pages`` 4 KiB pages split over two memslots
   shrinker returns (LIFO) followed by reuse (INIT_ON_ALLOC writes the whole block);
 * a guest clock offset with drift and probe jitter.
 
-The event loop is per event (a simulator may be); everything it records is turned into the
-same bundle tables real probes write (see :mod:`hintscope.sim.write`).  Ground truth is the
-page versions: what the source held at VM stop against what the destination received.
+The event loop is per event, and no event does per-page Python work: the sender sends, in one
+step, every slice it can send before the next pending event (the order of events is the one a
+slice-per-event loop gives), and page state lives in dense numpy arrays updated a range or an
+index array at a time.  So time and memory grow linearly with the guest's pages; with the
+``SimConfig.for_guest`` preset the work per GiB is constant (docs/detector.md, "The simulator at
+scale").  What happened when is kept as *stamps*: int32 indices into a table of host times, one
+per state change (a write burst, a send run, a CLEAR, an apply, a hint add), so per-page history
+costs 4 bytes a field and orders events exactly.
+
+Everything it records is turned into the tables real probes write (see :mod:`hintscope.sim.write`);
+sends as the migration-stream tap's ``page_sends`` runs.  Ground truth is the page versions:
+what the source held at VM stop against what the destination received.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -41,9 +50,15 @@ REASON_CODE = {"other": 0, "done": 1, "shrinker": 2, "remove": 3}
 TID_MAIN, TID_MIG, TID_IO, TID_VCPU0 = 4000, 4001, 4002, 4010
 SLOT1_GPA = 0x1_0000_0000  # second memslot above 4 GiB, like x86 pc.ram
 HVA_BASE = 0x7F00_0000_0000
+RAM_BLOCK = "pc.ram"       # the RAMBlock the page_sends rows name (offset = page * 4096 from HVA_BASE)
 VQ_FREE_PAGE = 0x5555_5600_1000  # the free page VirtQueue's address (qemu_events vq_pop_* a0)
 MODES = ("get", "manual", "ring")
 T0 = 5_000_000_000_000  # host CLOCK_MONOTONIC at VM start (the host has been up for a while)
+PAGES_PER_GIB = 1 << 18
+MAX_PAGES = 1 << 28        # 1 TiB: page indices and stamps stay int32
+SCAN_WINDOW = 1 << 20      # the sender looks for dirty pages this many at a time
+MAX_BATCH = 1 << 20        # most pages one send step handles (bounds its temporaries)
+PHASES = ("setup", "iterate", "complete")
 
 
 @dataclass
@@ -71,20 +86,119 @@ class SimConfig:
     guest_jitter_ns: int = 500
     drift_ppm: float = 30.0
     bulk_wait_max_ns: int = 200_000_000
+    page_send_events: bool = False  # also one qemu_events page_send row per page (the uprobe's view; small sims)
+
+    @classmethod
+    def for_guest(cls, pages: int, **kw) -> "SimConfig":
+        """Realistic parameters for a guest of ``pages`` 4 KiB pages, with constant work per GiB.
+
+        Linux's order-10 (4 MiB) hint blocks, QEMU's 1 GiB clear_bmap chunks, a 1 GiB/s link
+        (4 us a page).  The writer's hot set is 1/256 of RAM and its rates are per unit of
+        migration time; at a fixed link speed the migration's duration grows with RAM, so pages
+        written, churned, hinted and resent per GiB are the same for 1 GiB and 256 GiB, and so
+        is the stop threshold (1/128 of RAM).
+        """
+        base = dict(pages=pages, block_order=10, clear_chunk_pages=PAGES_PER_GIB, free_frac=0.5,
+                    hot_pages=max(64, pages // 256), write_period_ns=1e6, write_burst=64, send_ns=4_000,
+                    slice_pages=64, churn_period_ns=50e6, stop_threshold=max(48, pages // 128),
+                    get_ns=40_000 + pages)
+        base.update(kw)
+        return cls(**base)
+
+
+class IdSet:
+    """Block ids with O(1) add, remove and uniform pick (the guest's free and in-use lists)."""
+
+    def __init__(self, cap: int, ids: np.ndarray):
+        self.a = np.empty(cap, np.int32)
+        self.pos = np.full(cap, -1, np.int32)
+        self.n = len(ids)
+        self.a[: self.n] = ids
+        self.pos[ids] = np.arange(self.n, dtype=np.int32)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def add(self, i: int) -> None:
+        self.a[self.n] = i
+        self.pos[i] = self.n
+        self.n += 1
+
+    def remove(self, i: int) -> None:
+        k = int(self.pos[i])
+        last = int(self.a[self.n - 1])
+        self.a[k] = last
+        self.pos[last] = k
+        self.pos[i] = -1
+        self.n -= 1
+
+    def pick(self, rng, size=None):
+        if size is None:
+            return int(self.a[int(rng.integers(self.n))])
+        return self.a[rng.integers(0, self.n, size)].astype(np.int64)
+
+
+class Chunks:
+    """Column chunks of one bulk table (numpy arrays appended per step, joined once at the end)."""
+
+    def __init__(self, *cols: str):
+        self.cols = cols
+        self.parts: list[tuple] = []
+
+    def add(self, *arrays) -> None:
+        n = max(len(a) for a in arrays if np.ndim(a))
+        self.parts.append(tuple(np.broadcast_to(a, n) if not np.ndim(a) else a for a in arrays))
+
+    def __len__(self) -> int:
+        return sum(len(p[0]) for p in self.parts)
+
+    def columns(self, dtypes: dict | None = None) -> dict[str, np.ndarray]:
+        dtypes = dtypes or {}
+        out = {}
+        for i, c in enumerate(self.cols):
+            parts = [p[i] for p in self.parts]
+            dt = dtypes.get(c)
+            out[c] = np.concatenate(parts).astype(dt, copy=False) if parts else np.zeros(0, dt or np.int64)
+        return out
 
 
 @dataclass
 class Records:
     qemu: list = field(default_factory=list)        # (ts, tid, event, a0, a1, a2, ret)
     ioctls: list = field(default_factory=list)      # dicts
-    words: list = field(default_factory=list)       # (ts, seq, op, slot, word, mask)
-    ring_push: list = field(default_factory=list)   # (ts, tid, vcpu, dirty_index, reset_index, slot, offset)
+    words: Chunks = field(default_factory=lambda: Chunks("ts_ns", "seq", "op", "slot", "word", "nwords", "mask"))
+    ring_push: Chunks = field(default_factory=lambda: Chunks("ts_ns", "tid", "vcpu", "dirty_index", "reset_index",
+                                                             "slot", "offset"))
     ring_reset: list = field(default_factory=list)  # (ts, tid, vcpu, dirty_index, reset_index)
+    sends: Chunks = field(default_factory=lambda: Chunks("ts_ns", "ts_end_ns", "page", "npages", "section",
+                                                         "phase", "scan_pass"))
+    page_send: Chunks = field(default_factory=lambda: Chunks("ts_ns", "hva"))
     memslots: list = field(default_factory=list)    # dicts
     guest: list = field(default_factory=list)       # (host_ts, event, a0, a1, a2, tid)
     hints: list = field(default_factory=list)       # (host_ts, pfn, order, cmd_id, run)
     returns: list = field(default_factory=list)     # (host_ts, pfn, order, reason)
     reuse: list = field(default_factory=list)       # (host_ts, pfn, order, block_pfn, returned_host_ts)
+
+
+def pack_words(bits: np.ndarray) -> np.ndarray:
+    """Bool bits -> the 64-bit words KVM's dirty bitmap holds (bit i of word w = page 64 w + i)."""
+    nw = -(-len(bits) // 64)
+    if len(bits) != nw * 64:
+        padded = np.zeros(nw * 64, bool)
+        padded[: len(bits)] = bits
+        bits = padded
+    return np.packbits(bits.reshape(nw, 64), axis=1, bitorder="little").view("<u8").ravel()
+
+
+def word_runs(words: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(first word, nwords, mask) of each run of equal consecutive nonzero words."""
+    nz = np.flatnonzero(words)
+    if not len(nz):
+        return nz, nz, words[:0]
+    w = words[nz]
+    start = np.r_[True, (np.diff(nz) != 1) | (w[1:] != w[:-1])]
+    first = np.flatnonzero(start)
+    return nz[first], np.diff(np.r_[first, len(nz)]), w[first]
 
 
 class Sim:
@@ -94,39 +208,48 @@ class Sim:
         self.cfg = cfg = cfg or SimConfig()
         if cfg.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
+        n = cfg.pages
+        self.bpages = 1 << cfg.block_order
+        if n <= 0 or n > MAX_PAGES or n % self.bpages or n % 2:
+            raise ValueError(f"pages {n}: need an even multiple of the hint block ({self.bpages} pages) "
+                             f"up to {MAX_PAGES}")
         self.rng = np.random.default_rng(seed)
         self.seed = seed
         self.rec = Records()
-        n = cfg.pages
         self.n = n
         self.half = n // 2
-        self.bpages = 1 << cfg.block_order
         self.nblocks = n // self.bpages
-        # page index p = RAMBlock offset >> 12; gfn differs for the second slot
-        self.gfn = np.where(np.arange(n) < self.half, np.arange(n), SLOT1_GPA // 4096 + np.arange(n) - self.half)
-        self.ver = np.zeros(n, np.int64)
-        self.last_write = np.full(n, -1, np.int64)
-        self.dest_ver = np.full(n, -1, np.int64)
-        self.last_send = np.full(n, -1, np.int64)
-        self.last_apply = np.full(n, -1, np.int64)
-        self.last_clear_rearm = np.full(n, -1, np.int64)
-        self.last_hint_add = np.full(n, -1, np.int64)
+        # Page p = RAMBlock offset >> 12.  Per-page state: versions (content) and stamps (when).
+        self.ver = np.zeros(n, np.int32)
+        self.dest_ver = np.full(n, -1, np.int32)
+        self.last_write = np.full(n, -1, np.int32)
+        self.last_send = np.full(n, -1, np.int32)
+        self.last_clear_rearm = np.full(n, -1, np.int32)
+        # hints and applies cover whole blocks: their stamps are per block
+        self.last_apply = np.full(self.nblocks, -1, np.int32)
+        self.last_hint_add = np.full(self.nblocks, -1, np.int32)
         self.kbit = np.zeros(n, bool)
         self.armed = np.ones(n, bool)
         self.bmap = np.zeros(n, bool)
         self.qcopy = np.zeros(n, bool)
         self.nchunks = -(-n // cfg.clear_chunk_pages)
         self.clear_bmap = np.zeros(self.nchunks, bool)
-        self.ring_pending: list[int] = []
+        self.ring_pending: list[np.ndarray] = []
         self.ring_idx = np.zeros(cfg.vcpus, np.int64)
         self.ring_reset_idx = np.zeros(cfg.vcpus, np.int64)
+        # stamp -> host ns, and for send runs the run's first page (a page's send time is
+        # ns + (page - page0) * send_ns)
+        self._st_ns: list[int] = []
+        self._st_p0: list[int] = []
         # guest memory: blocks in use, free, or held by the balloon driver
         nfree = int(self.nblocks * cfg.free_frac)
         self.block = np.full(self.nblocks, INUSE, np.int8)
         self.block[self.rng.choice(self.nblocks, nfree, replace=False)] = FREE
+        self.free = IdSet(self.nblocks, np.flatnonzero(self.block == FREE).astype(np.int32))
+        self.inuse = IdSet(self.nblocks, np.flatnonzero(self.block == INUSE).astype(np.int32))
         self.returned_at = np.full(self.nblocks, -1, np.int64)
         self.held: list[int] = []
-        self.hot = self.rng.choice(n, cfg.hot_pages, replace=False)
+        self.hot = self.rng.choice(n, min(cfg.hot_pages, n), replace=False).astype(np.int64)
         # clocks: guest = host - delta(t) + jitter
         self.delta0 = int(3_600_000_000_000 + self.rng.integers(0, 10**9))
         self.drift = cfg.drift_ppm * 1e-6 * (1 if self.rng.random() < 0.5 else -1)
@@ -152,10 +275,12 @@ class Sim:
         self.migrating = False
         self.done = False
         self.round = 0
-        self.cursor = 0
         self.src_ver = None
         self.src_inuse = None
         self.stall_ns = 0
+        self.t_mig = T0
+        self._scan = (np.zeros(0, np.int64), 0, 0)   # (candidate pages, next index, scanned up to)
+        self._truth = None
 
     # ---------------------------------------------------------------- event loop
     def at(self, t: float, fn, *args) -> None:
@@ -180,9 +305,19 @@ class Sim:
     def _lat(self, lo_hi) -> int:
         return int(self.rng.integers(lo_hi[0], lo_hi[1]))
 
+    def stamp(self, ns: int | None = None, p0: int = 0) -> int:
+        self._st_ns.append(self.now if ns is None else int(ns))
+        self._st_p0.append(p0)
+        return len(self._st_ns) - 1
+
     # ---------------------------------------------------------------- address helpers
     def slot_of(self, p: int) -> tuple[int, int]:
         return (0, p) if p < self.half else (1, p - self.half)
+
+    def gfn_of(self, p):
+        """Page index (RAMBlock offset >> 12) -> gfn: the second half sits in the slot above 4 GiB."""
+        p = np.asarray(p, np.int64)
+        return np.where(p < self.half, p, SLOT1_GPA // 4096 + p - self.half)
 
     def hva(self, p: int) -> int:
         return HVA_BASE + p * 4096
@@ -199,13 +334,11 @@ class Sim:
         return self.seq
 
     def _words(self, t: int, seq: int, op: str, slot: int, bits: np.ndarray) -> None:
-        """bits: bool array over the slot (get) or the cleared range (clear)."""
-        nw = -(-len(bits) // 64)
-        padded = np.zeros(nw * 64, bool)
-        padded[: len(bits)] = bits
-        words = np.packbits(padded.reshape(nw, 64)[:, ::-1], axis=1).view(">u8").ravel()
-        for w in np.flatnonzero(words):
-            self.rec.words.append((t, seq, op, slot, int(w), int(words[w])))
+        """bits: bool array over the slot (get) or the cleared range (clear); written as runs of equal words."""
+        word, nwords, mask = word_runs(pack_words(bits))
+        if len(word):
+            self.rec.words.add(np.int64(t), np.int64(seq), np.int8(op == "clear"), np.int32(slot), word,
+                               nwords, mask)
 
     # ---------------------------------------------------------------- VM and migration setup
     def _vm_start(self) -> None:
@@ -230,6 +363,7 @@ class Sim:
 
     def _mig_start(self) -> None:
         self.migrating = True
+        self.t_mig = self.now     # the stream's block list (page_sends mem-size) is written now
         self.q("migrate_state", TID_MAIN, 0, 0, 1)
         self._register_slots(self.now + 10_000, flags=1)
         self.now += 20_000
@@ -273,9 +407,7 @@ class Sim:
         get_ns = c.get_ns * (8 if self.k.slow_fetch else 1)
         fetched = np.zeros(self.n, bool)
         if c.mode in ("get", "manual"):
-            steps = []
-            for slot, (p0, p1) in enumerate([(0, self.half), (self.half, self.n)]):
-                steps.append((slot, p0, p1))
+            steps = [(0, 0, self.half), (1, self.half, self.n)]
             self._fetch_slots(steps, fetched, final, then, get_ns)
         else:
             self.at(self.now + get_ns, self._fetch_ring, fetched, final, then)
@@ -285,7 +417,7 @@ class Sim:
         t0 = self.now
         self.now += get_ns
         bits = self.kbit[p0:p1].copy()
-        seq = self._ioctl("GET_DIRTY_LOG", TID_MIG, t0, self.now, slot=slot, pages=int(bits.sum()))
+        seq = self._ioctl("GET_DIRTY_LOG", TID_MIG, t0, self.now, slot=slot, pages=int(np.count_nonzero(bits)))
         self._words(self.now, seq, "get", slot, bits)
         fetched[p0:p1] = bits
         if self.k.merge_per_slot:
@@ -301,7 +433,7 @@ class Sim:
             self.at(self.now + 5_000, self._merge, fetched, final, then)
 
     def _fetch_ring(self, fetched, final, then) -> None:
-        pend = np.array(self.ring_pending, np.int64)
+        pend = np.concatenate(self.ring_pending) if self.ring_pending else np.zeros(0, np.int64)
         self.ring_pending = []
         fetched[pend] = True
         t0 = self.now
@@ -327,39 +459,91 @@ class Sim:
 
     # ---------------------------------------------------------------- rounds
     def _round_start(self) -> None:
-        self.cursor = 0
+        self._scan = (np.zeros(0, np.int64), 0, 0)
         self._send_slice(final=False)
 
+    def _next_dirty(self, k: int) -> np.ndarray:
+        """Up to k pages whose bmap bit is still set, ascending from where the sender stopped.
+
+        During a pass bmap bits are only cleared (sends, hint applies), never set (only syncs set
+        them), so a window's dirty pages are listed once and re-checked when their turn comes.
+        """
+        cand, i, upto = self._scan
+        out, got = [], 0
+        while got < k:
+            if i >= len(cand):
+                if upto >= self.n:
+                    break
+                b = min(self.n, upto + SCAN_WINDOW)
+                cand, i, upto = np.flatnonzero(self.bmap[upto:b]) + upto, 0, b
+                continue
+            take = cand[i:i + (k - got)]
+            i += len(take)
+            take = take[self.bmap[take]]
+            out.append(take)
+            got += len(take)
+        self._scan = (cand, i, upto)
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
     def _send_slice(self, final: bool) -> None:
+        """Send every slice that starts before the next pending event, then yield to it.
+
+        A slice-per-event loop would run the same events between the same slices: nothing but
+        this step changes state until the next event is due.
+        """
         c = self.cfg
-        idx = np.flatnonzero(self.bmap[self.cursor:])[: c.slice_pages] + self.cursor
+        nxt = self.heap[0][0] if self.heap else None
+        if nxt is None:
+            k = MAX_BATCH
+        else:
+            k = c.slice_pages * max(1, -(-(nxt - self.now) // (c.send_ns * c.slice_pages)))
+        idx = self._next_dirty(min(k, MAX_BATCH))
         if len(idx) == 0:
             if final:
                 self._complete()
             else:
                 self._sync(final=False, then=self._after_round_sync)
             return
-        for p in idx:
-            p = int(p)
-            if c.mode == "manual":
-                ch = p // c.clear_chunk_pages
-                if self.clear_bmap[ch]:
-                    self._chunk_clear(ch, TID_MIG)
-            if not self.bmap[p]:            # a CLEAR cannot clear bmap, but keep the check honest
-                continue
-            self.bmap[p] = False
-            if (not final and self.round > 1 and self.k.resend_drop_prob
-                    and self.rng.random() < self.k.resend_drop_prob):
-                continue                    # the bug: bit cleared, page never sent
-            self.dest_ver[p] = self.ver[p]
-            self.last_send[p] = self.now
-            self.q("page_send", TID_MIG, self.hva(p), 4096)
-            self.now += c.send_ns
-        self.cursor = int(idx[-1]) + 1
+        if c.mode == "manual":
+            # the sender's first touch of a clear chunk in this epoch issues its CLEAR first
+            ch = idx // c.clear_chunk_pages
+            cut = np.flatnonzero(np.diff(ch)) + 1
+            for a, b in zip(np.r_[0, cut], np.r_[cut, len(idx)]):
+                if self.clear_bmap[ch[a]]:
+                    self._chunk_clear(int(ch[a]), TID_MIG)
+                self._send_pages(idx[a:b], final)
+        else:
+            self._send_pages(idx, final)
         self.at(self.now, self._send_slice, final)
 
+    def _send_pages(self, pages: np.ndarray, final: bool) -> None:
+        c = self.cfg
+        self.bmap[pages] = False
+        if not final and self.round > 1 and self.k.resend_drop_prob:
+            # the bug: bit cleared, page never sent
+            pages = pages[self.rng.random(len(pages)) >= self.k.resend_drop_prob]
+        m = len(pages)
+        if not m:
+            return
+        self.dest_ver[pages] = self.ver[pages]
+        cut = np.flatnonzero(np.diff(pages) != 1) + 1
+        first, end = np.r_[0, cut], np.r_[cut, m]
+        ts0 = self.now + first * c.send_ns
+        st0 = len(self._st_ns)
+        self._st_ns.extend(ts0.tolist())
+        self._st_p0.extend(pages[first].tolist())
+        self.last_send[pages] = np.repeat(np.arange(st0, st0 + len(first), dtype=np.int32), end - first)
+        phase = 2 if final else 1
+        section = self.round + 1 if final else self.round
+        scan_pass = self.round if final else self.round - 1
+        self.rec.sends.add(ts0, self.now + (end - 1) * c.send_ns, pages[first], end - first,
+                           np.int64(section), np.int8(phase), np.int64(scan_pass))
+        if c.page_send_events:
+            self.rec.page_send.add(self.now + np.arange(m, dtype=np.int64) * c.send_ns, HVA_BASE + pages * 4096)
+        self.now += m * c.send_ns
+
     def _after_round_sync(self) -> None:
-        left = int(self.bmap.sum())
+        left = int(np.count_nonzero(self.bmap))
         if left <= self.cfg.stop_threshold or self.round >= self.cfg.max_rounds:
             self._stop_and_copy()
         else:
@@ -369,13 +553,13 @@ class Sim:
     def _stop_and_copy(self) -> None:
         self.vm_running = False
         self.src_ver = self.ver.copy()
-        self.src_inuse = np.repeat(self.block == INUSE, self.bpages)
+        self.src_inuse = self.block == INUSE     # per block
         self.t_stop = self.now
         self.now += 20_000
         self._sync(final=True, then=self._final_send)
 
     def _final_send(self) -> None:
-        self.cursor = 0
+        self._scan = (np.zeros(0, np.int64), 0, 0)
         self._send_slice(final=True)
 
     def _complete(self) -> None:
@@ -391,19 +575,24 @@ class Sim:
     def _write_pages(self, pages: np.ndarray) -> None:
         pages = np.asarray(pages, np.int64)
         self.ver[pages] += 1
-        self.last_write[pages] = self.now
+        self.last_write[pages] = self.stamp()
         trap = pages[self.armed[pages]]
         if len(trap) == 0:
             return
         self.armed[trap] = False
         if self.cfg.mode == "ring":
-            for p in np.unique(trap):
-                v = int(self.rng.integers(self.cfg.vcpus))
-                slot, off = self.slot_of(int(p))
-                self.rec.ring_push.append((self.now, TID_VCPU0 + v, v, int(self.ring_idx[v]),
-                                           int(self.ring_reset_idx[v]), slot, off))
-                self.ring_idx[v] += 1
-                self.ring_pending.append(int(p))
+            u = np.unique(trap)
+            v = self.rng.integers(0, self.cfg.vcpus, len(u))
+            di = np.empty(len(u), np.int64)
+            for i in range(self.cfg.vcpus):
+                on = v == i
+                cnt = int(np.count_nonzero(on))
+                di[on] = self.ring_idx[i] + np.arange(cnt)
+                self.ring_idx[i] += cnt
+            slot = (u >= self.half).astype(np.int32)
+            self.rec.ring_push.add(np.int64(self.now), TID_VCPU0 + v, v, di, self.ring_reset_idx[v], slot,
+                                   u - slot * self.half)
+            self.ring_pending.append(u)
         else:
             self.kbit[trap] = True
 
@@ -416,18 +605,18 @@ class Sim:
         for a, b in ((p0, min(p1, self.half)), (max(p0, self.half), p1)):
             if a >= b:
                 continue
-            mask = self.qcopy[a:b].copy()
+            mask = self.qcopy[a:b]
             slot, first = self.slot_of(a)
             t0 = self.now
             self.now += 3_000
             rearm = mask & self.kbit[a:b]
             seq = self._ioctl("CLEAR_DIRTY_LOG", tid, t0, self.now, slot=slot, first_page=first,
-                              num_pages=b - a, pages=int(rearm.sum()))
+                              num_pages=b - a, pages=int(np.count_nonzero(rearm)))
             self._words(self.now, seq, "clear", slot, mask)
             idx = np.flatnonzero(rearm) + a
             self.kbit[idx] = False
             self.armed[idx] = True
-            self.last_clear_rearm[idx] = self.now
+            self.last_clear_rearm[idx] = self.stamp()
             self.qcopy[a:b] = False
 
     # ---------------------------------------------------------------- balloon device (host)
@@ -519,7 +708,7 @@ class Sim:
                 if self.clear_bmap[ch]:
                     self._chunk_clear(ch, tid)
         self.bmap[p0:p1] = False
-        self.last_apply[p0:p1] = self.now
+        self.last_apply[b] = self.stamp()
         self.now = t0 + c.apply_ns
         self.q("hint_apply_ret", tid)
 
@@ -528,39 +717,53 @@ class Sim:
         if not self.vm_running:
             return
         c = self.cfg
-        inuse_blocks = self.block == INUSE
-        hot = self.hot[inuse_blocks[self.hot // self.bpages]]
         n_hot = int(self.rng.binomial(c.write_burst, 0.85))
         pages = []
-        if len(hot) and n_hot:
-            pages.append(self.rng.choice(hot, n_hot))
-        if c.write_burst - n_hot:
-            ib = np.flatnonzero(inuse_blocks)
-            if len(ib):
-                blocks = self.rng.choice(ib, c.write_burst - n_hot)
-                pages.append(blocks * self.bpages + self.rng.integers(0, self.bpages, len(blocks)))
+        if n_hot:
+            # the hot set's pages in blocks the guest has allocated (a hot page in a freed block is not written)
+            hot = self.hot[self.rng.integers(0, len(self.hot), n_hot)]
+            pages.append(hot[self.block[hot >> c.block_order] == INUSE])
+        if c.write_burst - n_hot and len(self.inuse):
+            blocks = self.inuse.pick(self.rng, c.write_burst - n_hot)
+            pages.append(blocks * self.bpages + self.rng.integers(0, self.bpages, len(blocks)))
         if pages:
-            self._write_pages(np.concatenate(pages))
+            pages = np.concatenate(pages)
+            if len(pages):
+                self._write_pages(pages)
         self.at(self.now + self.rng.exponential(c.write_period_ns), self._guest_write)
+
+    def _set_block(self, b: int, state: int) -> None:
+        old = int(self.block[b])
+        if old == state:
+            return
+        if old == FREE:
+            self.free.remove(b)
+        elif old == INUSE:
+            self.inuse.remove(b)
+        if state == FREE:
+            self.free.add(b)
+        elif state == INUSE:
+            self.inuse.add(b)
+        self.block[b] = state
 
     def _alloc_block(self, b: int) -> None:
         """An allocation of a whole free block: INIT_ON_ALLOC writes every page."""
-        self.block[b] = INUSE
+        self._set_block(b, INUSE)
         p0 = b * self.bpages
+        gfn = int(self.gfn_of(p0))
         if self.returned_at[b] >= 0:
-            self.rec.reuse.append((self.now, self.gfn[p0], self.cfg.block_order, self.gfn[p0], self.returned_at[b]))
-            self.g("reuse", self.gfn[p0], self.cfg.block_order, 0xCC0)
+            self.rec.reuse.append((self.now, gfn, self.cfg.block_order, gfn, int(self.returned_at[b])))
+            self.g("reuse", gfn, self.cfg.block_order, 0xCC0)
             self.returned_at[b] = -1
         self._write_pages(np.arange(p0, p0 + self.bpages))
 
     def _guest_churn(self) -> None:
         if not self.vm_running:
             return
-        inuse = np.flatnonzero(self.block == INUSE)
-        free = np.flatnonzero(self.block == FREE)
-        if len(inuse) > 4 and len(free):
-            self.block[self.rng.choice(inuse)] = FREE
-            self._alloc_block(int(self.rng.choice(free)))
+        if len(self.inuse) > 4 and len(self.free):
+            take = self.free.pick(self.rng)      # chosen among the blocks free before this free
+            self._set_block(self.inuse.pick(self.rng), FREE)
+            self._alloc_block(take)
         self.at(self.now + self.rng.exponential(self.cfg.churn_period_ns), self._guest_churn)
 
     def _guest_shrink(self) -> None:
@@ -578,11 +781,11 @@ class Sim:
         k = 0
         while self.held and k < n:
             b = self.held.pop()             # free_page_list is LIFO
-            self.block[b] = FREE
+            self._set_block(b, FREE)
             self.returned_at[b] = self.now
-            p0 = b * self.bpages
-            self.rec.returns.append((self.now, self.gfn[p0], self.cfg.block_order, reason))
-            self.g("block_returned", self.gfn[p0], REASON_CODE[reason], self.cfg.block_order)
+            gfn = int(self.gfn_of(b * self.bpages))
+            self.rec.returns.append((self.now, gfn, self.cfg.block_order, reason))
+            self.g("block_returned", gfn, REASON_CODE[reason], self.cfg.block_order)
             if reason != "done":
                 self.at(self.now + self._lat(self.cfg.reuse_latency_ns), self._guest_reuse, b)
             k += 1
@@ -643,18 +846,17 @@ class Sim:
         if self.k.send_cmd_id and self.g_cfg_changed:
             if self._read_cmd_id() != self.g_active_id:
                 return self._guest_end_run()
-        free = np.flatnonzero(self.block == FREE)
-        if len(free) == 0:
+        if not len(self.free):
             return self._guest_end_run()
-        b = int(self.rng.choice(free))
-        self.block[b] = HELD
+        b = self.free.pick(self.rng)
+        self._set_block(b, HELD)
         self.returned_at[b] = -1
         self.held.append(b)
-        p0 = b * self.bpages
-        self.last_hint_add[p0:p0 + self.bpages] = self.now
-        self.rec.hints.append((self.now, self.gfn[p0], self.cfg.block_order, self.g_active_id if self.k.send_cmd_id else 0,
-                               self.g_run))
-        self.g("hint", self.gfn[p0], self.cfg.block_order, self.g_active_id if self.k.send_cmd_id else 0)
+        gfn = int(self.gfn_of(b * self.bpages))
+        self.last_hint_add[b] = self.stamp()
+        cmd = self.g_active_id if self.k.send_cmd_id else 0
+        self.rec.hints.append((self.now, gfn, self.cfg.block_order, cmd, self.g_run))
+        self.g("hint", gfn, self.cfg.block_order, cmd)
         self.g_run_hinted += 1
         self._vq_add(("hint", b))
         if self.k.targeted_reuse_prob and self.rng.random() < self.k.targeted_reuse_prob:
@@ -670,23 +872,77 @@ class Sim:
         self._guest_work_done()
 
     # ---------------------------------------------------------------- results
-    def ground_truth(self):
-        import pandas as pd
+    def stamp_ns(self, st: np.ndarray, pages: np.ndarray | None = None) -> np.ndarray:
+        """Host ns of stamps (-1 stays -1); with pages, the send time of each page of its run."""
+        ns = np.asarray(self._st_ns, np.int64)
+        st = np.asarray(st)
+        ok = st >= 0
+        out = np.where(ok, ns[np.where(ok, st, 0)], -1)
+        if pages is not None:
+            p0 = np.asarray(self._st_p0, np.int64)
+            out = np.where(ok, out + (pages - p0[np.where(ok, st, 0)]) * self.cfg.send_ns, -1)
+        return out
+
+    def truth_chunks(self, window: int = 1 << 22):
+        """Ground truth for the stale pages, ``window`` guest pages at a time (dicts of columns).
+
+        stale = the destination's version differs from the source's at VM stop.  Of those,
+        hint = a hint apply came after the page's last write; lost = not hint, or written after
+        its last hint (the spec lets a page written before its last hint hold old content).
+        """
         if self.src_ver is None:
             raise RuntimeError("simulation did not reach stop-and-copy")
-        stale = self.dest_ver != self.src_ver
-        hint = stale & (self.last_apply > self.last_write)
-        reason = np.where(~stale, "", np.where(hint, "hint", "not-hint"))
-        # the spec: the device must keep writes made after the hint's cmd id; a page written before
-        # its last hint (freed, then hinted) may legally hold old content
-        lost = stale & (~hint | (self.last_write > self.last_hint_add))
-        cause = np.full(self.n, "", object)
-        cause[stale & ~hint] = "dropped-send"
-        wiped = hint & (self.last_clear_rearm > self.last_write)
-        cause[hint & ~wiped] = "bmap-cleared"
-        cause[wiped] = "rearm-wipe"
-        return pd.DataFrame({
-            "gfn": self.gfn.astype(np.uint64), "in_use": self.src_inuse, "stale": stale, "lost": lost,
-            "reason": reason, "cause": cause.astype(str), "last_write_ns": self.last_write,
-            "last_send_ns": self.last_send, "last_apply_ns": self.last_apply,
-        })
+        for a in range(0, self.n, window):
+            b = min(self.n, a + window)
+            idx = np.flatnonzero(self.dest_ver[a:b] != self.src_ver[a:b]) + a
+            blk = idx >> self.cfg.block_order
+            lw = self.last_write[idx]
+            la = self.last_apply[blk]
+            hint = la > lw
+            lost = ~hint | (lw > self.last_hint_add[blk])
+            wiped = hint & (self.last_clear_rearm[idx] > lw)
+            reason = pd_cat(np.where(hint, 1, 2), ["", "hint", "not-hint"])
+            cause = pd_cat(np.where(~hint, 1, np.where(wiped, 3, 2)), ["", "dropped-send", "bmap-cleared",
+                                                                       "rearm-wipe"])
+            yield {
+                "gfn": self.gfn_of(idx).astype(np.uint64), "in_use": self.src_inuse[blk],
+                "stale": np.ones(len(idx), bool), "lost": lost, "reason": reason, "cause": cause,
+                "last_write_ns": self.stamp_ns(lw), "last_send_ns": self.stamp_ns(self.last_send[idx], idx),
+                "last_apply_ns": self.stamp_ns(la),
+                # not ground_truth columns: what the destination check (lost_pages) needs
+                "_src_seq": self.src_ver[idx].astype(np.int64), "_dst_seq": self.dest_ver[idx].astype(np.int64),
+            }
+
+    def truth_totals(self) -> dict:
+        """meta sim.truth: counts over the whole guest (computed once, chunk by chunk)."""
+        if self._truth is None:
+            t = {"stale": 0, "lost": 0, "lost_hint": 0, "lost_not_hint": 0}
+            for ch in self.truth_chunks():
+                hint = ch["reason"].codes == 1
+                t["stale"] += len(ch["gfn"])
+                t["lost"] += int(np.count_nonzero(ch["lost"]))
+                t["lost_hint"] += int(np.count_nonzero(ch["lost"] & hint))
+                t["lost_not_hint"] += int(np.count_nonzero(ch["lost"] & ~hint))
+            t["pages"] = self.n
+            t["in_use"] = int(np.count_nonzero(self.src_inuse)) * self.bpages
+            self._truth = t
+        return self._truth
+
+    def ground_truth(self):
+        """The ``ground_truth`` table (stale pages only) as one DataFrame (small sims, tests)."""
+        import pandas as pd
+        parts = list(self.truth_chunks())
+        cols = {}
+        for k, v in parts[0].items():
+            if k.startswith("_"):
+                continue
+            if isinstance(v, pd.Categorical):
+                cols[k] = pd.Categorical.from_codes(np.concatenate([p[k].codes for p in parts]), v.categories)
+            else:
+                cols[k] = np.concatenate([p[k] for p in parts])
+        return pd.DataFrame(cols)
+
+
+def pd_cat(codes: np.ndarray, categories: list[str]):
+    import pandas as pd
+    return pd.Categorical.from_codes(codes.astype(np.int8), categories)

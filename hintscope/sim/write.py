@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from hintscope import schema
 from hintscope.bundle import BundleWriter, to_arrow
-from hintscope.sim.model import T0, SimConfig, Sim
+from hintscope.sim.model import PHASES, RAM_BLOCK, T0, TID_MIG, SimConfig, Sim
 
 GUEST_TID = 300
 
@@ -34,16 +35,27 @@ def _df(rows, cols) -> pd.DataFrame:
     return pd.DataFrame.from_records(rows, columns=cols) if rows else pd.DataFrame({c: [] for c in cols})
 
 
-def frames(sim: Sim, dest_compare: bool = True) -> dict[str, pd.DataFrame]:
+def event_tables(sim: Sim) -> dict[str, Any]:
+    """Every table but the ground truth and the destination check, as frames or dicts of columns."""
     r = sim.rec
-    out: dict[str, pd.DataFrame] = {}
-    out["qemu_events"] = _df(r.qemu, ["ts_ns", "tid", "event", "a0", "a1", "a2", "ret"]).sort_values(
-        "ts_ns", kind="stable", ignore_index=True)
+    out: dict[str, Any] = {}
+    qe = _df(r.qemu, ["ts_ns", "tid", "event", "a0", "a1", "a2", "ret"])
+    if len(r.page_send):
+        ps = r.page_send.columns()
+        qe = pd.concat([qe, pd.DataFrame({"ts_ns": ps["ts_ns"], "tid": TID_MIG, "event": "page_send",
+                                          "a0": ps["hva"], "a1": 4096, "a2": 0, "ret": 0})], ignore_index=True)
+    out["qemu_events"] = qe.sort_values("ts_ns", kind="stable", ignore_index=True)
     out["ioctls"] = pd.DataFrame(r.ioctls, columns=schema.get("ioctls").names)
-    out["bitmap_words"] = _df(r.words, ["ts_ns", "seq", "op", "slot", "word", "mask"])
+    w = r.words.columns({"ts_ns": np.int64, "seq": np.int64, "op": np.int8, "slot": np.int32, "word": np.int64,
+                         "nwords": np.int64, "mask": np.uint64})
+    w["op"] = pd.Categorical.from_codes(w["op"], ["get", "clear"])
+    out["bitmap_words"] = w
     out["memslots"] = pd.DataFrame(r.memslots, columns=schema.get("memslots").names)
+    out["page_sends"] = page_sends(sim)
     if sim.cfg.mode == "ring":
-        out["ring_push"] = _df(r.ring_push, ["ts_ns", "tid", "vcpu", "dirty_index", "reset_index", "slot", "offset"])
+        out["ring_push"] = r.ring_push.columns({"ts_ns": np.int64, "tid": np.int32, "vcpu": np.int32,
+                                                "dirty_index": np.uint32, "reset_index": np.uint32,
+                                                "slot": np.int32, "offset": np.uint64})
         out["ring_reset"] = _df(r.ring_reset, ["ts_ns", "tid", "vcpu", "dirty_index", "reset_index"])
     ge = _df(r.guest, ["host_ts", "event", "a0", "a1", "a2", "tid"])
     ge = ge.sort_values("host_ts", kind="stable", ignore_index=True)
@@ -64,34 +76,74 @@ def frames(sim: Sim, dest_compare: bool = True) -> dict[str, pd.DataFrame]:
                                        "pfn": ru["pfn"].astype(np.uint64), "order": ru["order"], "gfp": np.uint64(0xCC0),
                                        "block_pfn": ru["block_pfn"].astype(np.uint64),
                                        "returned_ns": _guest_ns(sim, ru["returned_ts"])})
-    gt = sim.ground_truth()
-    out["ground_truth"] = gt
-    if dest_compare:
-        st = gt[gt["stale"]]
-        src_seq = sim.src_ver[st.index.to_numpy()]
-        dst_seq = sim.dest_ver[st.index.to_numpy()]
-        out["lost_pages"] = pd.DataFrame({
-            "gfn": st["gfn"].to_numpy(np.uint64),
-            "src_hash": (src_seq.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ st["gfn"].to_numpy(np.uint64),
-            "dst_hash": (dst_seq.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ st["gfn"].to_numpy(np.uint64),
-            "src_zero": False, "dst_zero": dst_seq < 0, "src_seq": src_seq, "dst_seq": dst_seq,
-            "classification": "lost-write"})
-    # conform every frame to the declared schema (dtypes, column order)
-    return {name: to_arrow(name, df).to_pandas() for name, df in out.items()}
+    return out
+
+
+def page_sends(sim: Sim) -> dict[str, Any]:
+    """The sends as the migration-stream tap records them: the block list's mem-size row, then runs."""
+    s = sim.rec.sends.columns({"ts_ns": np.int64, "ts_end_ns": np.int64, "page": np.int64, "npages": np.int64,
+                               "section": np.int64, "phase": np.int8, "scan_pass": np.int64})
+    n = len(s["page"])
+    rec = 4096 + 8                           # a page record: 8-byte header (offset | flags), 4 KiB of data
+    hdr = 64                                 # the stream header and the setup section's block list
+    end = hdr + np.cumsum(s["npages"] * rec, dtype=np.int64)
+    return {
+        "ts_ns": np.r_[sim.t_mig, s["ts_ns"]], "ts_end_ns": np.r_[sim.t_mig, s["ts_end_ns"]],
+        "block": pd.Categorical.from_codes(np.zeros(n + 1, np.int8), [RAM_BLOCK]),
+        "offset": (np.r_[0, s["page"]] * 4096).astype(np.uint64),
+        "npages": np.r_[sim.n, s["npages"]],
+        "kind": pd.Categorical.from_codes(np.r_[1, np.zeros(n, np.int8)].astype(np.int8), ["page", "mem-size"]),
+        "sent": np.r_[False, np.ones(n, bool)],
+        "stream_pos": np.r_[0, end - s["npages"] * rec].astype(np.uint64),
+        "stream_end": np.r_[hdr, end].astype(np.uint64),
+        "section": np.r_[0, s["section"]],
+        "phase": pd.Categorical.from_codes(np.r_[0, s["phase"]].astype(np.int8), list(PHASES)),
+        "scan_pass": np.r_[0, s["scan_pass"]],
+    }
+
+
+def truth_tables(sim: Sim, dest_compare: bool):
+    """(table, columns) chunks of ``ground_truth`` and, with dest_compare, ``lost_pages`` (stale pages only)."""
+    gt_names = schema.get("ground_truth").names
+    for ch in sim.truth_chunks():
+        yield "ground_truth", {k: ch[k] for k in gt_names}
+        if dest_compare:
+            gfn = ch["gfn"]
+            src_seq, dst_seq = ch["_src_seq"], ch["_dst_seq"]
+            yield "lost_pages", {
+                "gfn": gfn,
+                "src_hash": (src_seq.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ gfn,
+                "dst_hash": (dst_seq.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ gfn,
+                "src_zero": np.zeros(len(gfn), bool), "dst_zero": dst_seq < 0, "src_seq": src_seq,
+                "dst_seq": dst_seq,
+                "classification": pd.Categorical.from_codes(np.zeros(len(gfn), np.int8), ["lost-write"])}
+
+
+def frames(sim: Sim, dest_compare: bool = True) -> dict[str, pd.DataFrame]:
+    """Every table as a DataFrame conformed to the declared schema (dtypes, column order)."""
+    out = {name: to_arrow(name, cols) for name, cols in event_tables(sim).items()}
+    parts: dict[str, list] = {}
+    for name, cols in truth_tables(sim, dest_compare):
+        parts.setdefault(name, []).append(to_arrow(name, cols))
+    for name, ts in parts.items():
+        out[name] = pa.concat_tables(ts)
+    return {name: t.to_pandas() for name, t in out.items()}
 
 
 def meta_for(sim: Sim, dest_compare: bool) -> dict[str, Any]:
     k = sim.v.knobs
+    events = {e[2] for e in sim.rec.qemu} | ({"page_send"} if sim.cfg.page_send_events else set())
     sources = {
         "host_ioctl": {"status": "captured", "reason": None},
-        "qemu_uprobes": {"status": "captured", "reason": None, "events": sorted({e[2] for e in sim.rec.qemu})},
+        "qemu_uprobes": {"status": "captured", "reason": None, "events": sorted(events)},
         "guest_probe": {"status": "captured", "reason": None},
+        "tap": {"status": "captured", "reason": None,
+                "clock": "host CLOCK_MONOTONIC of the simulated page reads (the simulator has no socket delay)"},
     }
     if sim.cfg.mode == "ring":
         sources["host_ring"] = {"status": "captured", "reason": None}
     if dest_compare:
         sources["memcheck"] = {"status": "captured", "reason": None}
-    gt = sim.ground_truth()
     return {
         "vmm": {"name": "hintscope-sim", "dirty_log": sim.cfg.mode},
         "sources": sources,
@@ -100,9 +152,7 @@ def meta_for(sim: Sim, dest_compare: bool) -> dict[str, Any]:
             "variant": sim.v.name, "seed": sim.seed, "mode": sim.cfg.mode, "safe_design": sim.v.safe,
             "config": asdict(sim.cfg), "knobs": asdict(k),
             "delta_ns": sim.delta0, "drift": sim.drift, "bulk_stall_ns": sim.stall_ns,
-            "truth": {"stale": int(gt["stale"].sum()), "lost": int(gt["lost"].sum()),
-                      "lost_hint": int((gt["lost"] & (gt["reason"] == "hint")).sum()),
-                      "lost_not_hint": int((gt["lost"] & (gt["reason"] == "not-hint")).sum())},
+            "truth": sim.truth_totals(),
         },
     }
 
@@ -141,25 +191,52 @@ class MemoryBundle:
                             list(self.problems))
 
 
-def simulate(variant: str, seed: int, mode: str = "manual", dest_compare: bool = True,
-             cfg: SimConfig | None = None) -> MemoryBundle:
+def run_sim(variant: str, seed: int, mode: str = "manual", cfg: SimConfig | None = None) -> Sim:
     from dataclasses import replace
     from hintscope.sim import variants
     cfg = replace(cfg or SimConfig(), mode=mode)
-    sim = Sim(variants.get(variant), seed, cfg).run()
+    return Sim(variants.get(variant), seed, cfg).run()
+
+
+def simulate(variant: str, seed: int, mode: str = "manual", dest_compare: bool = True,
+             cfg: SimConfig | None = None) -> MemoryBundle:
+    sim = run_sim(variant, seed, mode, cfg)
     meta = meta_for(sim, dest_compare)
     meta["status"] = "complete"
     meta["end_reason"] = "target-exit"
     return MemoryBundle(meta, frames(sim, dest_compare))
 
 
-def write_bundle(mb: MemoryBundle, path: str | Path) -> Path:
+def _start(path, meta: dict[str, Any]) -> BundleWriter:
     w = BundleWriter(path, producer="simulate")
     for k in ("vmm", "sim"):
-        w.meta[k] = mb.meta[k]
-    for name, st in mb.meta["sources"].items():
+        w.meta[k] = meta[k]
+    for name, st in meta["sources"].items():
         st = dict(st)
         w.set_source(name, st.pop("status"), st.pop("reason", None), **st)
+    return w
+
+
+def write_sim(sim: Sim, path: str | Path, dest_compare: bool = True) -> dict[str, Any]:
+    """Write a finished simulation as a bundle without building DataFrames of its page tables.
+
+    The ground truth and the destination check are written a window of pages at a time, each a
+    part of its own, so memory stays at the simulator's arrays plus one window.
+    """
+    meta = meta_for(sim, dest_compare)
+    w = _start(path, meta)
+    for name, cols in event_tables(sim).items():
+        w.append(name, cols)
+    w.flush()
+    for name, cols in truth_tables(sim, dest_compare):
+        w.append(name, cols)
+        w.flush()
+    w.close(end_reason="target-exit")
+    return meta
+
+
+def write_bundle(mb: MemoryBundle, path: str | Path) -> Path:
+    w = _start(path, mb.meta)
     for name in mb.tables():
         w.append(name, mb.table(name))
     w.close(end_reason="target-exit")
