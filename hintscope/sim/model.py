@@ -892,6 +892,7 @@ class Sim:
         """
         if self.src_ver is None:
             raise RuntimeError("simulation did not reach stop-and-copy")
+        tot = {"stale": 0, "lost": 0, "lost_hint": 0, "lost_not_hint": 0}
         for a in range(0, self.n, window):
             b = min(self.n, a + window)
             idx = np.flatnonzero(self.dest_ver[a:b] != self.src_ver[a:b]) + a
@@ -904,6 +905,10 @@ class Sim:
             reason = pd_cat(np.where(hint, 1, 2), ["", "hint", "not-hint"])
             cause = pd_cat(np.where(~hint, 1, np.where(wiped, 3, 2)), ["", "dropped-send", "bmap-cleared",
                                                                        "rearm-wipe"])
+            tot["stale"] += len(idx)
+            tot["lost"] += int(np.count_nonzero(lost))
+            tot["lost_hint"] += int(np.count_nonzero(lost & hint))
+            tot["lost_not_hint"] += int(np.count_nonzero(lost & ~hint))
             yield {
                 "gfn": self.gfn_of(idx).astype(np.uint64), "in_use": self.src_inuse[blk],
                 "stale": np.ones(len(idx), bool), "lost": lost, "reason": reason, "cause": cause,
@@ -912,20 +917,14 @@ class Sim:
                 # not ground_truth columns: what the destination check (lost_pages) needs
                 "_src_seq": self.src_ver[idx].astype(np.int64), "_dst_seq": self.dest_ver[idx].astype(np.int64),
             }
+        # a full pass knows the totals: meta sim.truth needs no second pass
+        self._truth = dict(tot, pages=self.n, in_use=int(np.count_nonzero(self.src_inuse)) * self.bpages)
 
     def truth_totals(self) -> dict:
-        """meta sim.truth: counts over the whole guest (computed once, chunk by chunk)."""
+        """meta sim.truth: counts over the whole guest, plus ``pages`` and ``in_use`` (pages allocated at stop)."""
         if self._truth is None:
-            t = {"stale": 0, "lost": 0, "lost_hint": 0, "lost_not_hint": 0}
-            for ch in self.truth_chunks():
-                hint = ch["reason"].codes == 1
-                t["stale"] += len(ch["gfn"])
-                t["lost"] += int(np.count_nonzero(ch["lost"]))
-                t["lost_hint"] += int(np.count_nonzero(ch["lost"] & hint))
-                t["lost_not_hint"] += int(np.count_nonzero(ch["lost"] & ~hint))
-            t["pages"] = self.n
-            t["in_use"] = int(np.count_nonzero(self.src_inuse)) * self.bpages
-            self._truth = t
+            for _ in self.truth_chunks():
+                pass
         return self._truth
 
     def ground_truth(self):

@@ -130,7 +130,7 @@ def frames(sim: Sim, dest_compare: bool = True) -> dict[str, pd.DataFrame]:
     return {name: t.to_pandas() for name, t in out.items()}
 
 
-def meta_for(sim: Sim, dest_compare: bool) -> dict[str, Any]:
+def meta_for(sim: Sim, dest_compare: bool, truth: bool = True) -> dict[str, Any]:
     k = sim.v.knobs
     events = {e[2] for e in sim.rec.qemu} | ({"page_send"} if sim.cfg.page_send_events else set())
     sources = {
@@ -152,7 +152,7 @@ def meta_for(sim: Sim, dest_compare: bool) -> dict[str, Any]:
             "variant": sim.v.name, "seed": sim.seed, "mode": sim.cfg.mode, "safe_design": sim.v.safe,
             "config": asdict(sim.cfg), "knobs": asdict(k),
             "delta_ns": sim.delta0, "drift": sim.drift, "bulk_stall_ns": sim.stall_ns,
-            "truth": sim.truth_totals(),
+            "truth": sim.truth_totals() if truth else {},
         },
     }
 
@@ -223,7 +223,7 @@ def write_sim(sim: Sim, path: str | Path, dest_compare: bool = True) -> dict[str
     The ground truth and the destination check are written a window of pages at a time, each a
     part of its own, so memory stays at the simulator's arrays plus one window.
     """
-    meta = meta_for(sim, dest_compare)
+    meta = meta_for(sim, dest_compare, truth=False)
     w = _start(path, meta)
     for name, cols in event_tables(sim).items():
         w.append(name, cols)
@@ -231,6 +231,7 @@ def write_sim(sim: Sim, path: str | Path, dest_compare: bool = True) -> dict[str
     for name, cols in truth_tables(sim, dest_compare):
         w.append(name, cols)
         w.flush()
+    meta["sim"]["truth"] = w.meta["sim"]["truth"] = sim.truth_totals()    # counted by the pass above
     w.close(end_reason="target-exit")
     return meta
 
