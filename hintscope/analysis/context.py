@@ -13,7 +13,7 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
-from hintscope.analysis import harvest, memslots as ms, qemu_states
+from hintscope.analysis import harvest, memslots as ms, pagestate as ps, qemu_states
 from hintscope.bundle import Bundle
 from hintscope.probes import kvm_abi
 from hintscope.parse import qemu_trace
@@ -223,7 +223,7 @@ class Context:
             ln = np.where((ln > 0) & (ln <= (1 << 21)), ln, ms.PAGE)
             keep = np.cumsum((ln + ms.PAGE - 1) // ms.PAGE) <= 4 * MAX_EXPANDED_PAGES
             if not keep.all():
-                self.problems.append(f"page sends cover more than {4 * MAX_EXPANDED_PAGES} pages; later sends ignored")
+                self._note(f"page sends cover more than {4 * MAX_EXPANDED_PAGES} pages; later sends ignored")
                 ts, hva, ln = ts[keep], hva[keep], ln[keep]
             idx, hva = ms.expand_ranges(hva, ln)
             ts = ts[idx]
@@ -250,23 +250,23 @@ class Context:
         sizes = t[t["kind"] == "mem-size"].groupby("block")["npages"].max()
         sent = t[t["sent"]]
         if not len(sizes) or not len(sent):
-            self.problems.append("page_sends: no block list (mem-size) or no page sends; tap sends not used")
+            self._note("page_sends: no block list (mem-size) or no page sends; tap sends not used")
             return None
         ram = str(sizes.idxmax())
         iv = self.iv
         base = iv.loc[(iv["as_id"] == 0) & (iv["gpa"] == 0), "hva"] if len(iv) else pd.Series(dtype="int64")
         if not len(base):
-            self.problems.append("page_sends: no memslot at GPA 0 to place the RAM block; tap sends not used")
+            self._note("page_sends: no memslot at GPA 0 to place the RAM block; tap sends not used")
             return None
         other = sent[sent["block"] != ram]
         if len(other):
-            self.problems.append(f"page_sends: {int(other['npages'].sum())} sends of blocks other than {ram} "
+            self._note(f"page_sends: {int(other['npages'].sum())} sends of blocks other than {ram} "
                                  "(firmware, ROMs) are not guest RAM and are left out")
         r = sent[sent["block"] == ram]
         n = r["npages"].to_numpy(np.int64)
         keep = np.cumsum(n) <= 4 * MAX_EXPANDED_PAGES
         if not keep.all():
-            self.problems.append(f"page sends cover more than {4 * MAX_EXPANDED_PAGES} pages; later sends ignored")
+            self._note(f"page sends cover more than {4 * MAX_EXPANDED_PAGES} pages; later sends ignored")
             r, n = r[keep], n[keep]
         # the guest pages the tap can see at all: other blocks (ROMs, firmware) are not mapped
         every = int(base.iloc[0]) + np.arange(int(sizes.max()), dtype=np.int64) * ms.PAGE
@@ -293,7 +293,7 @@ class Context:
 
     @property
     def send_source(self) -> str:
-        return self._sends[1]
+        return self._send_ops[1]
 
     @cached_property
     def dirty_mode(self) -> str:
@@ -343,3 +343,152 @@ class Context:
         """Last host time seen in any event table (end of capture)."""
         ends = [int(t["ts_ns"].max()) for t in (self.qe, self.ioctls, self.trace) if len(t)]
         return max(ends) if ends else 0
+
+    # -- compact page ops (pagestate): what the detector and the accounting sweep over ----------
+    @cached_property
+    def gindex(self) -> ps.GfnIndex:
+        """Dense page index over every memslot's GPA range (the per-page arrays' coordinates)."""
+        return ps.GfnIndex.from_intervals(self.iv)
+
+    @cached_property
+    def get_ops(self) -> ps.Ops:
+        """KVM_GET_DIRTY_LOG harvests as ops (x = ioctl seq)."""
+        return harvest.word_ops(self.words, "get", self.iv, self.gindex)
+
+    @cached_property
+    def clear_ops(self) -> ps.Ops:
+        """KVM_CLEAR_DIRTY_LOG re-arms as ops (x = ioctl seq)."""
+        return harvest.word_ops(self.words, "clear", self.iv, self.gindex, self.ioctls)
+
+    @cached_property
+    def apply_ops(self) -> ps.Ops:
+        """Hint applies as page ranges at their entry time (x = row of ``hint_applies``)."""
+        a = self.hint_applies
+        if not len(a):
+            return ps.Ops.empty()
+        npages = (a["len"].to_numpy(np.int64) + 2 * ms.PAGE - 1) // ms.PAGE
+        keep = np.cumsum(npages) <= MAX_EXPANDED_PAGES
+        if not keep.all():
+            self.problems.append(f"hint applies cover more than {MAX_EXPANDED_PAGES} pages in all; only the first "
+                                 f"{int(keep.sum())} of {len(a)} applies are used")
+        rows = np.flatnonzero(keep)
+        hva, ln = a["hva"].to_numpy(np.int64)[rows], a["len"].to_numpy(np.int64)[rows]
+        ts = a["ts_ns"].to_numpy(np.int64)[rows]
+        first = hva // ms.PAGE
+        n = np.where(ln > 0, (hva + ln - 1) // ms.PAGE - first + 1, 0)
+        ops, unmapped = self._hva_ranges(first * ms.PAGE, n, ts, ts, rows)
+        if unmapped:
+            self.problems.append(f"{unmapped} hinted pages have an HVA no memslot maps ({self.memslot_source}); "
+                                 "they are left out of page-level accounting")
+        return ops
+
+    def _hva_ranges(self, hva: np.ndarray, n: np.ndarray, t0: np.ndarray, t1: np.ndarray,
+                    x: np.ndarray, runs: bool = False) -> tuple[ps.Ops, int]:
+        """Page runs (first page's HVA, pages, time of first and last page) -> dense-page ops, and the
+        number of pages no memslot maps.  A run inside one slot is one op; others go page by page."""
+        iv, gi = self.iv, self.gindex
+        keep = n > 0
+        hva, n, t0, t1, x = hva[keep], n[keep], t0[keep], t1[keep], x[keep]
+        ga, sa = ms.hva_to_gpa(hva, t0, iv)
+        gb, sb = ms.hva_to_gpa(hva + (n - 1) * ms.PAGE, t1, iv)
+        da = gi.to_idx(np.where(ga >= 0, ga >> ms.PAGE_SHIFT, -1))
+        db = gi.to_idx(np.where(gb >= 0, gb >> ms.PAGE_SHIFT, -1))
+        ok = (ga >= 0) & (gb - ga == (n - 1) * ms.PAGE) & (sa == sb) & (da >= 0) & (db - da == n - 1)
+        parts = [ps.Ops(t0[ok], da[ok], n[ok], np.full(int(ok.sum()), ps.ALL, np.uint64), x[ok])]
+        if runs:
+            p = parts[0]
+            parts[0] = ps.Ops(p.t, p.g0, p.n, p.mask, p.x, t1[ok], np.zeros(len(p), np.int64), p.n.copy(), p.t.copy())
+        unmapped = 0
+        if not ok.all():
+            bad = np.flatnonzero(~ok)
+            idx, h = ms.expand_ranges(hva[bad], n[bad] * ms.PAGE)
+            k = (h - hva[bad][idx]) // ms.PAGE
+            nn = n[bad][idx]
+            ts = t0[bad][idx] + ((t1[bad][idx] - t0[bad][idx]) * (k / np.maximum(nn - 1, 1))).astype(np.int64)
+            g, _ = ms.hva_to_gpa(h, ts, iv)
+            d = gi.to_idx(np.where(g >= 0, g >> ms.PAGE_SHIFT, -1))
+            unmapped = int((g < 0).sum())
+            parts.append(ps.compress(bad[idx], d, ts, x[bad][idx]))
+        return ps.concat(parts), unmapped
+
+    @cached_property
+    def _send_ops(self) -> tuple[ps.Ops, str, np.ndarray | None]:
+        """(page sends as ops, source, dense mask of the pages the source can see or None for all)."""
+        t = self.bundle.table("page_sends") if self.bundle.has("page_sends") else pd.DataFrame()
+        if len(t):
+            r = self._tap_runs(t)
+            if r is not None:
+                return r
+        qe = self.qe
+        s = qe[qe["event"] == "page_send"]
+        if len(s):
+            ts, hva = s["ts_ns"].to_numpy(np.int64), s["a0"].to_numpy().astype(np.int64)
+            ln = s["a1"].to_numpy().astype(np.int64)
+            ln = np.where((ln > 0) & (ln <= (1 << 21)), ln, ms.PAGE)
+            first = hva // ms.PAGE
+            n = (hva + ln - 1) // ms.PAGE - first + 1
+            keep = np.cumsum(n) <= 4 * MAX_EXPANDED_PAGES
+            if not keep.all():
+                self._note(f"page sends cover more than {4 * MAX_EXPANDED_PAGES} pages; later sends ignored")
+                ts, first, n = ts[keep], first[keep], n[keep]
+            ops, _ = self._hva_ranges(first * ms.PAGE, n, ts, ts, np.zeros(len(ts), np.int64))
+            return ops, "page_send", None
+        tr = self.trace
+        s = tr[tr["event"] == "ram_save_page"]
+        if not len(s) or (s["ts_ns"] < 0).all():
+            return ps.Ops.empty(), "none", None
+        ts, hva = s["ts_ns"].to_numpy(np.int64), s["hva"].to_numpy(np.int64)
+        ops, _ = self._hva_ranges(hva // ms.PAGE * ms.PAGE, np.ones(len(ts), np.int64), ts, ts,
+                                  np.zeros(len(ts), np.int64))
+        return ops, "ram_save_page", None
+
+    def _tap_runs(self, t: pd.DataFrame):
+        sizes = t[t["kind"] == "mem-size"].groupby("block")["npages"].max()
+        sent = t[t["sent"]]
+        if not len(sizes) or not len(sent):
+            self._note("page_sends: no block list (mem-size) or no page sends; tap sends not used")
+            return None
+        ram = str(sizes.idxmax())
+        iv = self.iv
+        base = iv.loc[(iv["as_id"] == 0) & (iv["gpa"] == 0), "hva"] if len(iv) else pd.Series(dtype="int64")
+        if not len(base):
+            self._note("page_sends: no memslot at GPA 0 to place the RAM block; tap sends not used")
+            return None
+        other = sent[sent["block"] != ram]
+        if len(other):
+            self._note(f"page_sends: {int(other['npages'].sum())} sends of blocks other than {ram} "
+                       "(firmware, ROMs) are not guest RAM and are left out")
+        r = sent[sent["block"] == ram]
+        n = r["npages"].to_numpy(np.int64)
+        keep = np.cumsum(n) <= 4 * MAX_EXPANDED_PAGES
+        if not keep.all():
+            self._note(f"page sends cover more than {4 * MAX_EXPANDED_PAGES} pages; later sends ignored")
+        r, n = r[keep], n[keep]
+        b0 = int(base.iloc[0])
+        hva = b0 + r["offset"].to_numpy().astype(np.int64) // ms.PAGE * ms.PAGE
+        t0, t1 = r["ts_ns"].to_numpy(np.int64), r["ts_end_ns"].to_numpy(np.int64)
+        # page times inside a run are interpolated from the run's first and last record (as _tap_sends)
+        ok_run, _ = self._hva_ranges(hva, n, t0, t1, np.zeros(len(r), np.int64), runs=True)
+        seen_ops, _ = self._hva_ranges(np.array([b0]), np.array([int(sizes.max())]),
+                                       np.array([self.end_ns]), np.array([self.end_ns]), np.zeros(1, np.int64))
+        seen = np.zeros(self.gindex.size, bool)
+        for sel, _, _ in ps.pieces(seen_ops, np.arange(len(seen_ops))):
+            seen[sel] = True
+        return ok_run, "tap", seen
+
+    def _note(self, what: str) -> None:
+        if what not in self.problems:      # the per-page path (_tap_sends) may have said it already
+            self.problems.append(what)
+
+    @property
+    def send_ops(self) -> ps.Ops:
+        return self._send_ops[0]
+
+    @property
+    def send_ops_source(self) -> str:
+        return self._send_ops[1]
+
+    @property
+    def send_seen(self) -> np.ndarray | None:
+        """Dense mask of the pages the send source can see, None when it sees every page of guest RAM."""
+        return self._send_ops[2]

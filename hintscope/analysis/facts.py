@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hintscope.analysis import clock_align, epochs, harvest
+from hintscope.analysis import clock_align, epochs, pagefacts
+from hintscope.analysis import pagestate as ps
 from hintscope.analysis.context import EVERY_PAGE_SOURCES, Context
 from hintscope.analysis.findings import finding
 from hintscope.analysis.qemu_states import FINAL_STATES
@@ -32,11 +33,11 @@ class Facts:
     mode: str
     syncs: pd.DataFrame
     applies: pd.DataFrame       # apply, a, a_end, tid, gfn0, npages
-    apply_pages: pd.DataFrame   # apply, ts_ns, gfn
-    sends: pd.DataFrame         # ts_ns, gfn
+    apply_pages: Any            # pagestate.Ops: hinted page ranges (x = apply)
+    sends: Any                  # pagestate.Ops: page sends (ranges, tap runs)
     send_source: str
-    harvest: pd.DataFrame       # ts_ns, gfn (GET bits and ring pushes)
-    clears: pd.DataFrame        # ts_ns, gfn, tid (pages a KVM_CLEAR_DIRTY_LOG re-armed)
+    harvest: Any                # pagestate.Ops: GET bits and ring pushes
+    clears: Any                 # pagestate.Ops: pages a KVM_CLEAR_DIRTY_LOG re-armed
     hints: pd.DataFrame         # guest hint blocks: pfn, order, cmd_id, guest_ns, lo, hi
     returns: pd.DataFrame       # guest returns: pfn, order, reason, guest_ns, lo, hi
     reuse: pd.DataFrame         # guest reuse allocs: pfn, order, guest_ns, lo, hi
@@ -52,6 +53,7 @@ class Facts:
     hint_sym: str | None = None           # the probe's attach status of qemu_guest_free_page_hint
     available: dict[str, str | None] = field(default_factory=dict)
     ctx: Any = None                       # the Context these facts came from (checks that read more tables)
+    st: Any = None                        # pagefacts.PageState: per-page last times, per-apply exposure
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -82,37 +84,20 @@ def load_facts(ctx: Context) -> Facts:
     qe = ctx.qe
     _check_fetch_order(qe, ctx)
     syncs = epochs.sync_table(ctx)
-    ap = ctx.hint_pages
     a = ctx.hint_applies
-    gfn0 = ap.groupby("apply")["gfn"].min().reindex(range(len(a))).fillna(-1).to_numpy(np.int64)
+    st = pagefacts.page_state(ctx)
+    aops = st.applies
+    gfn0 = np.full(len(a), -1, np.int64)
+    if len(aops):
+        g0 = st.index.to_gfn(aops.g0)
+        first = pd.Series(g0).groupby(aops.x).min()
+        gfn0[first.index.to_numpy(np.int64)] = first.to_numpy(np.int64)
     applies = pd.DataFrame({"apply": np.arange(len(a)), "a": a["ts_ns"].to_numpy(np.int64),
                             "a_end": np.where(a["end_ns"] >= 0, a["end_ns"], a["ts_ns"]).astype(np.int64),
                             "end_known": (a["end_ns"] >= 0).to_numpy(),
                             "tid": a["tid"].to_numpy(np.int64), "gfn0": gfn0, "hva": a["hva"].to_numpy(np.int64),
                             "npages": (a["len"].to_numpy(np.int64) + 4095) // 4096})
-    apply_pages = ap[["apply", "ts_ns", "gfn"]][ap["gfn"] >= 0].reset_index(drop=True)
-    gp = ctx.get_pages
-    rp = ctx.ring_pages
     ioctls = ctx.ioctls
-    if len(rp):
-        # a push is the first write after a re-arm; later writes stay invisible until the reset
-        # that collects it, so the dirtiness a push shows spans [push, next RESET_DIRTY_RINGS]
-        rs = np.sort(ioctls.loc[ioctls["name"] == "RESET_DIRTY_RINGS", "ts_ns"].to_numpy(np.int64))
-        push = rp["ts_ns"].to_numpy(np.int64)
-        i = np.searchsorted(rs, push, side="left")
-        reset = np.where(i < len(rs), rs[np.minimum(i, max(len(rs) - 1, 0))] if len(rs) else BIG, BIG)
-        rp = pd.DataFrame({"ts_ns": np.where(reset < BIG, reset, push), "gfn": rp["gfn"].to_numpy(np.int64),
-                           "lo_ns": push.astype(float)})
-    harv = pd.concat([gp[["ts_ns", "gfn"]].assign(lo_ns=np.nan), rp], ignore_index=True)
-    cp = harvest.bitmap_pages(ctx.words, "clear", ctx.iv, ioctls)
-    if len(cp):
-        tid = ioctls.drop_duplicates("seq").set_index("seq")["tid"]
-        cp = cp.assign(tid=tid.reindex(cp["seq"]).fillna(-1).to_numpy(np.int64))
-        # CLEAR_DIRTY_LOG re-arms only pages that were dirty; the mask is what QEMU asked for
-        clears = cp[["ts_ns", "gfn", "tid"]]
-    else:
-        clears = pd.DataFrame({"ts_ns": pd.Series(dtype="int64"), "gfn": pd.Series(dtype="int64"),
-                               "tid": pd.Series(dtype="int64")})
     probs = ctx.problems
     ge = _table(bundle, "guest_events")
     _check_guest_clock(ge, ctx)
@@ -122,10 +107,11 @@ def load_facts(ctx: Context) -> Facts:
     band = clock_align.estimate(qe, ge, applies.rename(columns={"a": "ts_ns"}), hints, gfn0)
     f = Facts(
         mode=ctx.dirty_mode, syncs=syncs, applies=applies,
-        apply_pages=apply_pages, sends=ctx.sends, send_source=ctx.send_source, harvest=harv, clears=clears,
+        apply_pages=aops, sends=ctx.send_ops, send_source=ctx.send_source, harvest=pagefacts.harvest_ops(ctx),
+        clears=ctx.clear_ops,
         hints=_band_cols(hints, band), returns=_band_cols(returns, band), reuse=_band_cols(reuse, band),
         guest_events=ge, lost_pages=_table(bundle, "lost_pages"), band=band, states=ctx.states, qe=qe,
-        problems=probs, pops=hint_pops(ctx, applies))
+        problems=probs, pops=hint_pops(ctx, applies), st=st)
     f.state_names = ctx.state_names.basis
     f.hint_sym = _hint_symbol_status(bundle)
     f.no_hint_applied = _no_hint_applied(bundle, qe, ctx.states, f.hint_sym)
@@ -375,9 +361,19 @@ def _uniq(x) -> np.ndarray:
     return g[np.r_[True, g[1:] != g[:-1]]] if len(g) else g
 
 
-def _pages_of(applies_idx: np.ndarray, f: Facts) -> np.ndarray:
-    ap = f.apply_pages
-    return ap.loc[ap["apply"].isin(applies_idx), "gfn"].to_numpy(np.int64)
+def _pages_of(applies_idx: np.ndarray, f: Facts) -> ps.PageMarks:
+    """The pages of these applies (rows of f.applies), as a dense page set (no per-page rows)."""
+    if isinstance(f.apply_pages, pd.DataFrame):     # per-page facts (the oracle in tests/oracle_perpage)
+        ap = f.apply_pages
+        return ap.loc[ap["apply"].isin(applies_idx), "gfn"].to_numpy(np.int64)
+    st = f.st
+    mask = np.zeros(st.index.size, bool)
+    ops = st.applies
+    if len(ops):
+        sel_ops = np.flatnonzero(np.isin(ops.x, np.asarray(applies_idx, np.int64)))
+        for sel, _, _ in ps.pieces(ops, sel_ops):
+            mask[sel] = True
+    return ps.PageMarks(st.index, mask)
 
 
 def _hex(x: int) -> str:
@@ -419,71 +415,8 @@ def match_hints(f: Facts) -> pd.DataFrame:
     return m
 
 
-# ---------------------------------------------------------------------------------- lost writes
-DENSE_MAX_GFN = 1 << 25         # per-gfn arrays up to 128 GiB of guest memory; sparser ids use groupby
-_LAST_CACHE: dict[int, tuple[pd.DataFrame, pd.Series]] = {}
-
-
-def _max_by_gfn(g: np.ndarray, t: np.ndarray) -> pd.Series:
-    """Largest t per gfn (float), via ufunc.at on a dense array when gfns are small, else groupby."""
-    if not len(g):
-        return pd.Series(dtype="float64")
-    lo, hi = int(g.min()), int(g.max())
-    if lo >= 0 and hi < DENSE_MAX_GFN:
-        out = np.full(hi + 1, -np.inf)
-        np.maximum.at(out, g, t)
-        idx = np.flatnonzero(out > -np.inf)
-        return pd.Series(out[idx], index=idx)
-    return pd.Series(t).groupby(g).max()
-
-
-def _last_by_gfn(df: pd.DataFrame, col: str = "ts_ns") -> pd.Series:
-    """Latest ``col`` per gfn (float; cached per frame, the checks ask for the same tables repeatedly)."""
-    if not len(df):
-        return pd.Series(dtype="float64")
-    hit = _LAST_CACHE.get(id(df))
-    if hit is not None and hit[0] is df:
-        return hit[1]
-    out = _max_by_gfn(df["gfn"].to_numpy(np.int64), df[col].to_numpy(np.int64).astype(float))
-    if len(_LAST_CACHE) > 16:
-        _LAST_CACHE.clear()
-    _LAST_CACHE[id(df)] = (df, out)
-    return out
-
-
-def _max_before(src_g: np.ndarray, src_t: np.ndarray, q_g: np.ndarray, q_t: np.ndarray,
-                src_v: np.ndarray | None = None, inclusive: bool = False) -> np.ndarray:
-    """Per query (distinct gfns q_g, time q_t): max src_v (default src_t) over src rows of that gfn
-    with src_t < q_t (<= when inclusive); -inf when none."""
-    q_g = np.asarray(q_g, np.int64)
-    if not len(q_g) or not len(src_g):
-        return np.full(len(q_g), -np.inf)
-    src_v = src_t if src_v is None else src_v
-    Q = pd.Series(np.asarray(q_t, float), index=q_g)
-    qt = Q.reindex(src_g).to_numpy() if not (q_g.min() >= 0 and q_g.max() < DENSE_MAX_GFN and
-                                             src_g.min() >= 0) else None
-    if qt is None:
-        dense = np.full(max(int(q_g.max()), int(src_g.max())) + 1, np.nan)
-        dense[q_g] = q_t
-        qt = dense[src_g]
-    m = (src_t <= qt) if inclusive else (src_t < qt)     # NaN compares False: gfns not queried
-    r = _max_by_gfn(src_g[m], src_v[m])
-    return r.reindex(q_g).fillna(-np.inf).to_numpy()
-
-
-def _rearm_before(f: Facts, gfn: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """Per distinct gfn and time t: the last time before t the page was re-armed (-inf when unknown).
-
-    Legacy GET re-arms what it returns (the previous harvest); manual protect re-arms on CLEAR;
-    a ring push is itself the first write after a re-arm, so the push behind the harvest at t
-    (the reset that collected it) is returned.
-    """
-    src = f.clears if f.mode == "manual" else f.harvest
-    if not len(src) or not len(gfn):
-        return np.full(len(gfn), -np.inf)
-    sg = src["gfn"].to_numpy(np.int64)
-    st = src["ts_ns"].to_numpy(np.int64).astype(float)
-    if f.mode == "ring":
-        return _max_before(sg, st, gfn, t, src["lo_ns"].to_numpy(float), inclusive=True)
-    return _max_before(sg, st, gfn, t)
-
+# ---------------------------------------------------------------------------------- page lookups
+def last_at(f: Facts, name: str, gfn: np.ndarray) -> np.ndarray:
+    """Per gfn: the last time of family ``name`` (H harvest, Rb re-arm before that harvest, S send,
+    A apply entry, C CLEAR), float, -inf when never (pagefacts.PageState)."""
+    return f.st.at(getattr(f.st, name), gfn)

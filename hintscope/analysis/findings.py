@@ -49,13 +49,20 @@ EXPOSURE_COLUMNS = ["apply", "tid", "apply_ns", "apply_end_ns", "clear_ns", "epo
 
 
 def finding(kind: str, confidence: str, gfns, evidence: list, sentence: str) -> dict[str, Any]:
-    """One finding row: gfns are made distinct and sorted, capped at MAX_GFNS (gfn_count keeps the number)."""
-    g = np.asarray(gfns, np.int64)
-    g = np.sort(g, kind="stable")
-    g = g[np.r_[True, g[1:] != g[:-1]]] if len(g) else g
+    """One finding row: gfns are made distinct and sorted, capped at MAX_GFNS (gfn_count keeps the number).
+
+    ``gfns`` is an array, or a page set with ``summary(cap)`` -> (count, first, last, first cap gfns)
+    (pagestate.PageMarks): only the named pages are ever expanded, at most MAX_GFNS of them."""
+    if hasattr(gfns, "summary"):
+        count, first, last, head = gfns.summary(MAX_GFNS)
+    else:
+        g = np.asarray(gfns, np.int64)
+        g = np.sort(g, kind="stable")
+        g = g[np.r_[True, g[1:] != g[:-1]]] if len(g) else g
+        count, first, last, head = len(g), (g[0] if len(g) else -1), (g[-1] if len(g) else -1), g[:MAX_GFNS]
     return {"kind": kind, "confidence": confidence, "severity": SEVERITY[kind],
-            "gfn_first": int(g[0]) if len(g) else -1, "gfn_last": int(g[-1]) if len(g) else -1,
-            "gfn_count": int(len(g)), "gfns": g[:MAX_GFNS].tolist(),
+            "gfn_first": int(first), "gfn_last": int(last),
+            "gfn_count": int(count), "gfns": np.asarray(head, np.int64).tolist(),
             "evidence": [(int(t) if np.isfinite(t) else -1, s, e) for t, s, e in evidence[:MAX_EVIDENCE]],
             "sentence": sentence}
 

@@ -83,3 +83,40 @@ def ring_pages(ring_push: pd.DataFrame, iv: pd.DataFrame) -> pd.DataFrame:
     page = ring_push["offset"].to_numpy().astype(np.int64)
     gfn = ms.slot_page_to_gfn(slot, page, ts, iv)
     return pd.DataFrame({"ts_ns": ts, "seq": np.full(len(ts), -1, np.int64), "slot": slot, "page": page, "gfn": gfn})
+
+
+def word_ops(words: pd.DataFrame, op: str, iv: pd.DataFrame, index, ioctls: pd.DataFrame | None = None):
+    """``bitmap_words`` rows of ``op`` as compact page ops (pagestate.Ops, x = ioctl seq), no per-page rows.
+
+    A row (a run of ``nwords`` equal words) inside one memslot becomes one op: a range when every
+    bit is set (a fully dirty 64 GiB slot is one op), else the word pattern with its run length.
+    Rows that cross a slot's end or no slot maps are expanded page by page (``bitmap_pages``).
+    """
+    from hintscope.analysis import pagestate as ps
+
+    w = words[words["op"] == op]
+    if not len(w):
+        return ps.Ops.empty()
+    ts = w["ts_ns"].to_numpy(np.int64)
+    seq = w["seq"].to_numpy(np.int64)
+    slot = w["slot"].to_numpy(np.int64)
+    nw = np.clip(w["nwords"].to_numpy(np.int64), 1, None) if "nwords" in w else np.ones(len(w), np.int64)
+    mask = w["mask"].to_numpy().astype(np.uint64)
+    first = np.zeros(len(w), np.int64)
+    if op == "clear" and ioctls is not None and len(ioctls):
+        c = ioctls[ioctls["name"] == "CLEAR_DIRTY_LOG"].drop_duplicates("seq")
+        fp = pd.Series(c["first_page"].to_numpy(np.int64), index=c["seq"].to_numpy(np.int64))
+        first = fp.reindex(seq).fillna(0).to_numpy(np.int64)
+    p0 = first + w["word"].to_numpy(np.int64) * 64
+    span = nw * 64
+    g_a = ms.slot_page_to_gfn(slot, p0, ts, iv)
+    g_b = ms.slot_page_to_gfn(slot, p0 + span - 1, ts, iv)
+    d_a, d_b = index.to_idx(g_a), index.to_idx(g_b)
+    ok = (g_a >= 0) & (g_b == g_a + span - 1) & (d_a >= 0) & (d_b == d_a + span - 1)
+    parts = [ps.Ops(ts[ok], d_a[ok], span[ok], mask[ok], seq[ok])]
+    if not ok.all():
+        bad = w[~ok]
+        pg = bitmap_pages(bad, op, iv, ioctls)
+        sq = pg["seq"].to_numpy(np.int64)
+        parts.append(ps.compress(sq, index.to_idx(pg["gfn"].to_numpy(np.int64)), pg["ts_ns"].to_numpy(np.int64), sq))
+    return ps.concat(parts)

@@ -59,39 +59,71 @@ def _epoch_of(t: np.ndarray, ep: pd.DataFrame) -> np.ndarray:
     return np.where(ok, ep["epoch"].to_numpy(np.int64)[np.maximum(i, 0)], -1)
 
 
-def page_rows(c: Context, ep: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """Hinted pages with epoch, skipped, late, resent flags (late = -1 when the send source cannot tell)."""
-    hp = c.hint_pages
-    hp = hp[hp["gfn"] >= 0].reset_index(drop=True)
-    t = hp["ts_ns"].to_numpy(np.int64)
+def epoch_start_of(t: np.ndarray, ep: pd.DataFrame) -> np.ndarray:
+    """Per apply time: the start of its epoch (BIG outside every epoch)."""
     e = _epoch_of(t, ep)
     ep_ids = ep["epoch"].to_numpy(np.int64)
     pos = np.searchsorted(ep_ids, e)  # epochs are ascending
     found = (pos < len(ep_ids)) & (ep_ids[np.minimum(pos, max(len(ep_ids) - 1, 0))] == e) if len(ep_ids) else \
         np.zeros(len(e), bool)
-    start_of = np.where(found, ep["start_ns"].to_numpy(np.int64)[np.minimum(pos, max(len(ep_ids) - 1, 0))]
-                        if len(ep_ids) else _BIG, _BIG)
-    src = c.send_source
-    if src == "none":
-        # Estimate: a later harvest means the page went out again later.
-        ev = pd.concat([c.get_pages[["gfn", "ts_ns"]], c.ring_pages[["gfn", "ts_ns"]]], ignore_index=True)
-        late = np.full(len(hp), -1, np.int64)
-    else:
-        ev = c.sends
-        late = None
-    last = ev.groupby("gfn")["ts_ns"].max() if len(ev) else pd.Series(dtype="int64")
-    last_t = last.reindex(hp["gfn"].to_numpy()).fillna(-1).to_numpy(np.int64)
-    sent_after = last_t > t
-    if late is None:
-        # Latest send of the same page at or before the apply.
-        left = pd.DataFrame({"ts_ns": t, "gfn": hp["gfn"].to_numpy(np.int64), "i": np.arange(len(hp))})
-        right = ev[ev["gfn"] >= 0].rename(columns={"ts_ns": "sent_ns"}).sort_values("sent_ns")
-        right = right.assign(ts_ns=right["sent_ns"]).astype({"gfn": np.int64})
-        m = pd.merge_asof(left.sort_values("ts_ns"), right, on="ts_ns", by="gfn", direction="backward")
-        prev = m.sort_values("i")["sent_ns"].fillna(-1).to_numpy(np.int64)
-        late = ((prev >= 0) & (prev >= start_of)).astype(np.int64)
-    out = hp.assign(epoch=e, skipped=~sent_after, resent=sent_after, late=late)
-    return out, src
+    return np.where(found, ep["start_ns"].to_numpy(np.int64)[np.minimum(pos, max(len(ep_ids) - 1, 0))]
+                    if len(ep_ids) else _BIG, _BIG)
+
+
+def page_counts(c: Context, ep: pd.DataFrame) -> tuple[dict[str, np.ndarray], dict[str, int], int]:
+    """Distinct hinted pages per epoch (keys of ``ep`` then -1) and in total: applied, skipped, late,
+    resent; and the number of (apply, page) events.
+
+    From the compact apply ranges and the per-page state of one sweep (pagefacts): skipped = no send
+    of the page after the apply; late = sent between its epoch's start and the apply (-1 without
+    sends); with no send source, a later harvest stands for a later send (an estimate).
+    """
+    from hintscope.analysis import pagefacts, pagestate as psm
+
+    st = pagefacts.page_state(c)
+    aops = st.applies
+    keys = np.r_[ep["epoch"].to_numpy(np.int64), -1]
+    names = ("applied", "skipped", "late", "resent")
+    per = {k: np.zeros(len(keys), np.int64) for k in names}
+    n = st.index.size
+    tot = {k: np.zeros(n, bool) for k in names}
+    if not len(aops):
+        return per, {k: 0 for k in names}, 0
+    last = st.S if c.send_source != "none" else st.H
+    a_t = c.hint_applies["ts_ns"].to_numpy(np.int64)
+    e_app = _epoch_of(a_t, ep)
+    kpos = np.searchsorted(keys[:-1], e_app)
+    kpos = np.where((kpos < len(keys) - 1) & (keys[np.minimum(kpos, len(keys) - 1)] == e_app), kpos, len(keys) - 1)
+    op_k = kpos[aops.x]
+    # chunks of whole epochs: a page counted once per epoch needs all its epoch's applies together
+    order = np.argsort(op_k, kind="stable")
+    ks = op_k[order]
+    cum = np.cumsum(aops.n[order])
+    edge = np.r_[np.flatnonzero(np.r_[True, ks[1:] != ks[:-1]]), len(order)]
+    events = 0
+    sizes = np.diff(np.r_[0, cum[edge[1:] - 1]])
+    groups, acc, g0 = [], 0, 0
+    for j, sz in enumerate(sizes.tolist()):       # one step per epoch, not per apply
+        acc += sz
+        if acc >= psm.CHUNK_PAGES or j == len(sizes) - 1:
+            groups.append((int(edge[g0]), int(edge[j + 1])))
+            acc, g0 = 0, j + 1
+    for a, b in groups:
+        for sel, t, op in psm.pieces(aops, order[a:b], chunk=1 << 62):
+            g = np.arange(sel.start, sel.stop, dtype=np.int64) if isinstance(sel, slice) else sel
+            op = np.full(len(g), op[0]) if isinstance(sel, slice) else op
+            after = last[g] > aops.t[op]
+            late = st.late[st.off[op] + (g - aops.g0[op])] if c.send_source != "none" else np.zeros(len(g), bool)
+            k = op_k[op]
+            events += len(g)
+            for name, m in (("applied", None), ("skipped", ~after), ("late", late), ("resent", after)):
+                gg, kk = (g, k) if m is None else (g[m], k[m])
+                if not len(gg):
+                    continue
+                tot[name][gg] = True
+                u = np.unique(kk * n + gg)
+                per[name] += np.bincount(u // n, minlength=len(keys))[:len(keys)]
+    return per, {k: int(np.count_nonzero(v)) for k, v in tot.items()}, events
 
 
 def accounting(b: Bundle | Context, syncs: pd.DataFrame | None = None) -> dict[str, Any]:
@@ -99,24 +131,25 @@ def accounting(b: Bundle | Context, syncs: pd.DataFrame | None = None) -> dict[s
     c = b if isinstance(b, Context) else Context(b)
     s = sync_table(c) if syncs is None else syncs
     ep = epochs(s, c.end_ns)
-    rows, src = page_rows(c, ep)
+    src = c.send_source
+    per, tot, events = page_counts(c, ep)
     a = c.hint_applies
     a_ep = _epoch_of(a["ts_ns"].to_numpy(np.int64), ep)
     late_known = src != "none"
-    per_epoch = _per_epoch(ep, rows, a_ep, late_known)
+    per_epoch = _per_epoch(ep, per, a_ep, late_known)
     captured = applies_captured(c)
     if not captured:
         # Zero applies would read as "hinting skipped nothing": say instead that nobody looked.
         per_epoch = per_epoch.iloc[0:0]
-    skipped_total = int(rows.loc[rows["skipped"], "gfn"].nunique())
+    skipped_total = tot["skipped"]
     totals = {
         "applies": int(len(a)),
         "applied_bytes": int(a["len"].sum()) if len(a) else 0,
-        "applied_pages": int(rows["gfn"].nunique()),
-        "applied_page_events": int(len(rows)),
+        "applied_pages": tot["applied"],
+        "applied_page_events": events,
         "skipped_pages": skipped_total,
-        "late_pages": int(rows.loc[rows["late"] == 1, "gfn"].nunique()) if late_known else None,
-        "resent_pages": int(rows.loc[rows["resent"], "gfn"].nunique()),
+        "late_pages": tot["late"] if late_known else None,
+        "resent_pages": tot["resent"],
         "bytes_saved_upper_bound": skipped_total * PAGE,
         "applies_outside_epochs": int((a_ep < 0).sum()),
     }
@@ -127,33 +160,24 @@ def accounting(b: Bundle | Context, syncs: pd.DataFrame | None = None) -> dict[s
             "matching": match_guest_host(c, s) if captured else None}
 
 
-def _per_epoch(ep: pd.DataFrame, rows: pd.DataFrame, a_ep: np.ndarray, late_known: bool) -> pd.DataFrame:
-    """One row per epoch (plus -1 for applies outside any epoch, when there are some).
-
-    Grouped, not one boolean scan of ``rows`` per epoch: that was O(epochs x pages) and took
-    minutes on captures with 100k+ syncs (docs/performance.md, "analyze scaling").
-    """
+def _per_epoch(ep: pd.DataFrame, per: dict[str, np.ndarray], a_ep: np.ndarray, late_known: bool) -> pd.DataFrame:
+    """One row per epoch (plus -1 for applies outside any epoch, when there are some), from the
+    distinct page counts of ``page_counts`` (indexed by the epochs of ``ep`` then -1)."""
     keys = np.r_[ep["epoch"].to_numpy(np.int64), -1]
     n_app = pd.Series(a_ep, dtype=np.int64).value_counts().reindex(keys, fill_value=0).to_numpy(np.int64)
-    if n_app[-1] == 0:
-        keys, n_app = keys[:-1], n_app[:-1]
-    pairs = rows[["epoch", "gfn"]].astype(np.int64)
-
-    def distinct(mask) -> np.ndarray:
-        sel = pairs if mask is None else pairs[np.asarray(mask, bool)]
-        return sel.drop_duplicates().groupby("epoch").size().reindex(keys, fill_value=0).to_numpy(np.int64)
-
+    sl = slice(None) if n_app[-1] else slice(0, -1)
+    keys, n_app = keys[sl], n_app[sl]
     bounds = ep.drop_duplicates("epoch").set_index("epoch")
     start = bounds["start_ns"].reindex(keys).fillna(-1).to_numpy(np.int64)
     end = bounds["end_ns"].reindex(keys).fillna(-1).to_numpy(np.int64)
     start = np.where(keys > 0, start, -1)
     end = np.where(keys > 0, end, -1)
-    skipped = distinct(rows["skipped"])
+    skipped = per["skipped"][sl]
     return pd.DataFrame({
         "epoch": keys, "start_ns": start, "end_ns": end, "applies": n_app,
-        "applied_pages": distinct(None), "skipped_pages": skipped,
-        "late_pages": distinct(rows["late"] == 1) if late_known else np.full(len(keys), -1, np.int64),
-        "resent_pages": distinct(rows["resent"]), "bytes_saved": skipped * PAGE,
+        "applied_pages": per["applied"][sl], "skipped_pages": skipped,
+        "late_pages": per["late"][sl] if late_known else np.full(len(keys), -1, np.int64),
+        "resent_pages": per["resent"][sl], "bytes_saved": skipped * PAGE,
     }, columns=EPOCH_COLUMNS)
 
 
@@ -211,8 +235,9 @@ def match_guest_host(c: Context, syncs: pd.DataFrame) -> dict[str, Any] | None:
     first = int(read.min()) if len(read) else CMD_ID_MIN + 1
     expect = first + np.arange(len(host_epochs), dtype=np.int64)
     pfn = gh["pfn"].to_numpy().astype(np.int64)
-    applied_gfns = np.unique(c.hint_pages["gfn"].to_numpy(np.int64))
-    applied = np.isin(pfn, applied_gfns)
+    from hintscope.analysis import pagefacts
+    st = pagefacts.page_state(c)
+    applied = np.isfinite(st.at(st.A, pfn))
     gid = gh["cmd_id"].to_numpy().astype(np.int64)
     per_id = [{"epoch": int(k), "cmd_id": hex(int(i)), "guest_read": bool(np.isin(i, read)),
                "guest_blocks": int((gid == i).sum()), "applied_blocks": int(((gid == i) & applied).sum())}

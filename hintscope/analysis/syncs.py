@@ -299,37 +299,30 @@ def _qemu_new(s: pd.DataFrame, tr: pd.DataFrame) -> tuple[np.ndarray, list[str]]
 
 def _est_new(c: Context, s: pd.DataFrame, sync_of_get: np.ndarray) -> np.ndarray:
     """Harvested pages whose migration-bitmap bit was clear at the sync (vectorised state replay per gfn)."""
-    gp = c.get_pages
     if c.send_source == "none":
         return np.full(len(s), -1, np.int64)
-    if len(gp):
+    from hintscope.analysis import pagefacts, pagestate as ps
+    if len(c.get_ops):
         seq2sync = pd.Series(sync_of_get[1], index=sync_of_get[0])
         seq2sync = seq2sync[~seq2sync.index.duplicated()]  # seq is unique in a real capture
-        d = seq2sync.reindex(gp["seq"].to_numpy()).fillna(-1).to_numpy(np.int64)
-        t = gp["ts_ns"].to_numpy(np.int64)
+        sets = c.get_ops
+        d = seq2sync.reindex(sets.x).fillna(-1).to_numpy(np.int64)
     elif len(c.ring_pages) and len(s):
-        # A ring push reaches the migration bitmap at the sync that collects it (end of its window).
+        # A ring push reaches the migration bitmap at the sync that collects it (end of its window);
+        # a page pushed twice in one window is one set
         gp = c.ring_pages
         _, end = windows(s)
-        d = np.searchsorted(end, gp["ts_ns"].to_numpy(np.int64), side="left")
-        t = end[np.minimum(d, len(end) - 1)]
-        d = np.where(d < len(s), d, -1)
+        dd = np.searchsorted(end, gp["ts_ns"].to_numpy(np.int64), side="left")
+        g = c.gindex.to_idx(gp["gfn"].to_numpy(np.int64))
+        keep = (dd < len(s)) & (g >= 0)
+        u = pd.DataFrame({"d": dd[keep], "g": g[keep]}).drop_duplicates()
+        sets = ps.Ops.ranges(end[u["d"].to_numpy()], u["g"].to_numpy(np.int64), np.ones(len(u), np.int64),
+                             u["d"].to_numpy(np.int64))
+        d = sets.x
     else:
         return np.full(len(s), -1, np.int64)
-    keep = (d >= 0) & (gp["gfn"].to_numpy() >= 0)
-    sets = pd.DataFrame({"gfn": gp["gfn"].to_numpy()[keep], "ts_ns": t[keep], "kind": 1, "sync": d[keep]})
-    hp = c.hint_pages
-    clears = pd.concat([c.sends[["gfn", "ts_ns"]], hp.loc[hp["gfn"] >= 0, ["gfn", "ts_ns"]]], ignore_index=True)
-    clears = clears.assign(kind=0, sync=-1)
-    allev = pd.concat([sets, clears], ignore_index=True).sort_values(["gfn", "ts_ns", "kind"], kind="stable")
-    g = allev["gfn"].to_numpy()
-    k = allev["kind"].to_numpy()
-    prev_kind = np.r_[1, k[:-1]]
-    same = np.r_[False, g[1:] == g[:-1]]
-    state_before = np.where(same, prev_kind, 1)  # no earlier event: the initial all-ones bitmap
-    new = (k == 1) & (state_before == 0)
-    counts = np.bincount(allev["sync"].to_numpy()[new].astype(np.int64), minlength=len(s))[: len(s)]
-    return counts.astype(np.int64)
+    # compact: one sweep over the sets, sends and applies (pagefacts), no per-page rows
+    return pagefacts.est_new(c, sets, d, len(s))
 
 
 def _get_pages_per_call(c: Context, get: pd.DataFrame) -> np.ndarray:

@@ -10,7 +10,9 @@ import pandas as pd
 
 from hintscope.analysis import lost_pages
 from hintscope.analysis.context import EVERY_PAGE_SOURCES
-from hintscope.analysis.facts import Facts, _expand, _hex, _last_by_gfn, _rearm_before, _uniq
+from hintscope.analysis.facts import Facts, _expand, _hex, _uniq, last_at
+from hintscope.analysis import pagestate as ps
+from hintscope.analysis.pagestate import NONE
 from hintscope.analysis.findings import finding
 
 
@@ -54,16 +56,16 @@ def lost_writes(f: Facts, run) -> None:
         return
     gfn = c.index.to_numpy(np.int64)
     w_lo, w_hi = c["lo"].to_numpy(float), c["hi"].to_numpy(float)
-    h_last = _last_by_gfn(f.harvest).reindex(gfn).fillna(-np.inf).to_numpy()
+    h_last = last_at(f, "H", gfn)
     h_after = np.where(h_last > w_lo, h_last, -np.inf)
     harvested = np.isfinite(h_after)
     # earliest time the write a harvest shows can have happened: the page's re-arm before it
-    rearm = _rearm_before(f, gfn, np.where(harvested, h_after, 0))
+    rearm = np.where(harvested, last_at(f, "Rb", gfn), -np.inf)
     E_lo = np.where(harvested, np.maximum(w_lo, rearm), w_lo)
     E_hi = np.where(harvested, h_after, w_hi)
-    s_last = _last_by_gfn(f.sends).reindex(gfn).fillna(-np.inf).to_numpy()
-    a_last = _last_by_gfn(f.apply_pages).reindex(gfn).fillna(-np.inf).to_numpy()
-    c_last = _last_by_gfn(f.clears).reindex(gfn).fillna(-np.inf).to_numpy()
+    s_last = last_at(f, "S", gfn)
+    a_last = last_at(f, "A", gfn)
+    c_last = last_at(f, "C", gfn)
     have_sends = f.send_source in EVERY_PAGE_SOURCES
     lost_sure = s_last < E_lo           # no send since the earliest time of the write (a tie may carry it)
     dropped = s_last <= E_hi            # no send after the latest evidence of it
@@ -113,43 +115,52 @@ def lost_writes(f: Facts, run) -> None:
 
 
 def host_losses(f: Facts, run) -> None:
-    """Dirty pages a sync harvested that were never sent afterwards and no hint touched: not a hint problem."""
+    """Dirty pages a sync harvested that were never sent afterwards and no hint touched: not a hint problem.
+
+    On the dense per-page arrays of the sweep (pagefacts): H last harvest, Rb the re-arm before it
+    (the earliest time the harvested write can have happened), S last send, A last apply."""
     covered, out = run.covered, run.out
-    if not len(f.harvest):
+    st = f.st
+    if not len(f.harvest) or st is None:
         return
-    h_last = _last_by_gfn(f.harvest)
-    gfn = h_last.index.to_numpy(np.int64)
-    h = h_last.to_numpy()
-    lo = _rearm_before(f, gfn, h)       # earliest time the harvested write can have happened
-    s = _last_by_gfn(f.sends).reindex(gfn).fillna(-np.inf).to_numpy()
-    a = _last_by_gfn(f.apply_pages).reindex(gfn).fillna(-np.inf).to_numpy()
+    H, S, A, Rb = st.H, st.S, st.A, st.Rb
     # an apply after the earliest write time means a hint may have covered the write legally
-    # (the page freed and hinted after it); reused pages are judged by _check_lost_writes
-    lost = (s < h) & (a <= lo) & (gfn >= 0)
+    # (the page freed and hinted after it); reused pages are judged by lost_writes
+    lost = (H != NONE) & (S < H) & (A <= Rb)
+    if not lost.any():
+        return
     if len(f.hints):
         hi_, hg = _expand(f.hints["pfn"].to_numpy().astype(np.int64), f.hints["order"].to_numpy())
         hint_hi = pd.Series(f.hints["hi"].to_numpy(float)[hi_], index=hg).groupby(level=0).max()
-        lost &= ~(hint_hi.reindex(gfn).fillna(-np.inf).to_numpy() > lo)
-    lost &= ~np.isin(gfn, list(covered))
-    seen = f.ctx.send_gfns if f.ctx is not None else None
-    if seen is not None:
-        lost &= np.isin(gfn, seen)      # pages of blocks the send source does not decode prove nothing
+        d = st.index.to_idx(hint_hi.index.to_numpy(np.int64))
+        k = d >= 0
+        d, hh = d[k], hint_hi.to_numpy()[k]
+        rb = np.where(Rb[d] != NONE, Rb[d].astype(float), -np.inf)
+        lost[d[hh > rb]] = False
+    if covered:
+        d = st.index.to_idx(np.fromiter(covered, np.int64, len(covered)))
+        lost[d[d >= 0]] = False
+    if st is not None and f.ctx is not None and f.ctx.send_seen is not None:
+        lost &= f.ctx.send_seen     # pages of blocks the send source does not decode prove nothing
     if not lost.any():
         return
-    sure = lost & (s < lo)
+    sure = lost & (S < Rb)
     for conf, sel, why in (("confirmed", sure, "no send since the page was last re-armed, so the write is lost"),
                            ("hazard", lost & ~sure, "a send between the re-arm and the harvest may have carried "
                             "the write")):
         if not sel.any():
             continue
+        pages = ps.PageMarks(st.index, sel)
         i0 = int(np.flatnonzero(sel)[0])
-        out.append(finding("lost-write-not-hint", conf, gfn[sel],
-                            [(h[i0], "kvm", f"last harvest of gfn {_hex(gfn[i0])}"),
-                             (s[i0] if np.isfinite(s[i0]) else 0, "qemu",
-                              "last page_send (before the harvest)" if np.isfinite(s[i0]) else "never sent")],
-                            f"{int(sel.sum())} page(s) a sync reported dirty were never sent afterwards and no "
+        g0 = int(st.index.to_gfn(np.array([i0]))[0])
+        s0 = float(S[i0]) if S[i0] != NONE else -np.inf
+        out.append(finding("lost-write-not-hint", conf, pages,
+                            [(float(H[i0]), "kvm", f"last harvest of gfn {_hex(g0)}"),
+                             (s0 if np.isfinite(s0) else 0, "qemu",
+                              "last page_send (before the harvest)" if np.isfinite(s0) else "never sent")],
+                            f"{len(pages)} page(s) a sync reported dirty were never sent afterwards and no "
                             f"hint touched them ({why}): a migration loss with no hint involved."))
-        covered.update(gfn[sel].tolist())
+        covered.update(pages.gfns().tolist())
 
 
 def memcheck(f: Facts, run) -> None:
@@ -165,7 +176,7 @@ def memcheck(f: Facts, run) -> None:
     gfn = gfn[~np.isin(gfn, list(covered))]
     if not len(gfn):
         return
-    applied = np.isin(gfn, f.apply_pages["gfn"].to_numpy())
+    applied = np.isfinite(last_at(f, "A", gfn))
     if len(f.hints) or len(f.reuse):
         rows = []
         for df, kind in ((f.hints, 0), (f.reuse, 1)):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from hintscope.analysis.facts import BIG, STALL_FACTOR, STALL_MIN_NS, Facts, _uniq
+from hintscope.analysis import pagestate as ps
+from hintscope.analysis.facts import BIG, STALL_FACTOR, STALL_MIN_NS, Facts
 from hintscope.analysis.findings import finding
 
 
@@ -15,8 +16,7 @@ def bulk_stall(f: Facts, run) -> None:
         return
     t1 = int(s["after"].iloc[0]) if s["after"].iloc[0] < BIG else int(s["fetch_end"].iloc[0])
     end1 = int(s["before"].iloc[1]) if len(s) > 1 else BIG
-    st = f.sends["ts_ns"].to_numpy(np.int64)
-    st = _uniq(st[(st > t1) & (st < end1)])
+    st = ps.page_times_between(f.sends, t1, end1)
     if len(st) < 3:
         return
     gaps = np.diff(np.r_[t1, st])

@@ -1,0 +1,295 @@
+"""The detector's and the accounting's per-page state, from one sweep over the compact ops (pagestate).
+
+``page_state(ctx)`` (cached on the Context) runs the sweep once and keeps:
+
+* per dense page: ``H`` last harvest, ``Rb`` re-arm before that harvest, ``S`` last send, ``A`` last
+  apply entry, ``C`` last KVM_CLEAR_DIRTY_LOG (int64 ns, ``NONE`` when never);
+* per apply: its c' exposure read at its return (pages re-armed after the cmd id was issued while
+  harvested dirty and not re-armed before, and not sent since: checks/rearm.py);
+* per page of each apply: whether the page had been sent in the apply's epoch before the apply
+  (hints.py "late").
+
+``est_new(ctx, ...)`` is the sync table's smaller sweep (sends, applies, harvests only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from hintscope.analysis import memslots as ms, pagestate as ps
+from hintscope.analysis.pagestate import NONE
+
+BIG = np.iinfo(np.int64).max
+PRIO = {"send": 0, "entry": 1, "harvest": 2, "clear": 3, "query": 4}
+
+
+def apply_bounds(a: pd.DataFrame) -> np.ndarray:
+    """Per hint_applies row: its return, or, when lost, the next entry on its thread (BIG when none)."""
+    if not len(a):
+        return np.zeros(0, np.int64)
+    ts, tid = a["ts_ns"].to_numpy(np.int64), a["tid"].to_numpy(np.int64)
+    end = a["end_ns"].to_numpy(np.int64)
+    o = np.lexsort((np.arange(len(a)), ts, tid))
+    nxt_s = np.where(np.r_[tid[o][1:] == tid[o][:-1], False], np.r_[ts[o][1:], BIG], BIG)
+    nxt = np.empty(len(a), np.int64)
+    nxt[o] = nxt_s
+    return np.where(end >= 0, end, nxt)
+
+
+def announced(qe: pd.DataFrame, syncs: pd.DataFrame, after: np.ndarray) -> np.ndarray:
+    """Per AFTER_BITMAP_SYNC (sorted): when the guest could first see the new cmd id.
+
+    The device bumps the id and raises the config interrupt (``notify_config``) inside the AFTER
+    notifier; a CLEAR the migration thread issues in the notifier before that (a re-arm ahead of
+    the id) comes before the window opens. Without a notify_config in the epoch, the AFTER entry."""
+    if not len(after) or not len(qe) or "event" not in qe:
+        return after
+    nc = np.sort(qe.loc[qe["event"] == "notify_config", "ts_ns"].to_numpy(np.int64))
+    before = np.sort(syncs["before"].to_numpy(np.int64)) if len(syncs) else np.zeros(0, np.int64)
+    j = np.searchsorted(nc, after, side="left")
+    cand = np.where(j < len(nc), nc[np.minimum(j, max(len(nc) - 1, 0))] if len(nc) else BIG, BIG)
+    nb = np.searchsorted(before, after, side="right")
+    next_before = np.where(nb < len(before), before[np.minimum(nb, max(len(before) - 1, 0))] if len(before) else BIG, BIG)
+    return np.where(cand < next_before, cand, after)
+
+
+def issued_at(qe: pd.DataFrame, syncs: pd.DataFrame, t: np.ndarray) -> np.ndarray:
+    """Per time: when the cmd id of the epoch holding it was announced (-inf before the first AFTER)."""
+    after = syncs["after"].to_numpy(np.int64) if len(syncs) else np.zeros(0, np.int64)
+    after = np.sort(after[after < BIG])
+    k = np.searchsorted(after, t, side="right") - 1
+    ann = announced(qe, syncs, after)
+    return np.where(k >= 0, ann[np.maximum(k, 0)] if len(after) else 0, -np.inf)
+
+
+def clear_in_apply(clear_ts: np.ndarray, clear_tid: np.ndarray, a: pd.DataFrame, bound: np.ndarray) -> np.ndarray:
+    """Per CLEAR: issued inside a hint apply (same thread, between its entry and bound)."""
+    if not len(a) or not len(clear_ts):
+        return np.zeros(len(clear_ts), bool)
+    C = pd.DataFrame({"ts_ns": clear_ts, "tid": clear_tid, "i": np.arange(len(clear_ts))})
+    A = pd.DataFrame({"a": a["ts_ns"].to_numpy(np.int64), "tid": a["tid"].to_numpy(np.int64), "bound": bound})
+    m = pd.merge_asof(C.sort_values("ts_ns"), A.sort_values("a"), left_on="ts_ns", right_on="a", by="tid",
+                      direction="backward").sort_values("i")
+    return (m["a"].notna() & (m["ts_ns"] <= m["bound"])).to_numpy()
+
+
+def ring_ops(ctx) -> ps.Ops:
+    """Dirty-ring pushes as harvest ops at the reset that collected them (x = push time), one per
+    (reset, page) with the latest push: a page pushed twice before one reset is one harvest."""
+    rp = ctx.ring_pages
+    if not len(rp):
+        return ps.Ops.empty()
+    io = ctx.ioctls
+    rs = np.sort(io.loc[io["name"] == "RESET_DIRTY_RINGS", "ts_ns"].to_numpy(np.int64))
+    push = rp["ts_ns"].to_numpy(np.int64)
+    i = np.searchsorted(rs, push, side="left")
+    reset = np.where(i < len(rs), rs[np.minimum(i, max(len(rs) - 1, 0))] if len(rs) else BIG, BIG)
+    t = np.where(reset < BIG, reset, push)
+    d = ctx.gindex.to_idx(rp["gfn"].to_numpy(np.int64))
+    k = d >= 0
+    df = pd.DataFrame({"t": t[k], "g": d[k], "lo": push[k]}).groupby(["t", "g"], sort=True)["lo"].max().reset_index()
+    return ps.Ops.ranges(df["t"].to_numpy(np.int64), df["g"].to_numpy(np.int64), np.ones(len(df), np.int64),
+                         df["lo"].to_numpy(np.int64))
+
+
+def harvest_ops(ctx) -> ps.Ops:
+    return ps.concat([ctx.get_ops, ring_ops(ctx)]) if len(ctx.ring_pages) else ctx.get_ops
+
+
+@dataclass
+class PageState:
+    index: ps.GfnIndex
+    H: np.ndarray
+    Rb: np.ndarray
+    S: np.ndarray
+    A: np.ndarray
+    C: np.ndarray
+    applies: ps.Ops                 # apply page ranges (x = apply row)
+    off: np.ndarray                 # offset of each apply op in the flat per-apply-page arrays
+    late: np.ndarray                # flat: the page was sent in the apply's epoch before the apply
+    exposure: dict = field(default_factory=dict)    # apply row -> per-apply exposure (rearm.py)
+    exposed: np.ndarray | None = None               # dense mask of every exposed page
+    n_harvest: int = 0
+    n_clear: int = 0
+    n_send: int = 0
+
+    def at(self, arr: np.ndarray, gfn: np.ndarray) -> np.ndarray:
+        """arr at each gfn (float, -inf where never or unknown page)."""
+        i = self.index.to_idx(np.asarray(gfn, np.int64))
+        v = arr[np.maximum(i, 0)] if len(arr) else np.full(len(i), NONE)
+        return np.where((i >= 0) & (v != NONE), v.astype(float), -np.inf)
+
+
+def page_state(ctx) -> PageState:
+    """The sweep for one Context, computed once."""
+    done = ctx.__dict__.get("_page_state")
+    if done is None:
+        done = ctx.__dict__["_page_state"] = _page_state(ctx)
+    return done
+
+
+def _page_state(ctx) -> PageState:
+    from hintscope.analysis import epochs, hints as hints_mod
+    from hintscope.analysis.syncs import sync_table
+
+    gi = ctx.gindex
+    n = gi.size
+    mode = ctx.dirty_mode
+    a = ctx.hint_applies
+    aops = ctx.apply_ops
+    harv = harvest_ops(ctx)
+    clr = ctx.clear_ops
+    sends = ctx.send_ops
+    have_sends = ctx.send_ops_source in ("page_send", "tap") and len(sends) > 0
+
+    S = np.full(n, NONE, np.int64)
+    A = np.full(n, NONE, np.int64)
+    H = np.full(n, NONE, np.int64)
+    Rb = np.full(n, NONE, np.int64)
+    C = np.full(n, NONE, np.int64)
+    manual = mode == "manual"
+    Ch = np.full(n, NONE, np.int64) if manual and len(clr) else None
+    Cf = np.zeros(n, np.int8) if Ch is not None else None
+
+    # per apply: bound (query time), cmd id announcement, epoch start (late sends)
+    bound = apply_bounds(a)
+    syn = epochs.sync_table(ctx)
+    issued = issued_at(ctx.qe, syn, a["ts_ns"].to_numpy(np.int64)) if len(a) else np.zeros(0)
+    s_tab = sync_table(ctx)
+    ep = hints_mod.epochs(s_tab, ctx.end_ns)
+    start_of = hints_mod.epoch_start_of(a["ts_ns"].to_numpy(np.int64), ep) if len(a) else np.zeros(0, np.int64)
+
+    off = np.cumsum(aops.n) - aops.n
+    late = np.zeros(int(aops.n.sum()), bool)
+
+    # CLEARs issued inside an apply (by_apply): per ioctl seq
+    by_apply = np.zeros(len(clr), np.int8)
+    if len(clr) and len(a):
+        io = ctx.ioctls.drop_duplicates("seq").set_index("seq")
+        tid = io["tid"].reindex(clr.x).fillna(-1).to_numpy(np.int64)
+        by_apply = clear_in_apply(clr.t, tid, a, bound).astype(np.int8)
+
+    def on_send(sel, t, op):
+        ps.raise_max(S, sel, t)
+
+    def on_entry(sel, t, op):
+        row = aops.x[op]
+        if isinstance(sel, slice):
+            o = int(off[op[0]])
+            late[o:o + sel.stop - sel.start] = S[sel] >= start_of[row[0]]
+        else:
+            pos = off[op] + (sel - aops.g0[op])
+            late[pos] = S[sel] >= start_of[row]
+        ps.raise_max(A, sel, t)
+
+    def on_harvest(sel, t, op):
+        if mode == "ring":
+            lo = harv.x[op] if not isinstance(sel, slice) else int(harv.x[op[0]])
+            ps.raise_max(Rb, sel, lo)
+        elif mode == "get":
+            h = H[sel]
+            Rb[sel] = np.where(h < t, h, Rb[sel])
+        else:
+            Rb[sel] = C[sel]
+        H[sel] = t
+
+    def on_clear(sel, t, op):
+        if Ch is not None:
+            h = H[sel]
+            ba = by_apply[op] if not isinstance(sel, slice) else by_apply[op[0]]
+            Cf[sel] = ((h > C[sel]).astype(np.int8) | (ba << 1)).astype(np.int8)
+            Ch[sel] = h
+        C[sel] = t
+
+    exposure: dict = {}
+    exposed = np.zeros(n, bool) if Ch is not None else None
+
+    def on_query(sel, t, op):
+        # t here is the op's entry time; the query instant is the bound (qops.t)
+        rows = qops.x[op]
+        rearm, h, fl = C[sel], Ch[sel], Cf[sel]
+        iss = issued[rows]
+        ok = (rearm != NONE) & ((fl & 1) == 1) & (h != NONE) & (rearm.astype(float) > iss)
+        if have_sends:
+            s = S[sel]
+            ok &= ~(s > rearm)
+        if not ok.any():
+            return
+        if isinstance(sel, slice):
+            g = np.arange(sel.start, sel.stop, dtype=np.int64)
+            rows = np.full(len(g), rows[0])
+            iss = np.full(len(g), iss[0])
+        else:
+            g = sel
+        g, rows, rearm, h, fl, iss = g[ok], rows[ok], rearm[ok], h[ok], fl[ok], iss[ok]
+        exposed[g] = True
+        for r in np.unique(rows):
+            k = rows == r
+            e = exposure.get(int(r))
+            part = {"g": g[k], "rearm_min": int(rearm[k].min()), "rearm_max": int(rearm[k].max()),
+                    "h_min": int(h[k].min()), "wlo_min": float(np.maximum(h[k].astype(float), iss[k]).min()),
+                    "by_apply": int(((fl[k] >> 1) & 1).sum()), "all_by_apply": bool(((fl[k] >> 1) & 1).all())}
+            if e is None:
+                exposure[int(r)] = part
+            else:
+                e["g"] = np.r_[e["g"], part["g"]]
+                for key, fn in (("rearm_min", min), ("rearm_max", max), ("h_min", min), ("wlo_min", min)):
+                    e[key] = fn(e[key], part[key])
+                e["by_apply"] += part["by_apply"]
+                e["all_by_apply"] = e["all_by_apply"] and part["all_by_apply"]
+
+    fams = [ps.Family("entry", aops, PRIO["entry"], on_entry),
+            ps.Family("harvest", harv, PRIO["harvest"], on_harvest, mixes_times=False),
+            ps.Family("clear", clr, PRIO["clear"], on_clear, mixes_times=False)]
+    qops = ps.Ops.empty()
+    if Ch is not None and len(aops):
+        qt = np.minimum(bound[aops.x], BIG - 1)
+        qops = ps.Ops(qt, aops.g0, aops.n, aops.mask, aops.x)
+        o = np.argsort(qops.t, kind="stable")
+        qops = qops.take(o)
+        fams.append(ps.Family("query", qops, PRIO["query"], on_query))
+    other_t = np.concatenate([f.ops.t for f in fams])
+    fams.insert(0, ps.Family("send", ps.split_runs(sends, other_t), PRIO["send"], on_send))
+    ps.sweep(fams)
+    del Ch, Cf
+    return PageState(gi, H, Rb, S, A, C, aops, off, late, exposure, exposed,
+                     n_harvest=harv.pages, n_clear=clr.pages, n_send=sends.pages)
+
+
+def est_new(ctx, get: ps.Ops, d: np.ndarray, nsync: int) -> np.ndarray:
+    """Per sync: harvested pages whose migration-bitmap bit was clear at the harvest (a send or an
+    apply since the page's last harvest; the bitmap starts all ones).  ``get``: the harvests (sets),
+    ``d``: the sync of each (-1: none, not a set)."""
+    gi = ctx.gindex
+    n = gi.size
+    if not len(get):
+        return np.zeros(nsync, np.int64)
+    S = np.full(n, NONE, np.int64)
+    Hs = np.full(n, NONE, np.int64)
+    counts = np.zeros(nsync + 1, np.int64)
+
+    def on_clear(sel, t, op):
+        ps.raise_max(S, sel, t)
+
+    def on_set(sel, t, op):
+        k = d[op] if not isinstance(sel, slice) else np.full(1, d[op[0]])
+        new = S[sel] > Hs[sel]
+        if isinstance(sel, slice):
+            if k[0] >= 0:
+                counts[k[0]] += int(new.sum())
+                Hs[sel] = t
+            return
+        m = k >= 0
+        counts[:] += np.bincount(k[m & new], minlength=nsync + 1)[:nsync + 1]
+        Hs[sel[m]] = t if np.isscalar(t) else t[m]
+
+    aops = ctx.apply_ops
+    sends = ctx.send_ops
+    fams = [ps.Family("entry", aops, 0, on_clear), ps.Family("set", get, 1, on_set, mixes_times=False)]
+    other_t = np.concatenate([f.ops.t for f in fams])
+    fams.insert(0, ps.Family("send", ps.split_runs(sends, other_t), 0, on_clear))
+    ps.sweep(fams)
+    return counts[:nsync]
