@@ -51,7 +51,8 @@ DEFAULT_CLEAR_SHIFT = 18        # QEMU's clear_bmap chunk: 2^18 pages = 1 GiB
 PAGE_COLUMNS = ["gfn", "block_pfn", "cmd_id", "round", "bulk", "hint_g", "return_g", "return_reason", "write_g",
                 "apply_ns", "apply_g_lo", "apply_g_hi", "before_apply", "hint_to_write_ns", "write_to_apply_ns",
                 "chunk", "chunk_rearm_ns", "before_chunk_rearm", "exposed", "exposed_chunk"]
-BLOCK_COLUMNS = ["block_pfn", "pages", "cmd_id", "round", "bulk", "hint_g", "apply_ns", "applied", "return_g",
+BLOCK_COLUMNS = ["block_pfn", "pages", "cmd_id", "round", "bulk", "hint_g", "apply_ns", "applied", "hint_to_apply_ns",
+                 "return_g",
                  "return_reason", "returned_before_apply", "returned_before_done", "reused_pages",
                  "reused_before_apply"]
 
@@ -115,9 +116,10 @@ def _apply_of_blocks(f: Facts) -> pd.DataFrame:
 def _chunk_rearm(f: Facts, gfn: np.ndarray, rnd_start: np.ndarray, shift: int) -> np.ndarray:
     """First host time >= rnd_start a send or an apply touched the page's clear chunk (inf: none)."""
     ev_t, ev_c = [], []
-    if len(f.sends):
-        ev_t.append(f.sends["ts_ns"].to_numpy(np.int64))
-        ev_c.append(f.sends["gfn"].to_numpy(np.int64) >> shift)
+    st, sg = _send_times(f)
+    if len(st):
+        ev_t.append(st)
+        ev_c.append(sg >> shift)
     if len(f.applies):
         A = f.applies[f.applies["gfn0"] >= 0]
         ev_t.append(A["a"].to_numpy(np.int64))
@@ -136,6 +138,24 @@ def _chunk_rearm(f: Facts, gfn: np.ndarray, rnd_start: np.ndarray, shift: int) -
         x = pd.merge_asof(q, E.rename(columns={"t": "e"}), left_on="t", right_on="e", by="c", direction="forward")
         out[x["i"].to_numpy()] = x["e"].fillna(np.inf).to_numpy(float)
     return out
+
+
+def _send_times(f: Facts) -> tuple[np.ndarray, np.ndarray]:
+    """(time, gfn) of page sends: per page from a frame, or the first and last page of each range op
+    (analysis.pagestate.Ops, dense page index; a run's time is its first page's, which is what the
+    first touch of a clear chunk needs to within one run)."""
+    s = f.sends
+    if s is None or not len(s):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if isinstance(s, pd.DataFrame):
+        return s["ts_ns"].to_numpy(np.int64), s["gfn"].to_numpy(np.int64)
+    idx = getattr(f.st, "index", None)
+    if idx is None:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    g0 = np.asarray(s.g0, np.int64)
+    last = g0 + np.maximum(np.asarray(s.n, np.int64), 1) - 1
+    t = np.asarray(s.t, np.int64)
+    return np.r_[t, t], np.r_[idx.to_gfn(g0), idx.to_gfn(last)]
 
 
 def _rounds(f: Facts, cmd_id: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -184,6 +204,10 @@ def block_exposure(target) -> pd.DataFrame:
                                                         np.where(B["apply_ns"].notna(), B["apply_ns"], np.inf)), "no")
     B["returned_before_done"] = early & (rg < done)
     B["applied"] = B["apply_ns"].notna()
+    # the window a reuse has to land in: hint made available (guest) to apply (host, band middle)
+    glo, ghi = _guest_of(f, B["apply_ns"].to_numpy(float))
+    mid = (glo + ghi) / 2
+    B["hint_to_apply_ns"] = np.where(np.isfinite(mid), mid - B["hint_g"].to_numpy(float), np.nan)
     rnd, bulk, _ = _rounds(f, B["cmd_id"].to_numpy())
     B["round"], B["bulk"] = rnd, bulk
     P = page_exposure(f, blocks=B)
@@ -208,8 +232,9 @@ def page_exposure(target, clear_shift: int = DEFAULT_CLEAR_SHIFT, blocks: pd.Dat
         return empty
     if blocks is None:
         blocks = block_exposure(f)
-    B = blocks[blocks["return_reason"].notna() & (blocks["return_reason"] != "done")]
-    if not len(B):
+    # every return (DONE too) bounds the allocations that follow it; only early ones are kept below
+    B = blocks[blocks["return_reason"].notna()]
+    if not (B["return_reason"] != "done").any():
         return empty
     # one row per page of each allocation (order-k allocations cover 2^k pages)
     o = U["order"].to_numpy(np.int64).clip(0, 10)
@@ -225,7 +250,8 @@ def page_exposure(target, clear_shift: int = DEFAULT_CLEAR_SHIFT, blocks: pd.Dat
     pages["write_g"] = pages["write_g"].astype(float)
     x = pd.merge_asof(pages.sort_values("write_g"), Bk, left_on="write_g", right_on="return_g", by="block_pfn",
                       direction="backward")
-    x = x[x["return_g"].notna()].sort_values("write_g").drop_duplicates(["gfn", "hint_g"], keep="first")
+    x = x[x["return_g"].notna() & (x["return_reason"] != "done")]
+    x = x.sort_values("write_g").drop_duplicates(["gfn", "hint_g"], keep="first")
     if not len(x):
         return empty
     x["write_g"] = x["write_g"].astype(np.int64)
@@ -281,6 +307,20 @@ def run_exposure(target, clear_shift: int = DEFAULT_CLEAR_SHIFT) -> dict:
         "band_width_ns": None if not f.band.known else int(f.band.width_ns),
         "mode": f.mode,
     }
+    hta = B["hint_to_apply_ns"].dropna() if len(B) else pd.Series(dtype=float)
+    out["hint_to_apply_ms_median"] = float(hta.median() / 1e6) if len(hta) else None
+    out["hint_to_apply_ms_max"] = float(hta.max() / 1e6) if len(hta) else None
+    out["first_return_after_hint_ms"] = (
+        float(((B["return_g"] - B["hint_g"])[B["return_reason"] == "shrinker"]).min() / 1e6)
+        if len(B) and (B["return_reason"] == "shrinker").any() else None)
+    # how close the real driver came: the shrinker return nearest to (after) its block's apply
+    sh = B[(B["return_reason"] == "shrinker") & B["applied"]] if len(B) else B
+    if len(sh):
+        _, ghi = _guest_of(f, sh["apply_ns"].to_numpy(float))
+        gap = sh["return_g"].to_numpy(float) - ghi
+        out["min_return_after_apply_ms"] = float(np.nanmin(gap) / 1e6) if np.isfinite(gap).any() else None
+    else:
+        out["min_return_after_apply_ms"] = None
     w = P[P["before_apply"].isin(["sure", "maybe"])]
     out["hint_to_write_ms_median"] = float(w["hint_to_write_ns"].median() / 1e6) if len(w) else None
     out["write_to_apply_ms_median"] = float(w["write_to_apply_ns"].median() / 1e6) if len(w) else None
