@@ -129,3 +129,32 @@ def test_guest_payload_scripts_parse(tmp_path):
     assert r.returncode == 0, r.stderr
     py_compile.compile(str(GUEST_DIR / "workload.py"), doraise=True, cfile=str(tmp_path / "w.pyc"))
     assert "exec /mnt/init.sh" in image.BOOTSTRAP_INIT
+
+
+@pytest.mark.lab
+@pytest.mark.needs_root
+@pytest.mark.needs_qemu
+def test_linux_guest_anon_burst_returns_hinted_blocks(tmp_path):
+    """An anonymous-memory burst during the bulk round's hinting makes the shrinker return blocks early;
+    analysis.exposure accounts for each against its apply (QEMU 10.0.2, 2 vCPUs, init_on_alloc=1)."""
+    from pathlib import Path
+
+    from hintscope.analysis import exposure
+
+    q10 = "/opt/hintscope/qemu-bpo/usr/bin/qemu-system-x86_64"
+    if not Path(q10).exists():
+        pytest.skip("QEMU 10.0.2 not unpacked (bash scripts/install-qemu-backports.sh)")
+    o = LinuxOptions(bundle=tmp_path / "run", hint=True, smp=2, qemu=q10, health_s=8, burst="anon",
+                     burst_at="bulk", init_on_alloc=1)
+    s = asyncio.run(run_linux(o))
+    assert s["migration"]["status"] == "completed" and s["dst_health"]["ok"], s["dst_health"]
+    assert "init_on_alloc=1" in s["kernel_cmdline"]
+    b = read_bundle(o.bundle)
+    rep = b.table("guest_reports")
+    assert set(rep.loc[rep["word"] == "BURST", "v0"]) >= {0, 1, 2, 3}     # armed, trigger, start, end
+    r = exposure.run_exposure(b)
+    g = s["guest_result"]
+    assert r["hinted_blocks"] == g["hinted_blocks"] and r["returned_early"] == g["returned_blocks"].get("shrinker", 0)
+    assert r["returned_early"] > 0 and r["shrinker_calls"] >= 1
+    assert r["returned_before_apply"] + r["returned_before_apply_maybe"] <= r["returned_early"]
+    assert r["written_before_apply"] + r["written_before_apply_maybe"] <= r["reused_pages"]

@@ -449,6 +449,8 @@ def results_row(bundle: str | Path) -> dict[str, Any]:
         "run": Path(bundle).name, "qemu": (ver.split("version ")[1].split()[0] if "version " in ver else ver),
         "kernel": b.meta.get("guest", {}).get("kernel", {}).get("release"),
         "smp": lab.get("smp"), "hint": "on" if lab.get("hint") else "off",
+        "burst": f"{lab.get('workload', {}).get('burst', 'none')}@{lab.get('workload', {}).get('burst_at', '-')}",
+        "init_on_alloc": lab.get("init_on_alloc"),
         "transferred_MB": round(ram.get("transferred", 0) / 1e6, 1), "normal_pages": ram.get("normal"),
         "total_ms": m.get("total_time_ms"), "downtime_ms": m.get("downtime_ms"),
         "hinted_blocks": g.get("hinted_blocks_before_switch"),
