@@ -87,7 +87,7 @@ class SimConfig:
     drift_ppm: float = 30.0
     bulk_wait_max_ns: int = 200_000_000
     page_send_events: bool = False  # also one qemu_events page_send row per page (the uprobe's view; small sims)
-    pressure_scale: float = 1.0     # multiplies the variant's shrinker period (memory pressure per block sent)
+    guest_time_scale: float = 1.0   # multiplies the variant's guest times (shrinker period, per-block hint time)
 
     @classmethod
     def for_guest(cls, pages: int, **kw) -> "SimConfig":
@@ -98,13 +98,14 @@ class SimConfig:
         migration time; at a fixed link speed the migration's duration grows with RAM, so pages
         written, churned, hinted and resent per GiB are the same for 1 GiB and 256 GiB, and so
         is the stop threshold (1/128 of RAM).  A block takes 32 times longer to send than in the
-        small model (1024 pages at 4 us against 16 at 8 us), so the variants' shrinker periods are
-        stretched 32 times: shrinker returns per block sent, like churn, match the small model.
+        small model (1024 pages at 4 us against 16 at 8 us), so the variants' guest times (shrinker
+        period, a slow guest's time per hinted block) are stretched 32 times: shrinker returns and
+        hints per block sent, like churn, match the small model.
         """
         base = dict(pages=pages, block_order=10, clear_chunk_pages=PAGES_PER_GIB, free_frac=0.5,
                     hot_pages=max(64, pages // 256), write_period_ns=1e6, write_burst=64, send_ns=4_000,
                     slice_pages=64, churn_period_ns=50e6, stop_threshold=max(48, pages // 128),
-                    get_ns=40_000 + pages, pressure_scale=32.0)
+                    get_ns=40_000 + pages, guest_time_scale=32.0)
         base.update(kw)
         return cls(**base)
 
@@ -355,7 +356,8 @@ class Sim:
         self.at(T0 + 200_000, self._guest_write)
         self.at(T0 + 300_000, self._guest_churn)
         if self.k.shrink_period_ns:
-            self.at(T0 + 400_000 + self.rng.exponential(self.k.shrink_period_ns * self.cfg.pressure_scale), self._guest_shrink)
+            self.at(T0 + 400_000 + self.rng.exponential(self.k.shrink_period_ns * c.guest_time_scale),
+                    self._guest_shrink)
 
     def _register_slots(self, t: int, flags: int) -> None:
         for slot, (gpa, p0, np_) in enumerate([(0, 0, self.half), (SLOT1_GPA, self.half, self.n - self.half)]):
@@ -773,7 +775,7 @@ class Sim:
         if not self.vm_running:
             return
         self._return_blocks(self.k.shrink_blocks, "shrinker")
-        self.at(self.now + self.rng.exponential(self.k.shrink_period_ns * self.cfg.pressure_scale), self._guest_shrink)
+        self.at(self.now + self.rng.exponential(self.k.shrink_period_ns * self.cfg.guest_time_scale), self._guest_shrink)
 
     def _return_blocks(self, n: int, reason: str) -> None:
         if not self.held:
@@ -864,7 +866,8 @@ class Sim:
         self._vq_add(("hint", b))
         if self.k.targeted_reuse_prob and self.rng.random() < self.k.targeted_reuse_prob:
             self.at(self.now + int(self.rng.integers(2_000, 8_000)), self._return_blocks, 1, "shrinker")
-        self.at(self.now + (self.k.hint_alloc_ns or self.cfg.hint_alloc_ns), self._guest_hint_step)
+        self.at(self.now + (self.k.hint_alloc_ns * self.cfg.guest_time_scale or self.cfg.hint_alloc_ns),
+                self._guest_hint_step)
 
     def _guest_end_run(self) -> None:
         if self.k.send_cmd_id:
