@@ -7,7 +7,7 @@ peak RSS of that process alone):
 * ``hintscope simulate --variant V --mode M --pages N --preset scale -o DIR`` (generate);
 * ``hintscope analyze DIR --json`` (load + every check; the JSON is kept);
 * at the sizes listed in ``--oracle-gib``, the per-page implementation on the same bundle
-  (``hintscope.analysis.oracle``) and a comparison of the findings (kind, confidence, gfn_count,
+  (``tests/oracle_perpage``, kept as the reference) and a comparison of the findings (kind, confidence, gfn_count,
   gfn_first, gfn_last) and verdict.
 
 The machine is 2 shared cores: wall times mostly measure the other tenants, so the table gives CPU
@@ -56,6 +56,19 @@ def measured(cmd: list[str], stdout_path: Path | None = None) -> dict:
             "peak_rss_mib": ru.ru_maxrss / 1024, "stderr": err.decode(errors="replace")[-600:]}
 
 
+# the per-page detector as it was before the compact data layer (tests/oracle_perpage)
+ORACLE = f"""
+import json, sys
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from oracle_perpage import detector
+from hintscope.bundle import read_bundle
+r = detector.run(read_bundle(sys.argv[1]))
+keys = {KEYS!r}
+print(json.dumps({{"verdict": r.verdict, "findings": [{{k: f[k] for k in keys}} for f in r.frame.to_dict("records")]}},
+                 default=int))
+"""
+
+
 def findings_key(j: dict) -> tuple:
     fs = sorted(tuple(f.get(k) for k in KEYS) for f in j.get("findings", []))
     return (j.get("verdict"), tuple(fs))
@@ -84,7 +97,7 @@ def one(variant: str, mode: str, gib: float, tmp: Path, oracle: bool, seed: int)
         row["verdict"] = None
     if oracle and row.get("verdict") is not None:
         jo = tmp / "oracle.json"
-        orc = measured([py, "-m", "hintscope.analysis.oracle", str(d)], jo)
+        orc = measured([py, "-c", ORACLE, str(d)], jo)
         row["oracle"] = orc
         try:
             row["oracle_equal"] = findings_key(json.loads(jo.read_text())) == findings_key(j)

@@ -110,3 +110,13 @@ def test_bench_tap_quick(tmp_path):
     assert tap["tap_status"] == "captured"
     assert tap["tap_pages"] == {"page": tap["normal"], "zero": tap["duplicate"]}
     assert res["ratios_vs_none"]["tap"]["wall_ms"]["n"] == 1
+
+
+def test_bench_scale_quick(tmp_path):
+    """Two small sizes through simulate + analyze + the per-page oracle: same findings and verdict."""
+    res = run_quick("bench_scale.py", tmp_path, timeout=600)
+    assert len(res["rows"]) == 2
+    for r in res["rows"]:
+        assert r["generate"]["rc"] == 0 and r["verdict"], r
+        assert r["oracle_equal"] is True, r
+        assert r["analyze"]["peak_rss_mib"] > 0 and r["bundle_mib"] > 0
