@@ -56,11 +56,13 @@ def test_sample_counts_match_the_raw_guest_tables(sample):
     assert b["applied"].all() and (b["hint_to_apply_ns"] > 0).all()
 
 
-def _with_early_write(sample, in_round: int = 1):
+def _with_early_write(sample, in_round: int = 1, block_pfn: int | None = None):
     """The sample plus one shrinker return and one order-0 allocation after a hint, before its apply
     (at a third and at half of the block's hint-to-apply window: clear of the 1 ms clock band)."""
     blocks = exposure.block_exposure(Context(sample))
     cand = blocks[(blocks["round"] == in_round) & (blocks["return_reason"] != "shrinker")]
+    if block_pfn is not None:
+        cand = cand[cand["block_pfn"] == block_pfn]
     blk = cand.loc[cand["hint_to_apply_ns"].idxmax()]
     w = int(blk["hint_to_apply_ns"])
     assert w > 4_000_000, "the sample needs an apply that came > 4 ms after its hint"
@@ -114,6 +116,26 @@ def test_later_round_write_is_not_guessed():
     p = exposure.page_exposure(m)
     row = p[(p["gfn"] == int(blk["block_pfn"]) + 7) & (p["hint_g"] == blk["hint_g"])].iloc[0]
     assert row["before_apply"] == "sure" and pd.isna(row["exposed"])
+
+
+def test_later_round_write_is_exposed_when_the_round_before_wrote_the_page():
+    """Block 0x1e800 was hinted in round 2 and again in round 3: with init_on_alloc=1 the driver's own
+    allocation zeroed it in round 2, so sync 3 harvested it dirty and a write before its round-3 apply
+    is exposed (the round-2 reuse of the block shows it too); with init_on_alloc=0 and without that reuse,
+    nothing shows the page dirty and the answer is NA."""
+    b = read_bundle(SAMPLE)
+    blocks = exposure.block_exposure(b)
+    assert set(blocks.loc[blocks["block_pfn"] == 0x1e800, "round"]) >= {2, 3}
+    m, blk = _with_early_write(b, in_round=3, block_pfn=0x1e800)
+    p = exposure.page_exposure(m)
+    row = p[(p["gfn"] == 0x1e800 + 7) & (p["hint_g"] == blk["hint_g"])].iloc[0]
+    assert row["before_apply"] == "sure" and row["dirty_at_sync"] and bool(row["exposed"])
+    m.meta["lab"] = {**m.meta["lab"], "init_on_alloc": 0}
+    u = m._tables["guest_reuse"]
+    m._tables["guest_reuse"] = u[~((u["block_pfn"].astype(np.int64) == 0x1e800) & (u["guest_ns"] < blk["hint_g"]))]
+    p0 = exposure.page_exposure(m)
+    row0 = p0[(p0["gfn"] == 0x1e800 + 7) & (p0["hint_g"] == blk["hint_g"])].iloc[0]
+    assert not row0["dirty_at_sync"] and pd.isna(row0["exposed"])
 
 
 @pytest.mark.parametrize("mode,exposed,settled,level", [

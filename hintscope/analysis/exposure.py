@@ -24,9 +24,12 @@ the page would be *unarmed* under KVM manual protect (``KVM_CAP_MANUAL_DIRTY_LOG
 ``INITIALLY_SET``) when the guest wrote it.  Two rules, both reported:
 
 * ``exposed`` (the issue's rule): written after its hint was made available and before the apply, in
-  the bulk round (the first hinting round: with INITIALLY_SET every page is dirty and unarmed).  In a
-  later round the page is unarmed only if that round's sync harvested it dirty, which TCG cannot tell:
-  ``exposed`` is then missing (NA), never guessed;
+  a round where the page was harvested dirty and not yet re-armed.  In the bulk round (the first
+  hinting round) with INITIALLY_SET every page is dirty and unarmed.  In a later round the page was
+  dirty at that round's sync when the guest timeline shows a write to it in the round before
+  (``dirty_at_sync``: an allocation the probe saw, or with init_on_alloc the driver's own zeroing
+  allocation of the block it hinted then); without such a write TCG cannot tell, and ``exposed`` is
+  missing (NA), never guessed;
 * ``exposed_chunk``: additionally, the write came before the first re-arm of the page's
   ``clear_bmap`` chunk in that round (QEMU clears a whole chunk, ``1 << clear_shift`` pages, at its first
   send or first hint apply after the sync; shift 18 = 1 GiB is QEMU's default).  A write after that
@@ -50,7 +53,7 @@ from hintscope.protocol import CMD_ID_MIN
 DEFAULT_CLEAR_SHIFT = 18        # QEMU's clear_bmap chunk: 2^18 pages = 1 GiB
 PAGE_COLUMNS = ["gfn", "block_pfn", "cmd_id", "round", "bulk", "hint_g", "return_g", "return_reason", "write_g",
                 "apply_ns", "apply_g_lo", "apply_g_hi", "before_apply", "hint_to_write_ns", "write_to_apply_ns",
-                "chunk", "chunk_rearm_ns", "before_chunk_rearm", "exposed", "exposed_chunk"]
+                "chunk", "chunk_rearm_ns", "before_chunk_rearm", "dirty_at_sync", "exposed", "exposed_chunk"]
 BLOCK_COLUMNS = ["block_pfn", "pages", "cmd_id", "round", "bulk", "hint_g", "apply_ns", "applied", "hint_to_apply_ns",
                  "return_g",
                  "return_reason", "returned_before_apply", "returned_before_done", "reused_pages",
@@ -272,14 +275,70 @@ def page_exposure(target, clear_shift: int = DEFAULT_CLEAR_SHIFT, blocks: pd.Dat
     before = x["before_apply"].to_numpy(object)
     written_in = np.isin(before, ["sure", "maybe"])
     bulk = x["bulk"].to_numpy(bool)
-    exp = pd.array(np.where(bulk, written_in, False), dtype="boolean")
-    exp[~bulk & written_in] = pd.NA          # later round: harvested dirty? TCG cannot tell
+    # later round: dirty at that round's sync only if the guest timeline shows a write in the round before
+    x["dirty_at_sync"] = np.where(bulk, True, _written_in_previous_round(f, gfn, x["cmd_id"].to_numpy(np.int64)))
+    known = x["dirty_at_sync"].to_numpy(bool)
+    exp = pd.array(written_in & known, dtype="boolean")
+    exp[written_in & ~known] = pd.NA        # no write seen: not shown dirty, and TCG has no harvest to ask
     x["exposed"] = exp
     chunk_ok = np.isin(x["before_chunk_rearm"].to_numpy(object), ["sure", "maybe"])
-    ec = pd.array(np.where(bulk, written_in & chunk_ok, False), dtype="boolean")
-    ec[~bulk & written_in & chunk_ok] = pd.NA
+    ec = pd.array(written_in & known & chunk_ok, dtype="boolean")
+    ec[written_in & ~known & chunk_ok] = pd.NA
     x["exposed_chunk"] = ec
     return x[PAGE_COLUMNS].reset_index(drop=True)
+
+
+def _init_on_alloc(f: Facts) -> bool:
+    """Whether the guest kernel zeroes pages in the allocator (Debian's default, CONFIG_INIT_ON_ALLOC_DEFAULT_ON)."""
+    lab = getattr(getattr(f.ctx, "bundle", None), "meta", {}).get("lab", {}) if f.ctx is not None else {}
+    v = lab.get("init_on_alloc") if isinstance(lab, dict) else None
+    return v is None or int(v) == 1
+
+
+def _written_in_previous_round(f: Facts, gfn: np.ndarray, cmd_id: np.ndarray) -> np.ndarray:
+    """Per page: a guest write the probe saw between the previous round's sync and this round's sync.
+
+    Writes seen: allocations in returned blocks (guest_reuse, capped per block: a lower bound) and,
+    with init_on_alloc, the driver's own allocation of a block it hinted (the allocator zeroes it).
+    Such a page was dirty at this round's sync, so under manual protect it is unarmed until re-armed.
+    """
+    out = np.zeros(len(gfn), bool)
+    S = f.syncs
+    if not len(gfn) or not len(S):
+        return out
+    fe = dict(zip(S["epoch_id"].to_numpy(np.int64), S["fetch_end"].to_numpy(np.int64)))
+    lo_t = np.array([float(fe.get(int(i) - 1, np.nan)) for i in cmd_id])
+    hi_t = np.array([float(fe.get(int(i), np.nan)) for i in cmd_id])
+    ev_g, ev_p = [], []
+    U = f.reuse
+    if len(U):
+        o = U["order"].to_numpy(np.int64).clip(0, 10)
+        n = (1 << o).astype(np.int64)
+        rep = np.repeat(np.arange(len(U)), n)
+        ev_p.append(U["pfn"].to_numpy().astype(np.int64)[rep] + np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))
+        ev_g.append(U["guest_ns"].to_numpy(np.int64)[rep])
+    H = f.hints
+    if len(H) and _init_on_alloc(f):
+        # only the blocks these pages are in: a hint alloc zeroes all 2^order pages of its block
+        blk = np.unique(gfn & ~np.int64(1023))
+        h = H[np.isin(H["pfn"].to_numpy().astype(np.int64), blk)]
+        ho = h["order"].to_numpy(np.int64).clip(0, 10)
+        hn = (1 << ho).astype(np.int64)
+        hrep = np.repeat(np.arange(len(h)), hn)
+        ev_p.append(h["pfn"].to_numpy().astype(np.int64)[hrep] + np.arange(int(hn.sum())) -
+                    np.repeat(np.cumsum(hn) - hn, hn))
+        ev_g.append(h["guest_ns"].to_numpy(np.int64)[hrep])
+    if not ev_g:
+        return out
+    pg = np.concatenate(ev_p)
+    lo, hi = f.band.to_host(np.concatenate(ev_g))
+    t = (lo + hi) / 2
+    W = pd.DataFrame({"gfn": pg, "t": t})
+    Q = pd.DataFrame({"i": np.arange(len(gfn)), "gfn": gfn, "lo": lo_t, "hi": hi_t})
+    j = Q.merge(W, on="gfn")
+    hit = j[(j["t"] > j["lo"]) & (j["t"] < j["hi"])]["i"].unique()
+    out[hit] = True
+    return out
 
 
 def run_exposure(target, clear_shift: int = DEFAULT_CLEAR_SHIFT) -> dict:
@@ -303,24 +362,37 @@ def run_exposure(target, clear_shift: int = DEFAULT_CLEAR_SHIFT) -> dict:
         "exposed": int(P["exposed"].fillna(False).sum()) if len(P) else 0,
         "exposed_unknown": int(P["exposed"].isna().sum()) if len(P) else 0,
         "exposed_chunk": int(P["exposed_chunk"].fillna(False).sum()) if len(P) else 0,
+        "exposed_dirty_seen": int((P["exposed"].fillna(False) & ~P["bulk"].astype(bool)).sum()) if len(P) else 0,
         "clear_shift": clear_shift,
         "band_width_ns": None if not f.band.known else int(f.band.width_ns),
         "mode": f.mode,
     }
+    # a big guest's free memory has clear chunks of its own: the same run at a 128 MiB chunk
+    P15 = page_exposure(f, 15, blocks=B) if len(P) and clear_shift != 15 else P
+    out["exposed_chunk_128m"] = int(P15["exposed_chunk"].fillna(False).sum()) if len(P15) else 0
     hta = B["hint_to_apply_ns"].dropna() if len(B) else pd.Series(dtype=float)
     out["hint_to_apply_ms_median"] = float(hta.median() / 1e6) if len(hta) else None
     out["hint_to_apply_ms_max"] = float(hta.max() / 1e6) if len(hta) else None
     out["first_return_after_hint_ms"] = (
         float(((B["return_g"] - B["hint_g"])[B["return_reason"] == "shrinker"]).min() / 1e6)
         if len(B) and (B["return_reason"] == "shrinker").any() else None)
+    # the shrinker as the simulator models it (sim Knobs shrink_period_ns, shrink_blocks)
+    se = ge[ge["event"] == "shrinker_exit"] if len(ge) else ge
+    gaps = np.diff(np.sort(ge.loc[ge["event"] == "shrinker_enter", "guest_ns"].to_numpy(np.int64))) if len(ge) else []
+    out["shrinker_interval_ms_median"] = float(np.median(gaps) / 1e6) if len(gaps) else None
+    out["blocks_per_shrinker_call"] = (round(out["returned_early"] / max(out["shrinker_calls"], 1), 2)
+                                       if out["shrinker_calls"] else None)
+    out["shrinker_pages_freed"] = int(se["a0"].astype(np.int64).sum()) if len(se) else 0
     # how close the real driver came: the shrinker return nearest to (after) its block's apply
     sh = B[(B["return_reason"] == "shrinker") & B["applied"]] if len(B) else B
     if len(sh):
         _, ghi = _guest_of(f, sh["apply_ns"].to_numpy(float))
         gap = sh["return_g"].to_numpy(float) - ghi
-        out["min_return_after_apply_ms"] = float(np.nanmin(gap) / 1e6) if np.isfinite(gap).any() else None
+        g = gap[np.isfinite(gap)] / 1e6
+        out["min_return_after_apply_ms"] = float(g.min()) if len(g) else None
+        out["median_return_after_apply_ms"] = float(np.median(g)) if len(g) else None
     else:
-        out["min_return_after_apply_ms"] = None
+        out["min_return_after_apply_ms"] = out["median_return_after_apply_ms"] = None
     w = P[P["before_apply"].isin(["sure", "maybe"])]
     out["hint_to_write_ms_median"] = float(w["hint_to_write_ns"].median() / 1e6) if len(w) else None
     out["write_to_apply_ms_median"] = float(w["write_to_apply_ns"].median() / 1e6) if len(w) else None
