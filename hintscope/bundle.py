@@ -37,6 +37,9 @@ META = "meta.json"
 # A meta file bigger than this is not something hintscope wrote.
 MAX_META_BYTES = limits.MAX_META_BYTES
 _PART_RE = re.compile(r"^part-([A-Za-z0-9_.-]+)-(\d{5,})\.parquet$")
+# Test hook: seconds every flush that has rows to write first sleeps, standing in for a slow disk
+# wherever the flush runs (tests/test_probe_host_writer.py).
+SLOW_FLUSH_ENV = "HINTSCOPE_TEST_SLOW_FLUSH_S"
 
 
 def clock_anchor(label: str) -> dict[str, int | str]:
@@ -123,6 +126,10 @@ class BundleWriter:
         self._slug = _slug(producer)
         self._buf: dict[str, list[pa.Table]] = {}
         self._parts: dict[str, int] = {}
+        try:
+            self._slow_flush_s = max(0.0, float(os.environ.get(SLOW_FLUSH_ENV) or 0))
+        except ValueError:
+            self._slow_flush_s = 0.0
         self.rows: dict[str, int] = {}
         self.unwritten: dict[str, int] = {}  # rows dropped because a part could not be written
         self.path.mkdir(parents=True, exist_ok=True)
@@ -177,6 +184,8 @@ class BundleWriter:
         ``lost["bundle_write"]``), so a full disk never makes the producer's memory grow.
         """
         failed = None
+        if self._slow_flush_s and any(self._buf.values()):
+            time.sleep(self._slow_flush_s)
         for table, chunks in list(self._buf.items()):
             if not chunks:
                 continue

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hintscope.analysis.harvest import unrun
 from hintscope.bundle import read_bundle
 from hintscope.probes import kvm_abi as K
 from hintscope.probes.decode import pages_from_words
@@ -84,7 +85,7 @@ def captures():
 
 def harvests_by_get(b) -> list[list[int]]:
     io = b.table("ioctls")
-    bw = b.table("bitmap_words")
+    bw = unrun(b.table("bitmap_words"))
     gets = io[io["name"] == "GET_DIRTY_LOG"].sort_values("seq")
     out = []
     for seq in gets["seq"]:
@@ -120,7 +121,7 @@ def test_get_dirty_log_harvest_is_exact(tmp_path, captures, mode):
         assert caps["cap"].tolist() == [K.CAP_MANUAL_DIRTY_LOG_PROTECT2] and caps["arg0"].tolist() == [1]
         # minivmm clears exactly what GET returned
         clears = io[io["name"] == "CLEAR_DIRTY_LOG"].sort_values("seq")
-        bw = b.table("bitmap_words")
+        bw = unrun(b.table("bitmap_words"))
         got = [pages_from_words(bw[(bw.seq == s) & (bw.op == "clear")]["word"].to_numpy(),
                                 bw[(bw.seq == s) & (bw.op == "clear")]["mask"].to_numpy()).tolist()
                for s in clears["seq"]]
@@ -165,7 +166,7 @@ def test_long_clear_bitmap_walk_exact_and_truncated(tmp_path, captures):
     b = read_bundle(c.out)
     io = b.table("ioctls")
     last = io[io["name"] == "CLEAR_DIRTY_LOG"].sort_values("seq").iloc[-1]
-    bw = b.table("bitmap_words")
+    bw = unrun(b.table("bitmap_words"))
     g = bw[(bw.seq == last["seq"]) & (bw.op == "clear")]
     assert pages_from_words(g["word"].to_numpy(), g["mask"].to_numpy()).tolist() == pattern
     assert last["pages"] == 3000 and last["num_pages"] == pages_ok
@@ -180,7 +181,7 @@ def test_long_clear_bitmap_walk_exact_and_truncated(tmp_path, captures):
     out, _ = c2.finish()
     pattern = np.array(next(x["clear_pattern"] for x in out if "clear_pattern" in x))
     b = read_bundle(c2.out)
-    bw = b.table("bitmap_words")
+    bw = unrun(b.table("bitmap_words"))
     io = b.table("ioctls")
     last = io[io["name"] == "CLEAR_DIRTY_LOG"].sort_values("seq").iloc[-1]
     g = bw[(bw.seq == last["seq"]) & (bw.op == "clear")]

@@ -98,6 +98,7 @@ def test_decode_tables():
     bw = d.tables["bitmap_words"]
     assert list(bw["word"]) == [17, 23, 24, 0]
     assert list(bw["mask"]) == [0b1011, 1 << 63, 1, 0xF0]
+    assert list(bw["nwords"]) == [1, 1, 1, 1]
     assert list(bw["op"]) == ["get", "get", "get", "clear"]
     assert list(bw["seq"]) == [1, 1, 1, 2]
     get = bw["op"] == "get"
@@ -138,7 +139,33 @@ def test_synthetic_generator_roundtrip():
         assert d.records == 1000 and d.rows(table) == 1000
     d = D.decode(D.synthetic_records("bitmap", 1000))
     masks = np.frombuffer(D.synthetic_records("bitmap", 1000), D.BITMAP_DTYPE)["mask"]
-    assert d.rows("bitmap_words") == int((masks != 0).sum())
+    assert d.tables["bitmap_words"]["nwords"].sum() == int((masks != 0).sum())
+
+
+def test_bitmap_words_are_runs_of_equal_words_per_ioctl(tmp_path):
+    from hintscope.analysis.harvest import unrun
+
+    full = (1 << 64) - 1
+    buf = b"".join([
+        bitmap(100, 7, 1, 8, 2, 0, [full] * 8),                # GET seq 7: 20 words, runs across records
+        bitmap(200, 8, 2, 3, 2, 0, [full, full, 5]),           # CLEAR seq 8 (another thread) interleaves
+        bitmap(100, 7, 1, 8, 2, 8, [full] * 6 + [3, 3]),
+        bitmap(100, 7, 1, 4, 2, 16, [3, 0, full, full]),       # a zero word ends a run
+        bitmap(300, 9, 1, 2, 2, 2, [full, full]),              # next GET: same words, its own rows
+    ])
+    bw = D.decode(buf).tables["bitmap_words"]
+    rows = sorted(zip(bw["seq"].tolist(), bw["word"].tolist(), bw["nwords"].tolist(), bw["mask"].tolist()))
+    assert rows == [(7, 0, 14, full), (7, 14, 3, 3), (7, 18, 2, full), (8, 0, 2, full), (8, 2, 1, 5),
+                    (9, 2, 2, full)]
+    # the runs stand for exactly the per-word rows the records hold
+    w = BundleWriter(tmp_path / "b", producer="test")
+    w.append("bitmap_words", bw)
+    w.close(end_reason="test")
+    words = unrun(read_bundle(tmp_path / "b").table("bitmap_words"))
+    got = sorted(zip(words["seq"], words["word"], words["mask"].astype(object)))
+    want = [(7, i, full) for i in range(14)] + [(7, 14, 3), (7, 15, 3), (7, 16, 3), (7, 18, full), (7, 19, full),
+                                                 (8, 0, full), (8, 1, full), (8, 2, 5), (9, 2, full), (9, 3, full)]
+    assert got == sorted(want)
 
 
 def _defines(path: Path, prefix: str) -> dict[str, int]:

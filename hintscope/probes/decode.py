@@ -130,7 +130,9 @@ def decode(buf: bytes | bytearray | memoryview | np.ndarray) -> Decoded:
     out.records -= int((ok & ~known).sum())
 
     def pick(t: int, dtype: np.dtype) -> np.ndarray:
-        return raw.view(dtype)[ok & (typ == t)]
+        sel = ok & (typ == t)
+        # A batch of one record type (a flood of one event) needs no copy of its 96-byte records.
+        return raw.view(dtype) if sel.all() else raw.view(dtype)[sel]
 
     io = pick(REC_IOCTL, IOCTL_DTYPE)
     if len(io):
@@ -200,23 +202,43 @@ def _ioctl_tables(io: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
 
 
 def _bitmap_words(bm: np.ndarray) -> dict[str, np.ndarray]:
+    """Nonzero words as runs (schema 2 ``nwords``): consecutive equal words of one ioctl are one row.
+
+    Records of one ioctl share (ts, seq, op, slot) and arrive in word order; a stable sort by seq
+    keeps them adjacent when another thread's records interleave.  A run cut by a ring-read or
+    flush boundary is written as two rows, which readers treat the same.
+    """
     masks = bm["mask"]                                    # (N, 8)
     nwords = (bm["aux"] >> 8).astype(np.int64)
     valid = (np.arange(masks.shape[1])[None, :] < nwords[:, None]) & (masks != 0)
     rows, cols = np.nonzero(valid)
+    seq = bm["tid"].astype(np.int64)[rows]
+    if len(seq) > 1 and (seq[1:] < seq[:-1]).any():
+        order = np.argsort(seq, kind="stable")
+        rows, cols, seq = rows[order], cols[order], seq[order]
+    ts = _i64(bm["ts"])[rows]
     op = (bm["aux"] & 0xFF)[rows]
+    slot = bm["slot"][rows]
+    word = bm["base_word"].astype(np.int64)[rows] + cols
+    mask = masks[rows, cols]
+    start = np.ones(len(rows), bool)
+    start[1:] = ((word[1:] != word[:-1] + 1) | (mask[1:] != mask[:-1]) | (seq[1:] != seq[:-1])
+                 | (ts[1:] != ts[:-1]) | (op[1:] != op[:-1]) | (slot[1:] != slot[:-1]))
+    first = np.flatnonzero(start)
     return {
-        "ts_ns": _i64(bm["ts"])[rows],
-        "seq": bm["tid"].astype(np.int64)[rows],
-        "op": _names(op, BITMAP_OPS, "op_{}"),
-        "slot": bm["slot"][rows],
-        "word": bm["base_word"].astype(np.int64)[rows] + cols,
-        "mask": masks[rows, cols],
+        "ts_ns": ts[first],
+        "seq": seq[first],
+        "op": _names(op[first], BITMAP_OPS, "op_{}"),
+        "slot": slot[first],
+        "word": word[first],
+        "mask": mask[first],
+        "nwords": np.diff(np.append(first, len(rows))).astype(np.int64),
     }
 
 
 def pages_from_words(word: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Expand (word, mask) pairs into sorted page numbers (page = word*64 + bit)."""
+    """Expand (word, mask) pairs into sorted page numbers (page = word*64 + bit); runs
+    (``nwords`` > 1) go through :func:`hintscope.analysis.harvest.unrun` first."""
     bits = np.unpackbits(np.asarray(mask, dtype="<u8").view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
     r, b = np.nonzero(bits)
     return np.sort(np.asarray(word, dtype=np.int64)[r] * 64 + b)
@@ -241,11 +263,17 @@ class RingConsumer:
 
     def read(self, max_bytes: int | None = None) -> bytes:
         """Take the committed records (whole 96-byte slots) and release their space."""
+        out = bytearray()
+        self.read_into(out, max_bytes)
+        return bytes(out)
+
+    def read_into(self, out: bytearray, max_bytes: int | None = None) -> int:
+        """Append the committed records to ``out`` (one copy out of the ring); returns records taken."""
         cons = int(self._cons_pos[0])
         prod = int(self._prod_pos[0])
         avail = prod - cons
         if avail <= 0:
-            return b""
+            return 0
         if max_bytes is not None:
             avail = min(avail, max_bytes - max_bytes % STRIDE)
         if avail % STRIDE:
@@ -259,11 +287,12 @@ class RingConsumer:
         busy = np.flatnonzero(lens & BUSY)
         n = int(busy[0]) if len(busy) else len(lens)
         if n == 0:
-            return b""
-        data = self._prod[start:start + n * STRIDE]
+            return 0
+        with memoryview(self._prod) as mv:
+            out += mv[start:start + n * STRIDE]
         self._cons_pos[0] = cons + n * STRIDE
         self.consumed += n
-        return data
+        return n
 
     def close(self) -> None:
         del self._prod_pos, self._cons_pos

@@ -5,13 +5,15 @@
 * ``syscalls:sys_enter/exit_ioctl`` for KVM_GET_DIRTY_LOG, KVM_CLEAR_DIRTY_LOG,
   KVM_SET_USER_MEMORY_REGION(2), KVM_RESET_DIRTY_RINGS and KVM_ENABLE_CAP -> ``ioctls``,
   ``memslots``, and the bitmaps GET returned / CLEAR passed, read in the kernel at syscall exit
-  and emitted as nonzero 64-bit words -> ``bitmap_words``;
+  and emitted as runs of equal nonzero 64-bit words -> ``bitmap_words``;
 * ``kvm:kvm_dirty_ring_push`` / ``kvm_dirty_ring_reset`` -> ``ring_push``, ``ring_reset``;
 * when the target is QEMU, uprobes on its dynamic symbols -> ``qemu_events`` (qemu_uprobes.py).
 
 Records travel through one BPF ring buffer that :class:`hintscope.probes.decode.RingConsumer`
-reads in bulk; the bundle is flushed every ``--flush-interval`` seconds so that a SIGKILL keeps
-what was flushed.  It stops on SIGINT/SIGTERM, after ``--duration``, or when the target exits,
+reads in bulk.  The polling thread only copies records out of the ring; every ``--flush-interval``
+seconds it hands them to a writer thread (:mod:`hintscope.probes.capture_writer`) that decodes
+them and flushes the bundle, so a slow disk never stops the ring from being drained and a SIGKILL
+keeps what was flushed.  It stops on SIGINT/SIGTERM, after ``--duration``, or when the target exits,
 and prints ``ATTACHED`` on stdout once every probe is attached (the lab waits for that line).
 See docs/probes.md.
 """
@@ -32,7 +34,8 @@ from pathlib import Path
 from hintscope.bundle import BundleWriter, clock_anchor
 from hintscope.errors import HintscopeError
 from hintscope.probes import bcc_env, qemu_uprobes
-from hintscope.probes.decode import LOST_BITMAP_TRUNC, LOST_INDEX, LOST_SLOT_UNKNOWN, STRIDE, RingConsumer, decode
+from hintscope.probes.capture_writer import DEFAULT_MAX_BACKLOG_BYTES, CaptureWriter
+from hintscope.probes.decode import LOST_BITMAP_TRUNC, LOST_INDEX, LOST_SLOT_UNKNOWN, STRIDE, Decoded, RingConsumer
 from hintscope.probes.host_progress import ProgressView
 
 BPF_C = Path(__file__).with_name("host.bpf.c")
@@ -45,7 +48,12 @@ CHUNKS_PER_CALL = 256
 MAX_SLOT_PAGES = 33 * CHUNKS_PER_CALL * 8 * 64
 POLL_INTERVAL_S = 0.05
 MAX_READS_PER_POLL = 8
+HANDOFF_BYTES = 32 << 20    # hand records to the writer early past this, to bound one batch's memory
 LOST_SERIES_RES_NS = 1_000_000_000   # meta lost_series: contiguous lossy polls merge up to this span
+# Reading the per-CPU lost counters (6 map lookups) and /proc/PID/stat cost about as much as moving
+# 2k records: done every few polls, not every one.
+LOST_SAMPLE_S = 0.2
+ALIVE_CHECK_S = 0.25
 
 
 def check_ring_mb(ring_mb: int) -> None:
@@ -160,7 +168,7 @@ class HostProbe:
 
     def __init__(self, pid: int, out: str | os.PathLike, *, qemu: str = "auto", page_sends: bool = False,
                  vq_pops: bool = True, ring_mb: int = DEFAULT_RING_MB, flush_interval: float = 1.0, qemu_trace_log: str | None = None,
-                 append: bool = False):
+                 append: bool = False, max_backlog_bytes: int = DEFAULT_MAX_BACKLOG_BYTES):
         check_ring_mb(ring_mb)
         self.pid = pid
         self.out = Path(out)
@@ -175,11 +183,18 @@ class HostProbe:
         self.w: BundleWriter | None = None
         self.b = None
         self.ring: RingConsumer | None = None
-        self.events = 0
+        self.writer: CaptureWriter | None = None
+        self.max_backlog_bytes = max_backlog_bytes
+        self.events = 0                            # records taken from the ring (polling thread)
+        self.records = 0                           # valid records decoded (writer thread)
         self.bad = 0
-        self.decode_s = 0.0
+        self._batch = bytearray()                  # ring records not yet handed to the writer
+        self._held_since: float | None = None      # the writer's backlog was full: records left in the ring
+        self.held_s = 0.0
         self._lost_seen: dict[int, int] = {}
         self._lost_sample_ns = time.monotonic_ns()
+        self.lost: dict[str, int] = {}             # per-source totals of the BPF lost counters (polling thread)
+        self.lost_series: dict[str, list[list[int]]] = {}
         self.new_lost: dict[str, int] = {}        # lost since the progress view last took them
         self.syncs = 0                             # qemu_events sync_fetch_begin seen
         self.hint_applies = 0
@@ -254,6 +269,7 @@ class HostProbe:
         w.meta.setdefault("clock_anchors", []).append(clock_anchor("attached"))
         self._last_flush = time.monotonic()
         w.flush()
+        self.writer = CaptureWriter(w, self._on_decoded, self.max_backlog_bytes)
 
     def _cmdline(self) -> str:
         try:
@@ -267,50 +283,104 @@ class HostProbe:
         return st is not None and st[0] not in "ZX" and int(st[19]) == self.target.starttime
 
     def poll(self) -> int:
-        """Move every committed record into the bundle; flush when due. Returns records taken."""
+        """Take every committed record out of the ring; hand them to the writer when due.
+
+        Never waits on disk.  Returns records taken; raises the writer's error (one line) once
+        it has one.
+        """
+        if self.writer.error is not None:
+            raise self.writer.error
         n = 0
-        # Bounded: under a flood the caller still gets to check signals, deadlines and flushes.
-        for _ in range(MAX_READS_PER_POLL):
-            data = self.ring.read()
-            if not data:
-                break
-            t = time.perf_counter()
-            d = decode(data)
-            for table, cols in d.tables.items():
-                self.w.append(table, cols)
-            if "qemu_events" in d.tables:
-                q = d.tables["qemu_events"]
-                self._precopy.feed(q)
-                ev = q["event"]
-                self.syncs += int((ev == "sync_fetch_begin").sum())
-                self.hint_applies += int((ev == "hint_apply").sum())
-            self.decode_s += time.perf_counter() - t
-            n += d.records
-            self.bad += d.bad
-        self.events += n
-        self._collect_lost()
-        if time.monotonic() - self._last_flush >= self.flush_interval:
-            self._update_meta()
-            self.w.flush()
-            self._last_flush = time.monotonic()
+        if self.writer.full:
+            # Past the backlog bound the records stay in the ring, where the kernel counts what it drops.
+            if self._held_since is None:
+                self._held_since = time.monotonic()
+        else:
+            if self._held_since is not None:
+                self.held_s += time.monotonic() - self._held_since
+                self._held_since = None
+            n = self._take(MAX_READS_PER_POLL)
+        if time.monotonic_ns() - self._lost_sample_ns >= LOST_SAMPLE_S * 1e9:
+            self._collect_lost()
+        if time.monotonic() - self._last_flush >= self.flush_interval or len(self._batch) >= HANDOFF_BYTES:
+            self._handoff()
         return n
 
+    def _take(self, max_reads: int | None) -> int:
+        n = 0
+        reads = 0
+        # Bounded under a flood, so the caller still gets to check signals, deadlines and hand-offs.
+        while max_reads is None or reads < max_reads:
+            got = self.ring.read_into(self._batch)
+            reads += 1
+            if not got:
+                break
+            n += got
+        self.events += n
+        return n
+
+    def _handoff(self) -> None:
+        """Queue the records taken so far with a snapshot of what the polling thread knows."""
+        batch, self._batch = self._batch, bytearray()
+        lost = dict(self.lost)
+        series = {k: [list(e) for e in v] for k, v in self.lost_series.items()}
+        consumed = self.ring.consumed
+
+        def update_meta() -> None:     # runs on the writer thread, the only one touching meta meanwhile
+            self._set_lost_meta(lost, series)
+            self._update_meta(consumed)
+
+        self.writer.submit(batch, update_meta)
+        self._last_flush = time.monotonic()
+
+    def _on_decoded(self, d: Decoded) -> None:
+        """Writer thread: counters and the precopy-list vote from one decoded batch."""
+        self.records += d.records
+        self.bad += d.bad
+        q = d.tables.get("qemu_events")
+        if q is not None:
+            self._precopy.feed(q)
+            ev = q["event"]
+            self.syncs += int((ev == "sync_fetch_begin").sum())
+            self.hint_applies += int((ev == "hint_apply").sum())
+
     def stop(self, reason: str) -> None:
+        """Detach, drain the ring, let the writer finish every batch, close the bundle.
+
+        A writer failure ends up in meta ``end_reason`` and is raised (one line) unless the
+        capture is already ending on an error.
+        """
         if self._stopped:
             return
         self._stopped = True
+        err = None
+        raise_err = False   # an error already ending the capture is being reported by the caller
         try:
             self._detach()    # no new records; the maps stay open for the last drain
-            self.poll()
-            self._copy_trace_log()
-            self._update_meta()
+            self._take(None)  # everything, whatever the backlog: nothing new arrives now
+            self._collect_lost()
+            self._handoff()
         finally:
-            if self.ring:
-                self.ring.close()
+            if self.writer is not None:
+                self.writer.close()
+                err = self.writer.error
             try:
+                if self.ring:
+                    self.ring.close()
                 self.b.cleanup()
             finally:
-                self.w.close(end_reason=reason)
+                try:
+                    # the writer thread has ended: meta belongs to this thread again
+                    self._set_lost_meta(self.lost, self.lost_series)
+                    self._copy_trace_log()
+                    self._update_meta()
+                finally:
+                    if err is not None and not reason.startswith("error"):
+                        reason = f"error: {err} (capture was ending: {reason})"
+                        raise_err = True
+                    self.w.close(end_reason=reason)
+        if raise_err:
+            raise err
 
     def _detach(self) -> None:
         b = self.b
@@ -332,7 +402,7 @@ class HostProbe:
     def _collect_lost(self) -> None:
         """Take the per-CPU lost counters' growth since the last poll into meta.
 
-        meta["lost"] keeps totals; meta["lost_series"][source] gets one
+        ``lost`` keeps totals; ``lost_series[source]`` (both copied into meta at each hand-off) gets one
         ``[ts_ns, lost, since_ns]`` entry per interval (since_ns, ts_ns] that lost events
         (CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns), so the analysis can mark the windows
         that are incomplete; intervals without loss are not stored, and consecutive lossy polls
@@ -351,10 +421,9 @@ class HostProbe:
                     by_source[source] = by_source.get(source, 0) + delta
         if not by_source:
             return
-        series = self.w.meta.setdefault("lost_series", {})
         for source, delta in by_source.items():
-            self.w.add_lost(source, delta)
-            entries = series.setdefault(source, [])
+            self.lost[source] = self.lost.get(source, 0) + delta
+            entries = self.lost_series.setdefault(source, [])
             last = entries[-1] if entries else None
             if last is not None and last[0] == since and now - last[2] < LOST_SERIES_RES_NS:
                 # Sustained loss: extend the open interval, so the series grows ~1 entry/s, not 20.
@@ -364,17 +433,31 @@ class HostProbe:
                 entries.append([now, delta, since])
             self.new_lost[source] = self.new_lost.get(source, 0) + delta
 
+    def _set_lost_meta(self, lost: dict[str, int], series: dict[str, list[list[int]]]) -> None:
+        # Absolute values from the BPF counters, not increments: a batch applied late is still exact.
+        self.w.meta["lost"].update(lost)
+        if series:
+            self.w.meta["lost_series"] = series
+
     def take_new_lost(self) -> dict[str, int]:
         new, self.new_lost = self.new_lost, {}
         return new
 
-    def _update_meta(self) -> None:
+    def _update_meta(self, consumed: int | None = None) -> None:
         hp = self.w.meta["host_probe"]
-        hp["records"] = self.events
+        wr = self.writer
+        decode_s = wr.decode_s if wr else 0.0
+        hp["records"] = self.records
         hp["bad_records"] = self.bad
-        hp["decode_s"] = round(self.decode_s, 4)
-        hp["decode_rate_per_s"] = int(self.events / self.decode_s) if self.decode_s > 0 else None
-        hp["ring_consumed"] = self.ring.consumed if self.ring else 0
+        hp["decode_s"] = round(decode_s, 4)
+        hp["decode_rate_per_s"] = int(self.records / decode_s) if decode_s > 0 else None
+        hp["ring_consumed"] = consumed if consumed is not None else self.events
+        if wr is not None:
+            held = self.held_s + (time.monotonic() - self._held_since if self._held_since is not None else 0.0)
+            hp["writer"] = {"batches": wr.batches, "write_s": round(wr.write_s, 4), "cpu_s": round(wr.cpu_s, 4),
+                            "decode_cpu_s": round(wr.decode_cpu_s, 4), "write_cpu_s": round(wr.write_cpu_s, 4),
+                            "backlog_limit_bytes": wr.max_backlog_bytes, "max_backlog_bytes": wr.max_backlog_seen,
+                            "ring_held_s": round(held, 3)}
         unknown = self._lost_seen.get(LOST_SLOT_UNKNOWN, 0)
         trunc = self._lost_seen.get(LOST_BITMAP_TRUNC, 0)
         q = self.w.meta["sources"].get("qemu_uprobes")
@@ -428,17 +511,21 @@ def run(args) -> int:
         view = ProgressView(force=getattr(args, "progress", False))
         deadline = time.monotonic() + args.duration if args.duration else None
         reason = None
+        next_alive = 0.0
         try:
             while reason is None:
                 probe.poll()
                 view.tick(probe)
+                now = time.monotonic()
                 if stop_sig:
                     reason = stop_sig[0]
-                elif deadline is not None and time.monotonic() >= deadline:
+                elif deadline is not None and now >= deadline:
                     reason = "duration"
-                elif not probe.target_alive():
+                elif now >= next_alive and not probe.target_alive():
                     reason = "target-exit"
                 else:
+                    if now >= next_alive:
+                        next_alive = now + ALIVE_CHECK_S
                     time.sleep(POLL_INTERVAL_S)
         except BaseException as e:
             view.close()
@@ -447,8 +534,14 @@ def run(args) -> int:
         probe.stop(reason)
         view.close(probe)
         lost = probe.w.meta.get("lost", {})
-        print(f"hintscope: probe host: {probe.events} records, rows {probe.w.meta.get('rows', {})}, "
+        print(f"hintscope: probe host: {probe.records} records, rows {probe.w.meta.get('rows', {})}, "
               f"lost {lost or 0}, end {reason} -> {probe.out}", file=sys.stderr)
+        if getattr(args, "exit_now", False):
+            # The bundle is closed and fsynced, the BPF programs detached: tearing the interpreter
+            # down would only cost 0.12-0.2 CPU-s (pandas' module teardown), measured in bench_capture.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         return 0
     finally:
         for s, h in old.items():
@@ -488,5 +581,5 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
-    ap.set_defaults(func=run)
+    ap.set_defaults(func=run, exit_now=True)    # only the command line: in-process callers get run()'s return
     return ap

@@ -50,10 +50,10 @@ class ProgressView:
             return
         for source, n in sorted(probe.take_new_lost().items()):
             self._line(f"{PREFIX} WARNING: lost {n} {source} events in the last {dt:.1f} s "
-                       f"(total {probe.w.meta['lost'].get(source, n)}; ring full? try a larger --ring-mb)")
+                       f"(total {probe.lost.get(source, n)}; ring full? try a larger --ring-mb)")
         rate = (probe.events - self._events) / dt if dt > 0 else 0.0
         self._t, self._events = now, probe.events
-        text = status_text(rate, dict(probe.w.rows), probe.syncs, probe.hint_applies, dict(probe.w.meta["lost"]))
+        text = status_text(rate, dict(probe.w.rows), probe.syncs, probe.hint_applies, dict(probe.lost))
         if self.live is not None:
             self.live.update(self._Text(text, no_wrap=True, overflow="ellipsis"))
         elif self.plain_status:

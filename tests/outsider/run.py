@@ -317,11 +317,12 @@ def applies(bundle: Path) -> list[tuple[int, int, int]]:
 
 def harvested_after(bundle: Path) -> dict[int, np.ndarray]:
     """gfn -> sorted times (ns) at which a KVM_GET_DIRTY_LOG reported it dirty (probe's bitmap_words)."""
+    from hintscope.analysis.harvest import unrun
     from hintscope.bundle import read_bundle
 
     b = read_bundle(bundle)
     w = b.table("bitmap_words")
-    w = w[w["op"] == "get"]
+    w = unrun(w[w["op"] == "get"])     # schema 2: a row may stand for a run of equal words
     slots = b.table("memslots")
     base = {int(r.slot) | int(r.as_id) << 16: int(r.gpa) >> 12 for r in slots.itertuples(index=False) if r.size}
     out: dict[int, list[int]] = {}
