@@ -385,7 +385,9 @@ class Context:
     def _hva_ranges(self, hva: np.ndarray, n: np.ndarray, t0: np.ndarray, t1: np.ndarray,
                     x: np.ndarray, runs: bool = False) -> tuple[ps.Ops, int]:
         """Page runs (first page's HVA, pages, time of first and last page) -> dense-page ops, and the
-        number of pages no memslot maps.  A run inside one slot is one op; others go page by page."""
+        number of pages no memslot maps.  A run inside one slot is one op; a run across slots one op per
+        slot it crosses.  (Pages whose slot changed between the run's first and last page are counted
+        unmapped: QEMU does not remap RAM during a migration.)"""
         iv, gi = self.iv, self.gindex
         keep = n > 0
         hva, n, t0, t1, x = hva[keep], n[keep], t0[keep], t1[keep], x[keep]
@@ -400,15 +402,35 @@ class Context:
             parts[0] = ps.Ops(p.t, p.g0, p.n, p.mask, p.x, t1[ok], np.zeros(len(p), np.int64), p.n.copy(), p.t.copy())
         unmapped = 0
         if not ok.all():
+            # runs crossing a slot boundary (pc.ram split around the PCI hole): one op per slot piece
             bad = np.flatnonzero(~ok)
-            idx, h = ms.expand_ranges(hva[bad], n[bad] * ms.PAGE)
-            k = (h - hva[bad][idx]) // ms.PAGE
-            nn = n[bad][idx]
-            ts = t0[bad][idx] + ((t1[bad][idx] - t0[bad][idx]) * (k / np.maximum(nn - 1, 1))).astype(np.int64)
-            g, _ = ms.hva_to_gpa(h, ts, iv)
-            d = gi.to_idx(np.where(g >= 0, g >> ms.PAGE_SHIFT, -1))
-            unmapped = int((g < 0).sum())
-            parts.append(ps.compress(bad[idx], d, ts, x[bad][idx]))
+            bh, bn, bt0, bt1, bx = hva[bad], n[bad], t0[bad], t1[bad], x[bad]
+            covered = np.zeros(len(bad), np.int64)
+
+            def when(k):
+                return bt0 + ((bt1 - bt0) * (k / np.maximum(bn - 1, 1))).astype(np.int64)
+            iv0 = ms._capped(iv[iv["as_id"] == 0])
+            for r in iv0.itertuples(index=False):
+                lo = np.maximum(bh, r.hva)
+                hi = np.minimum(bh + bn * ms.PAGE, r.hva + r.size)
+                k0 = (lo - bh) // ms.PAGE
+                cnt = (hi - lo + ms.PAGE - 1) // ms.PAGE
+                ta, tb = when(k0), when(k0 + cnt - 1)
+                m = (cnt > 0) & (ta >= r.start_ns) & (ta < r.end_ns) & (tb >= r.start_ns) & (tb < r.end_ns)
+                if not m.any():
+                    continue
+                d = gi.to_idx((lo[m] - r.hva + r.gpa) >> ms.PAGE_SHIFT)
+                de = gi.to_idx((lo[m] - r.hva + r.gpa + (cnt[m] - 1) * ms.PAGE) >> ms.PAGE_SHIFT)
+                good = (d >= 0) & (de == d + cnt[m] - 1)
+                mi = np.flatnonzero(m)[good]
+                covered[mi] += cnt[mi]
+                k = len(mi)
+                if runs:
+                    parts.append(ps.Ops(ta[mi], d[good], cnt[mi], np.full(k, ps.ALL, np.uint64), bx[mi], bt1[mi],
+                                        k0[mi], bn[mi], bt0[mi]))
+                else:
+                    parts.append(ps.Ops(ta[mi], d[good], cnt[mi], np.full(k, ps.ALL, np.uint64), bx[mi]))
+            unmapped = int((bn - np.minimum(covered, bn)).sum())
         return ps.concat(parts), unmapped
 
     @cached_property

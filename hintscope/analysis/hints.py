@@ -121,7 +121,7 @@ def page_counts(c: Context, ep: pd.DataFrame) -> tuple[dict[str, np.ndarray], di
                 if not len(gg):
                     continue
                 tot[name][gg] = True
-                u = np.unique(kk * n + gg)
+                u = psm.distinct(kk * n + gg)
                 per[name] += np.bincount(u // n, minlength=len(keys))[:len(keys)]
     return per, {k: int(np.count_nonzero(v)) for k, v in tot.items()}, events
 
