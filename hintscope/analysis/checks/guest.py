@@ -69,6 +69,11 @@ def reuse_before_apply(f: Facts, run) -> None:
         wsent = (f"; the guest allocated (wrote) {len(w)} of their pages before the apply "
                  f"({int((w['before_apply'] == 'sure').sum())} surely by the clock band)" if len(w) else
                  "; no allocation in them before the apply was seen")
+        if len(w) and f.mode != "manual":
+            wsent += (f"; under KVM manual protect {int(w['exposed'].fillna(False).sum())} of those writes would hit "
+                      f"a dirty, unarmed page ({int(w['exposed'].isna().sum())} undecided) and "
+                      f"{int(w['exposed_chunk'].fillna(False).sum())} would come before the first re-arm of the "
+                      f"page's 1 GiB clear chunk, i.e. be lost (inferred from the guest timeline)")
         tail = {"hazard": "", "ambiguous": " (order not settled by the clock band)",
                 "note": "; " + SAFE_MODES.get(f.mode, f"under {f.mode} dirty logging the next sync harvests such a "
                                                         f"write") + ", so none is lost (exposure only)"}[conf]
