@@ -21,6 +21,10 @@ second of capture and per million events.
     benchmarks/bench_capture.py                       # rates 50k,150k,max; 3 reps; 3 s each
     benchmarks/bench_capture.py --quick               # 30k/s, 1 s, 1 rep
     benchmarks/bench_capture.py --overload            # --ring-mb 1, flat out: what loss looks like
+    benchmarks/bench_capture.py --load 2 --rates 150000,0 --tools hintscope,perf,none \
+        --ring-sweep 1,4,16,64 -o benchmarks/results/bench_capture_load.json
+                                                      # while 2 busy processes load both cores, plus
+                                                      # loss per BPF ring size and rate (hintscope only)
 """
 
 from __future__ import annotations
@@ -122,6 +126,7 @@ def run_one(tool: str, exe: Path, work: Path, secs: float, rate: int, ring_mb: i
         lost = int((b.meta.get("lost") or {}).get("host_ioctl", 0))
         r["meta_lost"] = b.meta.get("lost")
         r["decode_rate_per_s"] = (b.meta.get("host_probe") or {}).get("decode_rate_per_s")
+        r["writer"] = (b.meta.get("host_probe") or {}).get("writer")
     elif tool == "bpftrace":
         text = out.read_text(errors="replace")
         seen = sum(1 for l in text.splitlines() if l[:1].isdigit())
@@ -153,6 +158,27 @@ def run_one(tool: str, exe: Path, work: Path, secs: float, rate: int, ring_mb: i
     return r
 
 
+def start_load(n: int) -> tuple[list[subprocess.Popen], str]:
+    """n CPU-bound processes competing with the tracer at normal priority."""
+    if n <= 0:
+        return [], "none"
+    if shutil.which("stress-ng"):
+        return [subprocess.Popen(["stress-ng", "--cpu", str(n), "--quiet"])], f"stress-ng --cpu {n}"
+    return ([subprocess.Popen([PY, "-c", "while 1: pass"]) for _ in range(n)],
+            f"{n} x python -c 'while 1: pass' (stress-ng not installed)")
+
+
+def stop_load(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=10)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -162,6 +188,10 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--ring-mb", type=int, default=16)
+    ap.add_argument("--load", type=int, default=0, metavar="N",
+                    help="run N CPU-bound processes for the whole benchmark (stress-ng --cpu N, else N python loops)")
+    ap.add_argument("--ring-sweep", default="", metavar="MB,..",
+                    help="then hintscope alone at every rate with each of these ring sizes (1 rep): loss or not")
     ap.add_argument("-o", "--output")
     a = ap.parse_args()
     rates = [int(x) for x in a.rates.split(",")]
@@ -173,6 +203,8 @@ def main() -> int:
         rates, tools, ring_mb = [0], ["hintscope"], 1
     work = Path(tempfile.mkdtemp(prefix="hs-perf-cap-", dir="/tmp"))
     runs = []
+    sweep = []
+    load_procs, load_what = start_load(a.load)
     try:
         exe = build(work)
         k = 0
@@ -188,9 +220,19 @@ def main() -> int:
                     print(json.dumps({x: r.get(x) for x in ("tool", "rate_target", "calls", "producer_rate", "seen",
                                                              "lost_reported", "missing", "consumer_cpu_per_s", "loadavg")}),
                           flush=True)
+        for mb in [int(x) for x in a.ring_sweep.split(",") if x]:
+            for rate in rates:
+                k += 1
+                r = run_one("hintscope", exe, work, secs, rate, mb, k)
+                r.update({"ring_mb": mb, "loadavg": os.getloadavg()[0]})
+                sweep.append(r)
+                print(json.dumps({x: r.get(x) for x in ("ring_mb", "rate_target", "producer_rate", "missing",
+                                                         "lost_reported", "loadavg")}), flush=True)
     finally:
+        stop_load(load_procs)
         shutil.rmtree(work, ignore_errors=True)
-    res = {"benchmark": "capture", "ring_mb": ring_mb, "seconds": secs, "reps": reps, "runs": runs, "summary": {}}
+    res = {"benchmark": "capture", "ring_mb": ring_mb, "seconds": secs, "reps": reps, "load": load_what,
+           "runs": runs, "summary": {}}
     rows = []
     for rate in rates:
         none = {r["rep"]: r["producer_rate"] for r in runs if r["tool"] == "none" and r["rate_target"] == rate}
@@ -212,10 +254,28 @@ def main() -> int:
                          "-" if tool == "none" else ",".join(str(x) for x in s["lost_reported"]),
                          "-" if tool == "none" else B.fmt(s["consumer_cpu_per_s"]),
                          "-" if tool == "none" else B.fmt(s["consumer_cpu_s_per_M"])])
-    print(f"{secs} s per run, {reps} reps, ring {ring_mb} MiB (median (min-max))")
+    print(f"{secs} s per run, {reps} reps, ring {ring_mb} MiB, load: {load_what} (median (min-max))")
     print(B.table(rows, ["target/s", "tracer", "achieved k ev/s", "vs untraced", "missing (per run)",
                          "lost reported", "consumer CPU s/s", "consumer CPU s per M ev"]))
-    name = "bench_capture" + ("_overload" if a.overload else "") + ("_quick" if a.quick else "")
+    if "hintscope" in tools and "perf" in tools:
+        # CPU per event against perf record's in the same repetition (same load, same minute)
+        vs = []
+        for rate in rates:
+            pairs = [(h["consumer_cpu_s_per_M"], p["consumer_cpu_s_per_M"])
+                     for h in runs if h["tool"] == "hintscope" and h["rate_target"] == rate
+                     for p in runs if p["tool"] == "perf" and p["rate_target"] == rate and p["rep"] == h["rep"]
+                     and p.get("seen")]
+            s = B.summary([x / y for x, y in pairs])
+            res["summary"][f"cpu_per_event_hintscope_vs_perf@{rate}"] = s
+            vs.append([rate or "max", B.fmt(s), len(pairs)])
+        print(B.table(vs, ["target/s", "hintscope / perf CPU per event", "pairs"]))
+    if sweep:
+        res["ring_sweep"] = sweep
+        srows = [[r["ring_mb"], r["rate_target"] or "max", f"{r['producer_rate'] / 1e3:.0f}", r["missing"],
+                  r["lost_reported"], f"{r['loadavg']:.1f}"] for r in sweep]
+        print(B.table(srows, ["ring MiB", "target/s", "achieved k ev/s", "missing", "lost reported", "load"]))
+    name = "bench_capture" + ("_overload" if a.overload else "") + ("_quick" if a.quick else "") + \
+        ("_load" if a.load else "")
     B.write(name, res, a.output)
     return 0
 

@@ -103,7 +103,7 @@ def test_writer_bug_is_one_line_and_later_batches_are_counted(tmp_path):
     seen = []
     cw = CaptureWriter(w, seen.append)
     good = D.synthetic_records("ioctl", 100)
-    cw.submit(good)
+    cw.submit(good, len(good))
     real_append = w.append
 
     def broken(table, cols):
@@ -113,8 +113,8 @@ def test_writer_bug_is_one_line_and_later_batches_are_counted(tmp_path):
     while cw.batches < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     w.append = broken
-    cw.submit(good)
-    cw.submit(D.synthetic_records("ioctl", 50))
+    cw.submit(good, len(good))
+    cw.submit(D.synthetic_records("ioctl", 50), 50 * 96)
     cw.close()
     w.append = real_append
     assert cw.error is not None and "\n" not in str(cw.error)
@@ -132,8 +132,8 @@ def test_backlog_bound_tells_the_poller_to_leave_records_in_the_ring(tmp_path):
     gate = threading.Event()
     cw = CaptureWriter(w, lambda d: gate.wait(30), max_backlog_bytes=96 * 150)
     assert not cw.full
-    cw.submit(D.synthetic_records("ioctl", 100))
-    cw.submit(D.synthetic_records("ioctl", 100))
+    cw.submit(D.synthetic_records("ioctl", 100), 100 * 96)
+    cw.submit(D.synthetic_records("ioctl", 100), 100 * 96)
     assert cw.full and cw.backlog_bytes == 96 * 200
     gate.set()
     cw.close()

@@ -25,6 +25,8 @@ import threading
 import time
 from typing import Callable
 
+import numpy as np
+
 from hintscope.bundle import BundleWriter
 from hintscope.errors import BundleError
 from hintscope.probes.decode import STRIDE, Decoded, decode
@@ -33,7 +35,7 @@ DEFAULT_MAX_BACKLOG_BYTES = 256 << 20   # ~2.8 M records, ~18 s at 150k events/s
 
 
 class CaptureWriter:
-    """``submit(records, update_meta)`` from the poller; ``close()`` drains and joins."""
+    """``buffer()`` and ``submit(buffer, nbytes, update_meta)`` from the poller; ``close()`` drains and joins."""
 
     def __init__(self, w: BundleWriter, on_decoded: Callable[[Decoded], None],
                  max_backlog_bytes: int = DEFAULT_MAX_BACKLOG_BYTES):
@@ -43,6 +45,7 @@ class CaptureWriter:
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._backlog = 0
+        self._free: list[np.ndarray] = []      # batch buffers back from the thread, pages already mapped
         self.error: BundleError | None = None   # the first failure, one line
         self.dead = False                       # an unexpected exception: batches are counted, not decoded
         self.decode_s = 0.0                     # wall time of decode + append (includes waiting for a CPU)
@@ -63,13 +66,26 @@ class CaptureWriter:
     def full(self) -> bool:
         return self._backlog >= self.max_backlog_bytes
 
-    def submit(self, records: bytes | bytearray, update_meta: Callable[[], None] | None = None) -> None:
-        """Queue ring bytes (whole records) and a meta update; never blocks."""
-        n = len(records)
+    def buffer(self, size: int) -> np.ndarray:
+        """A batch buffer for the poller: a recycled one when the thread has given one back."""
         with self._lock:
-            self._backlog += n
+            while self._free:
+                b = self._free.pop()
+                if len(b) == size:
+                    return b
+        return np.empty(size, np.uint8)
+
+    def submit(self, buf: np.ndarray | bytes | None, nbytes: int, update_meta: Callable[[], None] | None = None) -> None:
+        """Queue ``buf[:nbytes]`` (whole ring records) and a meta update; never blocks.
+
+        The buffer belongs to this thread from now on (it is recycled after decoding).
+        """
+        if buf is None:
+            buf, nbytes = b"", 0
+        with self._lock:
+            self._backlog += nbytes
             self.max_backlog_seen = max(self.max_backlog_seen, self._backlog)
-        self._q.put((records, n, update_meta))
+        self._q.put((buf, nbytes, update_meta))
 
     def close(self) -> None:
         """Write everything submitted so far, then stop the thread (the caller owns ``w`` again)."""
@@ -100,7 +116,8 @@ class CaptureWriter:
             if self.dead:
                 self.w.add_lost("bundle_write", nbytes // STRIDE)
             else:
-                self._decode_append(items[0][0] if len(items) == 1 else b"".join(it[0] for it in items))
+                recs = [memoryview(b)[:n] for b, n, _ in items]
+                self._decode_append(recs[0] if len(recs) == 1 else b"".join(recs))
             for _, _, update in items:
                 if update is not None:
                     update()
@@ -120,6 +137,10 @@ class CaptureWriter:
             self.batches += 1
             with self._lock:
                 self._backlog -= nbytes
+                # decode copied every column out: the buffers can be filled again (two spare at most)
+                for b, _, _ in items:
+                    if isinstance(b, np.ndarray) and len(self._free) < 2:
+                        self._free.append(b)
 
     def _decode_append(self, records: bytes | bytearray) -> None:
         t, c = time.perf_counter(), time.thread_time()

@@ -263,23 +263,29 @@ class RingConsumer:
 
     def read(self, max_bytes: int | None = None) -> bytes:
         """Take the committed records (whole 96-byte slots) and release their space."""
-        out = bytearray()
-        self.read_into(out, max_bytes)
-        return bytes(out)
+        cap = self.size if max_bytes is None else min(max_bytes, self.size)
+        out = np.empty(cap - cap % STRIDE, np.uint8)
+        return out[: self.read_into(out, 0) * STRIDE].tobytes()
 
-    def read_into(self, out: bytearray, max_bytes: int | None = None) -> int:
-        """Append the committed records to ``out`` (one copy out of the ring); returns records taken."""
+    def read_into(self, out: np.ndarray, pos: int) -> int:
+        """Copy the committed records into ``out[pos:]`` (as many as fit) and release their space.
+
+        One copy out of the ring into a buffer the caller reuses (a fresh one would page-fault on
+        every write).  Returns the records taken.
+        """
+        max_bytes = len(out) - pos
         cons = int(self._cons_pos[0])
         prod = int(self._prod_pos[0])
         avail = prod - cons
         if avail <= 0:
             return 0
-        if max_bytes is not None:
-            avail = min(avail, max_bytes - max_bytes % STRIDE)
         if avail % STRIDE:
             # Another record size in the ring means a program/decoder mismatch: stop rather than misparse.
             raise HintscopeError(f"BPF ring buffer holds {avail} unread bytes, not a multiple of {STRIDE}: "
                                  "host.bpf.c and decode.py disagree on the record size")
+        avail = min(avail, max_bytes - max_bytes % STRIDE)
+        if avail <= 0:
+            return 0
         start = self.page + (cons & self.mask)
         # Headers first (strided loads, in order), then the data: a committed header guarantees
         # its record's bytes were written before it.
@@ -288,8 +294,7 @@ class RingConsumer:
         n = int(busy[0]) if len(busy) else len(lens)
         if n == 0:
             return 0
-        with memoryview(self._prod) as mv:
-            out += mv[start:start + n * STRIDE]
+        out[pos:pos + n * STRIDE] = np.frombuffer(self._prod, np.uint8, count=n * STRIDE, offset=start)
         self._cons_pos[0] = cons + n * STRIDE
         self.consumed += n
         return n

@@ -48,7 +48,7 @@ CHUNKS_PER_CALL = 256
 MAX_SLOT_PAGES = 33 * CHUNKS_PER_CALL * 8 * 64
 POLL_INTERVAL_S = 0.05
 MAX_READS_PER_POLL = 8
-HANDOFF_BYTES = 32 << 20    # hand records to the writer early past this, to bound one batch's memory
+HANDOFF_BYTES = 32 << 20    # a batch buffer's size: records go to the writer when it is full or the interval ends
 LOST_SERIES_RES_NS = 1_000_000_000   # meta lost_series: contiguous lossy polls merge up to this span
 # Reading the per-CPU lost counters (6 map lookups) and /proc/PID/stat cost about as much as moving
 # 2k records: done every few polls, not every one.
@@ -188,7 +188,8 @@ class HostProbe:
         self.events = 0                            # records taken from the ring (polling thread)
         self.records = 0                           # valid records decoded (writer thread)
         self.bad = 0
-        self._batch = bytearray()                  # ring records not yet handed to the writer
+        self._batch = None                         # ring records not yet handed to the writer: _batch[:_fill]
+        self._fill = 0
         self._held_since: float | None = None      # the writer's backlog was full: records left in the ring
         self.held_s = 0.0
         self._lost_seen: dict[int, int] = {}
@@ -302,7 +303,7 @@ class HostProbe:
             n = self._take(MAX_READS_PER_POLL)
         if time.monotonic_ns() - self._lost_sample_ns >= LOST_SAMPLE_S * 1e9:
             self._collect_lost()
-        if time.monotonic() - self._last_flush >= self.flush_interval or len(self._batch) >= HANDOFF_BYTES:
+        if time.monotonic() - self._last_flush >= self.flush_interval:
             self._handoff()
         return n
 
@@ -311,17 +312,23 @@ class HostProbe:
         reads = 0
         # Bounded under a flood, so the caller still gets to check signals, deadlines and hand-offs.
         while max_reads is None or reads < max_reads:
-            got = self.ring.read_into(self._batch)
+            if self._batch is None:
+                self._batch = self.writer.buffer(HANDOFF_BYTES)
+            elif len(self._batch) - self._fill < STRIDE:
+                self._handoff()
+                continue
+            got = self.ring.read_into(self._batch, self._fill)
             reads += 1
             if not got:
                 break
+            self._fill += got * STRIDE
             n += got
         self.events += n
         return n
 
     def _handoff(self) -> None:
         """Queue the records taken so far with a snapshot of what the polling thread knows."""
-        batch, self._batch = self._batch, bytearray()
+        batch, fill, self._batch, self._fill = self._batch, self._fill, None, 0
         lost = dict(self.lost)
         series = {k: [list(e) for e in v] for k, v in self.lost_series.items()}
         consumed = self.ring.consumed
@@ -330,7 +337,7 @@ class HostProbe:
             self._set_lost_meta(lost, series)
             self._update_meta(consumed)
 
-        self.writer.submit(batch, update_meta)
+        self.writer.submit(batch, fill, update_meta)
         self._last_flush = time.monotonic()
 
     def _on_decoded(self, d: Decoded) -> None:
