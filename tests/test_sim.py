@@ -77,6 +77,26 @@ def test_bundle_round_trip_and_cli(tmp_path, capsys):
 def test_cli_rejects_bad_pages(tmp_path):
     from hintscope.cli import main
     assert main(["simulate", "--pages", "1000", "-o", str(tmp_path / "x")]) == 2
+    # the scale preset's hint blocks are 1024 pages
+    assert main(["simulate", "--preset", "scale", "--pages", "1536", "-o", str(tmp_path / "x")]) == 2
+    assert main(["simulate", "--pages", "4096", "--gib", "1", "-o", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_scale_preset_bundle(tmp_path, capsys):
+    from hintscope.cli import main
+    out = tmp_path / "b"
+    assert main(["simulate", "--variant", "qemu", "--mode", "ring", "--preset", "scale", "--pages", "65536",
+                 "-o", str(out)]) == 0
+    assert "pages 65536" in capsys.readouterr().out
+    b = read_bundle(out)
+    cfg, truth = b.meta["sim"]["config"], b.meta["sim"]["truth"]
+    assert (cfg["block_order"], cfg["clear_chunk_pages"], cfg["pages"]) == (10, 1 << 18, 65536)
+    assert truth["pages"] == 65536 and 0 < truth["in_use"] < 65536 and truth["lost"] == 0
+    gt = b.table("ground_truth")
+    assert len(gt) == truth["stale"] > 0 and gt["stale"].all()
+    assert b.meta["rows"]["ring_push"] == len(b.table("ring_push")) > 0
+    assert len(b.table("lost_pages")) == truth["stale"]
 
 
 def test_blocking_bulk_records_a_stall():
