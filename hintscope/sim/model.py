@@ -775,7 +775,8 @@ class Sim:
         if not self.vm_running:
             return
         self._return_blocks(self.k.shrink_blocks, "shrinker")
-        self.at(self.now + self.rng.exponential(self.k.shrink_period_ns * self.cfg.guest_time_scale), self._guest_shrink)
+        self.at(self.now + self.rng.exponential(self.k.shrink_period_ns * self.cfg.guest_time_scale),
+                self._guest_shrink)
 
     def _return_blocks(self, n: int, reason: str) -> None:
         if not self.held:
