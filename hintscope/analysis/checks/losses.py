@@ -10,7 +10,7 @@ import pandas as pd
 
 from hintscope.analysis import lost_pages
 from hintscope.analysis.context import EVERY_PAGE_SOURCES
-from hintscope.analysis.facts import Facts, _expand, _hex, _uniq, last_at
+from hintscope.analysis.facts import Facts, _expand, _hex, _uniq, last_at, last_guest_event
 from hintscope.analysis import pagestate as ps
 from hintscope.analysis.pagestate import NONE
 from hintscope.analysis.findings import finding
@@ -40,22 +40,16 @@ def lost_writes(f: Facts, run) -> None:
         reuse = reuse[keep]
     if not len(reuse):
         return
-    ri, rg = _expand(reuse["pfn"].to_numpy().astype(np.int64), reuse["order"].to_numpy())
-    R = pd.DataFrame({"gfn": rg, "g": reuse["guest_ns"].to_numpy(np.int64)[ri], "kind": 1,
-                      "lo": reuse["lo"].to_numpy(float)[ri], "hi": reuse["hi"].to_numpy(float)[ri]})
-    if len(f.hints):
-        hi_, hg = _expand(f.hints["pfn"].to_numpy().astype(np.int64), f.hints["order"].to_numpy())
-        H = pd.DataFrame({"gfn": hg, "g": f.hints["guest_ns"].to_numpy(np.int64)[hi_], "kind": 0,
-                          "lo": f.hints["lo"].to_numpy(float)[hi_], "hi": f.hints["hi"].to_numpy(float)[hi_]})
-        R = pd.concat([R, H], ignore_index=True)
-    last = R.sort_values("g", kind="stable").groupby("gfn").tail(1)
-    c = last[last["kind"] == 1].set_index("gfn")
-    if not len(c) or not np.isfinite(c["lo"]).all():
-        if len(c):
+    # the guest's last balloon event of each page: a reuse after its last hint (ties: the hint)
+    reuse = reuse.reset_index(drop=True)
+    pg, kind, row = last_guest_event(f, [(reuse, 1), (f.hints, 0)])
+    sel = kind == 1
+    gfn, row = pg[sel], row[sel]
+    w_lo, w_hi = reuse["lo"].to_numpy(float)[row], reuse["hi"].to_numpy(float)[row]
+    if not len(gfn) or not np.isfinite(w_lo).all():
+        if len(gfn):
             f.problems.append("guest reuse events cannot be placed on the host clock; lost writes not checked")
         return
-    gfn = c.index.to_numpy(np.int64)
-    w_lo, w_hi = c["lo"].to_numpy(float), c["hi"].to_numpy(float)
     h_last = last_at(f, "H", gfn)
     h_after = np.where(h_last > w_lo, h_last, -np.inf)
     harvested = np.isfinite(h_after)
@@ -173,18 +167,18 @@ def memcheck(f: Facts, run) -> None:
     if not len(lp):
         return
     gfn = _uniq(lp["gfn"].to_numpy().astype(np.int64))
-    gfn = gfn[~np.isin(gfn, list(covered))]
+    if covered:
+        gfn = gfn[~np.isin(gfn, np.fromiter(covered, np.int64, len(covered)))]
     if not len(gfn):
         return
     applied = np.isfinite(last_at(f, "A", gfn))
     if len(f.hints) or len(f.reuse):
-        rows = []
-        for df, kind in ((f.hints, 0), (f.reuse, 1)):
-            if len(df):
-                i, g = _expand(df["pfn"].to_numpy().astype(np.int64), df["order"].to_numpy())
-                rows.append(pd.DataFrame({"gfn": g, "g": df["guest_ns"].to_numpy(np.int64)[i], "kind": kind}))
-        last = pd.concat(rows).sort_values("g", kind="stable").groupby("gfn")["kind"].last()
-        lk = last.reindex(gfn).to_numpy()
+        # the last guest event of each differing page (ties: the reuse)
+        pg, kind, _ = last_guest_event(f, [(f.hints, 0), (f.reuse, 1)])
+        pos = np.searchsorted(pg, gfn)
+        found = (pos < len(pg)) & (pg[np.minimum(pos, max(len(pg) - 1, 0))] == gfn) if len(pg) else \
+            np.zeros(len(gfn), bool)
+        lk = np.where(found, kind[np.minimum(pos, max(len(pg) - 1, 0))] if len(pg) else -1, -1)
         held = lk == 0                      # hinted and not reused: the stale copy is allowed
         reused = lk == 1
         hint_lost = reused & applied
