@@ -89,7 +89,8 @@ def page_counts(c: Context, ep: pd.DataFrame) -> tuple[dict[str, np.ndarray], di
     tot = {k: np.zeros(n, bool) for k in names}
     if not len(aops):
         return per, {k: 0 for k in names}, 0
-    last = st.S if c.send_source != "none" else st.H
+    sends = c.send_source != "none"
+    last_of = (lambda g: st.S[g]) if sends else (lambda g: st.ns(st.H[g]))
     a_t = c.hint_applies["ts_ns"].to_numpy(np.int64)
     e_app = _epoch_of(a_t, ep)
     kpos = np.searchsorted(keys[:-1], e_app)
@@ -112,7 +113,7 @@ def page_counts(c: Context, ep: pd.DataFrame) -> tuple[dict[str, np.ndarray], di
         for sel, t, op in psm.pieces(aops, order[a:b], chunk=1 << 62):
             g = np.arange(sel.start, sel.stop, dtype=np.int64) if isinstance(sel, slice) else sel
             op = np.full(len(g), op[0]) if isinstance(sel, slice) else op
-            after = last[g] > aops.t[op]
+            after = last_of(g) > aops.t[op]
             late = st.late[st.off[op] + (g - aops.g0[op])] if c.send_source != "none" else np.zeros(len(g), bool)
             k = op_k[op]
             events += len(g)

@@ -101,7 +101,11 @@ def harvest_ops(ctx) -> ps.Ops:
 
 @dataclass
 class PageState:
+    """``S`` holds ns (sends carry interpolated per-page times); ``H``, ``Rb``, ``A``, ``C`` hold ranks
+    into ``T`` (the sorted distinct op times, 0 = never) as int32: 4 bytes per page instead of 8."""
+
     index: ps.GfnIndex
+    T: np.ndarray
     H: np.ndarray
     Rb: np.ndarray
     S: np.ndarray
@@ -112,15 +116,21 @@ class PageState:
     late: np.ndarray                # flat: the page was sent in the apply's epoch before the apply
     exposure: dict = field(default_factory=dict)    # apply row -> per-apply exposure (rearm.py)
     exposed: np.ndarray | None = None               # dense mask of every exposed page
-    n_harvest: int = 0
-    n_clear: int = 0
-    n_send: int = 0
+
+    def ns(self, v: np.ndarray, ranked: bool = True) -> np.ndarray:
+        """Values of a last-time array as int64 ns (NONE where never)."""
+        v = np.asarray(v)
+        if not ranked:
+            return v.astype(np.int64, copy=False)
+        T = self.T if len(self.T) else np.zeros(1, np.int64)
+        return np.where(v > 0, T[np.maximum(v.astype(np.int64) - 1, 0)], NONE)
 
     def at(self, arr: np.ndarray, gfn: np.ndarray) -> np.ndarray:
-        """arr at each gfn (float, -inf where never or unknown page)."""
+        """arr at each gfn (float ns, -inf where never or unknown page)."""
         i = self.index.to_idx(np.asarray(gfn, np.int64))
-        v = arr[np.maximum(i, 0)] if len(arr) else np.full(len(i), NONE)
-        return np.where((i >= 0) & (v != NONE), v.astype(float), -np.inf)
+        v = arr[np.maximum(i, 0)] if len(arr) else np.zeros(len(i), np.int64)
+        t = self.ns(v, ranked=arr is not self.S)
+        return np.where((i >= 0) & (t != NONE), t.astype(float), -np.inf)
 
 
 def page_state(ctx) -> PageState:
@@ -145,13 +155,21 @@ def _page_state(ctx) -> PageState:
     sends = ctx.send_ops
     have_sends = ctx.send_ops_source in ("page_send", "tap") and len(sends) > 0
 
+    # op times as ranks into T (int32 arrays); sends stay ns
+    T = ps.distinct(np.concatenate([aops.t, harv.t, clr.t] + ([harv.x] if mode == "ring" else [])))
+    rdt = np.int32 if len(T) < 2**31 - 1 else np.int64
+
+    def rank(t):
+        return (np.searchsorted(T, t) + 1).astype(rdt)
+    r_app, r_harv, r_clr = rank(aops.t), rank(harv.t), rank(clr.t)
+    r_lo = rank(harv.x) if mode == "ring" else None
     S = np.full(n, NONE, np.int64)
-    A = np.full(n, NONE, np.int64)
-    H = np.full(n, NONE, np.int64)
-    Rb = np.full(n, NONE, np.int64)
-    C = np.full(n, NONE, np.int64)
+    A = np.zeros(n, rdt)
+    H = np.zeros(n, rdt)
+    Rb = np.zeros(n, rdt)
+    C = np.zeros(n, rdt)
     manual = mode == "manual"
-    Ch = np.full(n, NONE, np.int64) if manual and len(clr) else None
+    Ch = np.zeros(n, rdt) if manual and len(clr) else None
     Cf = np.zeros(n, np.int8) if Ch is not None else None
 
     # per apply: bound (query time), cmd id announcement, epoch start (late sends)
@@ -180,37 +198,42 @@ def _page_state(ctx) -> PageState:
         if isinstance(sel, slice):
             o = int(off[op[0]])
             late[o:o + sel.stop - sel.start] = S[sel] >= start_of[row[0]]
+            ps.raise_max(A, sel, r_app[op[0]])
         else:
             pos = off[op] + (sel - aops.g0[op])
             late[pos] = S[sel] >= start_of[row]
-        ps.raise_max(A, sel, t)
+            ps.raise_max(A, sel, r_app[op])
 
     def on_harvest(sel, t, op):
+        one = isinstance(sel, slice)
+        rt = r_harv[op[0]] if one else r_harv[op]
         if mode == "ring":
-            lo = harv.x[op] if not isinstance(sel, slice) else int(harv.x[op[0]])
-            ps.raise_max(Rb, sel, lo)
+            ps.raise_max(Rb, sel, r_lo[op[0]] if one else r_lo[op])
         elif mode == "get":
             h = H[sel]
-            Rb[sel] = np.where(h < t, h, Rb[sel])
+            Rb[sel] = np.where(h < rt, h, Rb[sel])
         else:
             Rb[sel] = C[sel]
-        H[sel] = t
+        H[sel] = rt
 
     def on_clear(sel, t, op):
+        one = isinstance(sel, slice)
         if Ch is not None:
             h = H[sel]
-            ba = by_apply[op] if not isinstance(sel, slice) else by_apply[op[0]]
+            ba = by_apply[op[0]] if one else by_apply[op]
             Cf[sel] = ((h > C[sel]).astype(np.int8) | (ba << 1)).astype(np.int8)
             Ch[sel] = h
-        C[sel] = t
+        C[sel] = r_clr[op[0]] if one else r_clr[op]
 
     exposure: dict = {}
     exposed = np.zeros(n, bool) if Ch is not None else None
+    st_ns = PageState(gi, T, H, Rb, S, A, C, aops, off, late).ns
 
     def on_query(sel, t, op):
         # t here is the op's entry time; the query instant is the bound (qops.t)
         rows = qops.x[op]
-        rearm, h, fl = C[sel], Ch[sel], Cf[sel]
+        fl = Cf[sel]
+        rearm, h = st_ns(C[sel]), st_ns(Ch[sel])
         iss = issued[rows]
         ok = (rearm != NONE) & ((fl & 1) == 1) & (h != NONE) & (rearm.astype(float) > iss)
         if have_sends:
@@ -255,8 +278,7 @@ def _page_state(ctx) -> PageState:
     fams.insert(0, ps.Family("send", ps.split_runs(sends, other_t), PRIO["send"], on_send))
     ps.sweep(fams)
     del Ch, Cf
-    return PageState(gi, H, Rb, S, A, C, aops, off, late, exposure, exposed,
-                     n_harvest=harv.pages, n_clear=clr.pages, n_send=sends.pages)
+    return PageState(gi, T, H, Rb, S, A, C, aops, off, late, exposure, exposed)
 
 
 def est_new(ctx, get: ps.Ops, d: np.ndarray, nsync: int) -> np.ndarray:
@@ -268,7 +290,10 @@ def est_new(ctx, get: ps.Ops, d: np.ndarray, nsync: int) -> np.ndarray:
     if not len(get):
         return np.zeros(nsync, np.int64)
     S = np.full(n, NONE, np.int64)
-    Hs = np.full(n, NONE, np.int64)
+    Ts = ps.distinct(get.t)
+    Hs = np.zeros(n, np.int32 if len(Ts) < 2**31 - 1 else np.int64)     # rank into Ts of the last set
+    rs = (np.searchsorted(Ts, get.t) + 1).astype(Hs.dtype)
+    Tz = np.r_[np.int64(NONE), Ts]
     counts = np.zeros(nsync + 1, np.int64)
 
     def on_clear(sel, t, op):
@@ -276,15 +301,15 @@ def est_new(ctx, get: ps.Ops, d: np.ndarray, nsync: int) -> np.ndarray:
 
     def on_set(sel, t, op):
         k = d[op] if not isinstance(sel, slice) else np.full(1, d[op[0]])
-        new = S[sel] > Hs[sel]
+        new = S[sel] > Tz[Hs[sel]]
         if isinstance(sel, slice):
             if k[0] >= 0:
                 counts[k[0]] += int(new.sum())
-                Hs[sel] = t
+                Hs[sel] = rs[op[0]]
             return
         m = k >= 0
         counts[:] += np.bincount(k[m & new], minlength=nsync + 1)[:nsync + 1]
-        Hs[sel[m]] = t if np.isscalar(t) else t[m]
+        Hs[sel[m]] = rs[op][m]
 
     aops = ctx.apply_ops
     sends = ctx.send_ops

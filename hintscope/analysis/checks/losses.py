@@ -117,10 +117,20 @@ def host_losses(f: Facts, run) -> None:
     st = f.st
     if not len(f.harvest) or st is None:
         return
-    H, S, A, Rb = st.H, st.S, st.A, st.Rb
+    S = st.S
+    n = st.index.size
     # an apply after the earliest write time means a hint may have covered the write legally
-    # (the page freed and hinted after it); reused pages are judged by lost_writes
-    lost = (H != NONE) & (S < H) & (A <= Rb)
+    # (the page freed and hinted after it); reused pages are judged by lost_writes.  H, A, Rb are
+    # time ranks (A <= Rb compares as times); S is ns: compared in chunks, no page-sized int64 copies.
+    lost = np.zeros(n, bool)
+    sure = np.zeros(n, bool)
+    step = 1 << 22
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        h, rb = st.H[a:b], st.Rb[a:b]
+        s = S[a:b]
+        lost[a:b] = (h > 0) & (s < st.ns(h)) & (st.A[a:b] <= rb)
+        sure[a:b] = s < st.ns(rb)
     if not lost.any():
         return
     if len(f.hints):
@@ -129,7 +139,8 @@ def host_losses(f: Facts, run) -> None:
         d = st.index.to_idx(hint_hi.index.to_numpy(np.int64))
         k = d >= 0
         d, hh = d[k], hint_hi.to_numpy()[k]
-        rb = np.where(Rb[d] != NONE, Rb[d].astype(float), -np.inf)
+        rbt = st.ns(st.Rb[d])
+        rb = np.where(rbt != NONE, rbt.astype(float), -np.inf)
         lost[d[hh > rb]] = False
     if covered:
         d = st.index.to_idx(np.fromiter(covered, np.int64, len(covered)))
@@ -138,7 +149,7 @@ def host_losses(f: Facts, run) -> None:
         lost &= f.ctx.send_seen     # pages of blocks the send source does not decode prove nothing
     if not lost.any():
         return
-    sure = lost & (S < Rb)
+    sure &= lost
     for conf, sel, why in (("confirmed", sure, "no send since the page was last re-armed, so the write is lost"),
                            ("hazard", lost & ~sure, "a send between the re-arm and the harvest may have carried "
                             "the write")):
@@ -149,7 +160,7 @@ def host_losses(f: Facts, run) -> None:
         g0 = int(st.index.to_gfn(np.array([i0]))[0])
         s0 = float(S[i0]) if S[i0] != NONE else -np.inf
         out.append(finding("lost-write-not-hint", conf, pages,
-                            [(float(H[i0]), "kvm", f"last harvest of gfn {_hex(g0)}"),
+                            [(float(st.ns(st.H[i0:i0 + 1])[0]), "kvm", f"last harvest of gfn {_hex(g0)}"),
                              (s0 if np.isfinite(s0) else 0, "qemu",
                               "last page_send (before the harvest)" if np.isfinite(s0) else "never sent")],
                             f"{len(pages)} page(s) a sync reported dirty were never sent afterwards and no "
