@@ -46,7 +46,10 @@ MAX_RING_MB = 1024
 # Keep in step with host.bpf.c: chunks of 8 words per bounded loop, 1 + 32 tail calls.
 CHUNKS_PER_CALL = 256
 MAX_SLOT_PAGES = 33 * CHUNKS_PER_CALL * 8 * 64
-POLL_INTERVAL_S = 0.05
+# The ring is polled 4 times in the time it takes to fill at 500k records/s (above the 455k/s
+# flat-out rate measured with the probe attached): 87 ms for 16 MiB, 22 ms for 4 MiB.
+POLL_FILL_RATE = 500_000
+POLL_INTERVAL_S = (0.01, 0.1)
 MAX_READS_PER_POLL = 8
 HANDOFF_BYTES = 32 << 20    # a batch buffer's size: records go to the writer when it is full or the interval ends
 LOST_SERIES_RES_NS = 1_000_000_000   # meta lost_series: contiguous lossy polls merge up to this span
@@ -278,6 +281,11 @@ class HostProbe:
         except OSError:
             return ""
         return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:4096]
+
+    @property
+    def poll_interval(self) -> float:
+        lo, hi = POLL_INTERVAL_S
+        return min(hi, max(lo, self.ring_bytes / STRIDE / POLL_FILL_RATE / 4))
 
     def target_alive(self) -> bool:
         st = _stat_fields(self.pid)
@@ -533,7 +541,7 @@ def run(args) -> int:
                 else:
                     if now >= next_alive:
                         next_alive = now + ALIVE_CHECK_S
-                    time.sleep(POLL_INTERVAL_S)
+                    time.sleep(probe.poll_interval)
         except BaseException as e:
             view.close()
             probe.stop(f"error: {type(e).__name__}: {e}")
