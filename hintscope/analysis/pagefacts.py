@@ -77,8 +77,12 @@ def clear_in_apply(clear_ts: np.ndarray, clear_tid: np.ndarray, a: pd.DataFrame,
 
 
 def ring_ops(ctx) -> ps.Ops:
-    """Dirty-ring pushes as harvest ops at the reset that collected them (x = push time), one per
-    (reset, page) with the latest push: a page pushed twice before one reset is one harvest."""
+    """Dirty-ring pushes as harvest ops at the reset that collected them (x = push time).  A page
+    pushed twice before one reset is two ops at the same instant: the handlers only raise maxima
+    then, so duplicates are harmless and no (reset, page) grouping is needed."""
+    done = ctx.__dict__.get("_ring_ops")
+    if done is not None:
+        return done
     rp = ctx.ring_pages
     if not len(rp):
         return ps.Ops.empty()
@@ -90,9 +94,8 @@ def ring_ops(ctx) -> ps.Ops:
     t = np.where(reset < BIG, reset, push)
     d = ctx.gindex.to_idx(rp["gfn"].to_numpy(np.int64))
     k = d >= 0
-    df = pd.DataFrame({"t": t[k], "g": d[k], "lo": push[k]}).groupby(["t", "g"], sort=True)["lo"].max().reset_index()
-    return ps.Ops.ranges(df["t"].to_numpy(np.int64), df["g"].to_numpy(np.int64), np.ones(len(df), np.int64),
-                         df["lo"].to_numpy(np.int64))
+    out = ctx.__dict__["_ring_ops"] = ps.Ops.ranges(t[k], d[k], np.ones(int(k.sum()), np.int64), push[k])
+    return out
 
 
 def harvest_ops(ctx) -> ps.Ops:
@@ -105,7 +108,7 @@ class PageState:
     into ``T`` (the sorted distinct op times, 0 = never) as int32: 4 bytes per page instead of 8."""
 
     index: ps.GfnIndex
-    T: np.ndarray
+    T: np.ndarray | None            # None: H, Rb, A, C hold ns (dirty ring), never = NONE
     H: np.ndarray
     Rb: np.ndarray
     S: np.ndarray
@@ -120,10 +123,15 @@ class PageState:
     def ns(self, v: np.ndarray, ranked: bool = True) -> np.ndarray:
         """Values of a last-time array as int64 ns (NONE where never)."""
         v = np.asarray(v)
-        if not ranked:
+        if not ranked or self.T is None:
             return v.astype(np.int64, copy=False)
         T = self.T if len(self.T) else np.zeros(1, np.int64)
         return np.where(v > 0, T[np.maximum(v.astype(np.int64) - 1, 0)], NONE)
+
+    @property
+    def never(self):
+        """The 'never' value of H, Rb, A, C (0 as a rank, NONE as ns)."""
+        return NONE if self.T is None else 0
 
     def at(self, arr: np.ndarray, gfn: np.ndarray) -> np.ndarray:
         """arr at each gfn (float ns, -inf where never or unknown page)."""
@@ -156,20 +164,29 @@ def _page_state(ctx) -> PageState:
     have_sends = ctx.send_ops_source in ("page_send", "tap") and len(sends) > 0
 
     # op times as ranks into T (int32 arrays); sends stay ns
-    T = ps.distinct(np.concatenate([aops.t, harv.t, clr.t] + ([harv.x] if mode == "ring" else [])))
-    rdt = np.int32 if len(T) < 2**31 - 1 else np.int64
+    # op times as ranks into T (int32 arrays); sends stay ns.  Dirty-ring captures are per page
+    # already (one push per row): ranking millions of push times costs more than it saves there.
+    if mode == "ring":
+        T, rdt, zero = None, np.int64, NONE
 
-    def rank(t):
-        return (np.searchsorted(T, t) + 1).astype(rdt)
+        def rank(t):
+            return np.asarray(t, np.int64)
+    else:
+        T = ps.distinct(np.concatenate([aops.t, harv.t, clr.t]))
+        rdt = np.int32 if len(T) < 2**31 - 1 else np.int64
+        zero = 0
+
+        def rank(t):
+            return (np.searchsorted(T, t) + 1).astype(rdt)
     r_app, r_harv, r_clr = rank(aops.t), rank(harv.t), rank(clr.t)
     r_lo = rank(harv.x) if mode == "ring" else None
     S = np.full(n, NONE, np.int64)
-    A = np.zeros(n, rdt)
-    H = np.zeros(n, rdt)
-    Rb = np.zeros(n, rdt)
-    C = np.zeros(n, rdt)
+    A = np.full(n, zero, rdt)
+    H = np.full(n, zero, rdt)
+    Rb = np.full(n, zero, rdt)
+    C = np.full(n, zero, rdt)
     manual = mode == "manual"
-    Ch = np.zeros(n, rdt) if manual and len(clr) else None
+    Ch = np.full(n, zero, rdt) if manual and len(clr) else None
     Cf = np.zeros(n, np.int8) if Ch is not None else None
 
     # per apply: bound (query time), cmd id announcement, epoch start (late sends)
@@ -308,7 +325,11 @@ def est_new(ctx, get: ps.Ops, d: np.ndarray, nsync: int) -> np.ndarray:
                 Hs[sel] = rs[op[0]]
             return
         m = k >= 0
-        counts[:] += np.bincount(k[m & new], minlength=nsync + 1)[:nsync + 1]
+        hit = m & new
+        if hit.any():
+            # duplicates of a page within one instant (ring pushes) share S and Hs: count each once
+            key = ps.distinct(k[hit] * max(n, 1) + sel[hit])
+            counts[:] += np.bincount(key // max(n, 1), minlength=nsync + 1)[:nsync + 1]
         Hs[sel[m]] = rs[op][m]
 
     aops = ctx.apply_ops

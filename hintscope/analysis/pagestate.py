@@ -133,10 +133,12 @@ class Ops:
     @classmethod
     def ranges(cls, t, g0, n, x=None) -> "Ops":
         t = np.asarray(t, np.int64)
-        o = np.argsort(t, kind="stable")
         x = np.zeros(len(t), np.int64) if x is None else np.asarray(x, np.int64)
-        return cls(t[o], np.asarray(g0, np.int64)[o], np.asarray(n, np.int64)[o],
-                   np.full(len(t), ALL, np.uint64), x[o])
+        g0, n = np.asarray(g0, np.int64), np.asarray(n, np.int64)
+        if len(t) > 1 and not (t[1:] >= t[:-1]).all():
+            o = np.argsort(t, kind="stable")
+            t, g0, n, x = t[o], g0[o], n[o], x[o]
+        return cls(t, g0, n, np.full(len(t), ALL, np.uint64), x)
 
 
 def concat(parts: list[Ops]) -> Ops:
@@ -156,7 +158,9 @@ def concat(parts: list[Ops]) -> Ops:
             cols.append(v)
         return np.concatenate(cols)
     out = Ops(*(col(c) for c in ("t", "g0", "n", "mask", "x", "t1", "i0", "npar", "tp")))
-    return out.take(np.argsort(out.t, kind="stable"))
+    if len(out) > 1 and not (out.t[1:] >= out.t[:-1]).all():
+        out = out.take(np.argsort(out.t, kind="stable"))
+    return out
 
 
 def compress(idx: np.ndarray, page: np.ndarray, t: np.ndarray, x: np.ndarray | None = None) -> Ops:
@@ -213,7 +217,10 @@ def pieces(ops: Ops, idx: np.ndarray, chunk: int = CHUNK_PAGES):
 
 
 def _expand(ops: Ops, part: np.ndarray):
+    n = ops.n[part]
     full = ops.mask[part] == ALL
+    if (n == 1).all() and full.all():       # one page per op (ring pushes, per-page sends): no expansion
+        return ops.g0[part], ops.t[part], part
     out_g, out_t, out_o = [], [], []
     r = part[full]
     if len(r):
@@ -288,11 +295,13 @@ def sweep(families: list[Family]) -> None:
     fams = [f for f in families if len(f.ops)]
     if not fams:
         return
+    # families concatenated by priority, each already in time order: a stable sort on time alone
+    # keeps (priority, op) order at equal times, and merges the sorted runs in O(n log families)
+    fams = sorted(fams, key=lambda f: f.prio)
     T = np.concatenate([f.ops.t for f in fams])
-    P = np.concatenate([np.full(len(f.ops), f.prio, np.int64) for f in fams])
-    F = np.concatenate([np.full(len(f.ops), k, np.int64) for k, f in enumerate(fams)])
+    F = np.concatenate([np.full(len(f.ops), k, np.int8 if len(fams) < 128 else np.int64) for k, f in enumerate(fams)])
     I = np.concatenate([np.arange(len(f.ops), dtype=np.int64) for f in fams])
-    o = np.lexsort((I, F, P, T))
+    o = np.argsort(T, kind="stable")
     T, F, I = T[o], F[o], I[o]
     mixes = np.array([f.mixes_times for f in fams])
     brk = np.r_[True, (F[1:] != F[:-1]) | ((T[1:] != T[:-1]) & ~mixes[F[1:]])]

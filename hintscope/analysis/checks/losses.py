@@ -129,7 +129,7 @@ def host_losses(f: Facts, run) -> None:
         b = min(n, a + step)
         h, rb = st.H[a:b], st.Rb[a:b]
         s = S[a:b]
-        lost[a:b] = (h > 0) & (s < st.ns(h)) & (st.A[a:b] <= rb)
+        lost[a:b] = (h != st.never) & (s < st.ns(h)) & (st.A[a:b] <= rb)
         sure[a:b] = s < st.ns(rb)
     if not lost.any():
         return
