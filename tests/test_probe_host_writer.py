@@ -127,17 +127,22 @@ def test_writer_bug_is_one_line_and_later_batches_are_counted(tmp_path):
     assert b.meta["lost"]["bundle_write"] == 150
 
 
-def test_backlog_bound_tells_the_poller_to_leave_records_in_the_ring(tmp_path):
+def test_backlog_bound_tells_the_poller_to_leave_records_in_the_ring(tmp_path, monkeypatch):
+    from hintscope.probes import capture_writer
+
+    monkeypatch.setattr(capture_writer, "COALESCE_BYTES", 96 * 250)
     w = BundleWriter(tmp_path / "b", producer="test")
     gate = threading.Event()
     cw = CaptureWriter(w, lambda d: gate.wait(30), max_backlog_bytes=96 * 150)
     assert not cw.full
-    cw.submit(D.synthetic_records("ioctl", 100), 100 * 96)
-    cw.submit(D.synthetic_records("ioctl", 100), 100 * 96)
-    assert cw.full and cw.backlog_bytes == 96 * 200
+    for _ in range(3):
+        cw.submit(D.synthetic_records("ioctl", 100), 100 * 96)
+    assert cw.full and cw.backlog_bytes == 96 * 300
     gate.set()
     cw.close()
     assert not cw.full and cw.backlog_bytes == 0 and cw.error is None
+    # queued batches are written together, but never more than COALESCE_BYTES at once
+    assert cw.batches == 2
     w.close(end_reason="test")
     seq = read_bundle(tmp_path / "b").table("ioctls")["seq"].to_numpy()
-    assert np.array_equal(np.sort(seq), np.repeat(np.arange(100), 2))
+    assert np.array_equal(np.sort(seq), np.repeat(np.arange(100), 3))

@@ -20,6 +20,7 @@ every later batch is still written, or counted in ``lost.bundle_write`` when it 
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
@@ -32,6 +33,7 @@ from hintscope.errors import BundleError
 from hintscope.probes.decode import STRIDE, Decoded, decode
 
 DEFAULT_MAX_BACKLOG_BYTES = 256 << 20   # ~2.8 M records, ~18 s at 150k events/s
+COALESCE_BYTES = 64 << 20
 
 
 class CaptureWriter:
@@ -95,18 +97,26 @@ class CaptureWriter:
 
     # -- the thread ------------------------------------------------------------------------------
     def _run(self) -> None:
+        pending: collections.deque = collections.deque()
         stop = False
-        while not stop:
-            items = [self._q.get()]
-            # Behind (slow disk): take every queued batch at once, so a backlog becomes fewer, larger parts.
+        while not stop or pending:
+            if not pending and not stop:
+                pending.append(self._q.get())
             while True:
                 try:
-                    items.append(self._q.get_nowait())
+                    pending.append(self._q.get_nowait())
                 except queue.Empty:
                     break
-            if None in items:
-                stop = True
-                items = [x for x in items if x is not None]
+            # Behind (slow disk): queued batches are written together, as fewer and larger parts,
+            # up to COALESCE_BYTES so that one decode does not hold the whole backlog twice.
+            items, size = [], 0
+            while pending and (not items or size + (pending[0] or (0, 0))[1] <= COALESCE_BYTES):
+                it = pending.popleft()
+                if it is None:
+                    stop = True
+                    continue
+                items.append(it)
+                size += it[1]
             if items:
                 self._write(items)
 
