@@ -5,6 +5,8 @@ The probe stores only nonzero 64-bit bitmap words (``bitmap_words``: 262,144 row
 with every page dirty, e.g. the first GET of a manual-protect slot with INITIALLY_SET).  Measured in
 one run, alternating:
 
+* ``harvest.word_ops``: the compact ops the analysis keeps (pagestate; a fully dirty slot is one range op),
+  from per-word rows (schema 1) and from one run-length row (schema 2 ``nwords``);
 * ``harvest.bitmap_pages`` (numpy ``unpackbits`` + slot->gfn mapping -> one DataFrame of int64 columns);
 * ``harvest.popcount`` (page counts per word, no expansion: what sync-size statistics need);
 * baseline: the naive per-page expansion (a Python list of gfn ints, one object per page).
@@ -29,7 +31,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench as B  # noqa: E402
 
-from hintscope.analysis import harvest, memslots as ms  # noqa: E402
+from hintscope.analysis import harvest, memslots as ms, pagestate as ps  # noqa: E402
 
 GPA = 1 << 32   # the slot sits at 4 GiB, so gfn = page + 0x100000
 
@@ -54,6 +56,15 @@ def words_frame(pages: int, density: float, rng: np.random.Generator) -> tuple[p
 def bulk(words, iv):
     df = harvest.bitmap_pages(words, "get", iv)
     return len(df), int(df["gfn"].iloc[-1])
+
+
+def compact(words, iv):
+    """What the analysis keeps (pagestate ops: a fully dirty run is one range op), plus the page count
+    and the last gfn read off the ops without expanding them."""
+    index = ps.GfnIndex.from_intervals(iv)
+    ops = harvest.word_ops(words, "get", iv, index)
+    last = int(index.to_gfn(np.array([ops.g0[-1] + ops.n[-1] - 1]))[0]) if len(ops) else -1
+    return ops.pages, last
 
 
 def counts(words, iv):
@@ -92,7 +103,8 @@ def main() -> int:
     rng = np.random.default_rng(1)
     res = {"benchmark": "harvest", "guest_gib": gib, "pages": pages, "reps": reps, "quick": a.quick, "cases": {}}
     rows = []
-    fns = {"bitmap_pages (numpy)": bulk, "popcount only": counts, "naive per-page list": naive}
+    fns = {"compact ops (analysis)": compact, "bitmap_pages (numpy)": bulk, "popcount only": counts,
+           "naive per-page list": naive}
     for density in (1.0, 0.1):
         words, iv = words_frame(pages, density, rng)
         want = int(harvest.popcount(words["mask"].to_numpy()).sum())
@@ -106,7 +118,18 @@ def main() -> int:
                 assert n == want, (k, n, want)
         mem = {k: peak(fns[k], words, iv) for k in fns}
         words_bytes = int(words.memory_usage(deep=True).sum())
-        case = {"density": density, "dirty_pages": want, "word_rows": len(words), "words_frame_bytes": words_bytes}
+        case = {"density": density, "dirty_pages": want, "word_rows": len(words), "words_frame_bytes": words_bytes,
+                "packed_bitmap_bytes": pages // 8}
+        if density >= 1:
+            # schema 2: the same slot as one run-length row (nwords); the compact path keeps it one op
+            run = words.iloc[:1].assign(nwords=len(words))
+            t_run = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                n, _ = compact(run, iv)
+                t_run.append(time.perf_counter() - t0)
+                assert n == want
+            case["compact ops, one nwords run"] = {"seconds": B.summary(t_run), "peak_bytes": peak(compact, run, iv)}
         for k in fns:
             s = B.summary(t[k])
             ratio = B.summary([x / y for x, y in zip(t["naive per-page list"], t[k])])

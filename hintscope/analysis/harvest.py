@@ -113,10 +113,27 @@ def word_ops(words: pd.DataFrame, op: str, iv: pd.DataFrame, index, ioctls: pd.D
     g_b = ms.slot_page_to_gfn(slot, p0 + span - 1, ts, iv)
     d_a, d_b = index.to_idx(g_a), index.to_idx(g_b)
     ok = (g_a >= 0) & (g_b == g_a + span - 1) & (d_a >= 0) & (d_b == d_a + span - 1)
-    parts = [ps.Ops(ts[ok], d_a[ok], span[ok], mask[ok], seq[ok])]
+    parts = [_merge_full(ps.Ops(ts[ok], d_a[ok], span[ok], mask[ok], seq[ok]))]
     if not ok.all():
         bad = w[~ok]
         pg = bitmap_pages(bad, op, iv, ioctls)
         sq = pg["seq"].to_numpy(np.int64)
         parts.append(ps.compress(sq, index.to_idx(pg["gfn"].to_numpy(np.int64)), pg["ts_ns"].to_numpy(np.int64), sq))
     return ps.concat(parts)
+
+
+def _merge_full(ops):
+    """Consecutive all-ones words of one ioctl as one range (schema 1 writes a fully dirty 64 GiB slot
+    as 262,144 rows; as one op it is one slice in every sweep)."""
+    from hintscope.analysis import pagestate as ps
+
+    if len(ops) < 2:
+        return ops
+    full = ops.mask == ps.ALL
+    nxt = np.r_[False, full[1:] & full[:-1] & (ops.t[1:] == ops.t[:-1]) & (ops.x[1:] == ops.x[:-1]) &
+                (ops.g0[1:] == ops.g0[:-1] + ops.n[:-1])]
+    if not nxt.any():
+        return ops
+    start = np.flatnonzero(~nxt)
+    n = np.add.reduceat(ops.n, start)
+    return ps.Ops(ops.t[start], ops.g0[start], n, ops.mask[start], ops.x[start])

@@ -138,13 +138,17 @@ class Ops:
         if len(t) > 1 and not (t[1:] >= t[:-1]).all():
             o = np.argsort(t, kind="stable")
             t, g0, n, x = t[o], g0[o], n[o], x[o]
-        return cls(t, g0, n, np.full(len(t), ALL, np.uint64), x)
+        if len(n) and (n == 1).all():
+            n = np.broadcast_to(np.int64(1), len(t))       # one page per op (ring pushes): no column
+        return cls(t, g0, n, np.broadcast_to(ALL, len(t)), x)
 
 
 def concat(parts: list[Ops]) -> Ops:
     parts = [p for p in parts if len(p)]
     if not parts:
         return Ops.empty()
+    if len(parts) == 1 and (parts[0].t[1:] >= parts[0].t[:-1]).all():
+        return parts[0]
     run = any(p.t1 is not None for p in parts)
 
     def col(name):
@@ -300,9 +304,11 @@ def sweep(families: list[Family]) -> None:
     fams = sorted(fams, key=lambda f: f.prio)
     T = np.concatenate([f.ops.t for f in fams])
     F = np.concatenate([np.full(len(f.ops), k, np.int8 if len(fams) < 128 else np.int64) for k, f in enumerate(fams)])
-    I = np.concatenate([np.arange(len(f.ops), dtype=np.int64) for f in fams])
+    idt = np.int32 if max(len(f.ops) for f in fams) < 2**31 else np.int64
+    I = np.concatenate([np.arange(len(f.ops), dtype=idt) for f in fams])
     o = np.argsort(T, kind="stable")
     T, F, I = T[o], F[o], I[o]
+    del o
     mixes = np.array([f.mixes_times for f in fams])
     brk = np.r_[True, (F[1:] != F[:-1]) | ((T[1:] != T[:-1]) & ~mixes[F[1:]])]
     st = np.flatnonzero(brk)
