@@ -147,6 +147,12 @@ class Context:
         return harvest.bitmap_pages(self.words, "get", self.iv)
 
     @cached_property
+    def ring_push(self) -> pd.DataFrame:
+        """The raw dirty-ring pushes (empty without a ring): one row per page already."""
+        return self.bundle.table("ring_push") if self.bundle.has("ring_push") else pd.DataFrame(
+            {c: pd.Series(dtype="int64") for c in ("ts_ns", "slot", "offset")})
+
+    @cached_property
     def ring_pages(self) -> pd.DataFrame:
         return harvest.ring_pages(self.bundle.table("ring_push"), self.iv)
 

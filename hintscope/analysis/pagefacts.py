@@ -83,7 +83,7 @@ def ring_ops(ctx) -> ps.Ops:
     done = ctx.__dict__.get("_ring_ops")
     if done is not None:
         return done
-    rp = ctx.ring_pages
+    rp = ctx.ring_push
     if not len(rp):
         return ps.Ops.empty()
     io = ctx.ioctls
@@ -92,14 +92,18 @@ def ring_ops(ctx) -> ps.Ops:
     i = np.searchsorted(rs, push, side="left")
     reset = np.where(i < len(rs), rs[np.minimum(i, max(len(rs) - 1, 0))] if len(rs) else BIG, BIG)
     t = np.where(reset < BIG, reset, push)
-    d = ctx.gindex.to_idx(rp["gfn"].to_numpy(np.int64))
+    del i, reset
+    # straight from the pushes (slot, offset) to dense pages: no per-page frame (harvest.ring_pages)
+    g = ms.slot_page_to_gfn(rp["slot"].to_numpy(np.int64), rp["offset"].to_numpy().astype(np.int64), push, ctx.iv)
+    d = ctx.gindex.to_idx(g)
+    del g
     k = d >= 0
     out = ctx.__dict__["_ring_ops"] = ps.Ops.ranges(t[k], d[k], np.ones(int(k.sum()), np.int64), push[k])
     return out
 
 
 def harvest_ops(ctx) -> ps.Ops:
-    return ps.concat([ctx.get_ops, ring_ops(ctx)]) if len(ctx.ring_pages) else ctx.get_ops
+    return ps.concat([ctx.get_ops, ring_ops(ctx)]) if len(ctx.ring_push) else ctx.get_ops
 
 
 @dataclass

@@ -307,14 +307,13 @@ def _est_new(c: Context, s: pd.DataFrame, sync_of_get: np.ndarray) -> np.ndarray
         seq2sync = seq2sync[~seq2sync.index.duplicated()]  # seq is unique in a real capture
         sets = c.get_ops
         d = seq2sync.reindex(sets.x).fillna(-1).to_numpy(np.int64)
-    elif len(c.ring_pages) and len(s):
-        # A ring push reaches the migration bitmap at the sync that collects it (end of its window);
-        # a page pushed twice in one window is one set
-        gp = c.ring_pages
+    elif len(c.ring_push) and len(s):
+        # A ring push reaches the migration bitmap at the sync that collects it (end of its window)
+        ro = pagefacts.ring_ops(c)          # x = push time, g0 = dense page (mapped pushes only)
         _, end = windows(s)
-        dd = np.searchsorted(end, gp["ts_ns"].to_numpy(np.int64), side="left")
-        g = c.gindex.to_idx(gp["gfn"].to_numpy(np.int64))
-        keep = (dd < len(s)) & (g >= 0)
+        dd = np.searchsorted(end, ro.x, side="left")
+        g = ro.g0
+        keep = dd < len(s)
         # a page pushed twice in one window is one set: est_new counts distinct pages per batch
         sets = ps.Ops.ranges(end[dd[keep]], g[keep], np.ones(int(keep.sum()), np.int64), dd[keep])
         d = sets.x
@@ -403,14 +402,14 @@ def _sync_table(c: Context) -> pd.DataFrame:
         c.problems.append(f"{unattributed} KVM_GET_DIRTY_LOG calls fall outside every sync window "
                           "(another dirty-log user, e.g. VGA, or a sync the sync source missed)")
 
-    rp = c.ring_pages
+    rp = c.ring_push
     if len(rp):
         # A push belongs to the first sync whose window ends at or after it.
         rd = np.searchsorted(end, rp["ts_ns"].to_numpy(np.int64), side="left")
         s["ring_pages"] = np.bincount(rd[rd < n], minlength=n)[:n].astype(np.int64)
         if not len(get):
             # A page can be pushed again after an intermediate reap/reset; QEMU gets the distinct pages.
-            by = _distinct_per_sync(rd, rp["slot"].to_numpy(np.int64), rp["page"].to_numpy(np.int64), n)
+            by = _distinct_per_sync(rd, rp["slot"].to_numpy(np.int64), rp["offset"].to_numpy().astype(np.int64), n)
             s["harvested"] = by.groupby(level=0).sum().reindex(range(n), fill_value=0).to_numpy(np.int64)
             txt = {d: ", ".join(f"{sl}:{p}" for (_, sl), p in grp.items()) for d, grp in by.groupby(level=0)}
             s["harvested_by_slot"] = [txt.get(d, "") for d in range(n)]
