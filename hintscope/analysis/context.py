@@ -354,7 +354,11 @@ class Context:
     @cached_property
     def gindex(self) -> ps.GfnIndex:
         """Dense page index over every memslot's GPA range (the per-page arrays' coordinates)."""
-        return ps.GfnIndex.from_intervals(self.iv)
+        gi = ps.GfnIndex.from_intervals(self.iv)
+        if gi.capped:
+            self.problems.append(f"memslots map more than {ps.MAX_DENSE_PAGES} pages; {gi.capped} pages of the "
+                                 "highest ranges get no page-level analysis")
+        return gi
 
     @cached_property
     def get_ops(self) -> ps.Ops:

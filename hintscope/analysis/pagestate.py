@@ -35,7 +35,7 @@ NONE = np.iinfo(np.int64).min       # "never" in the last-time arrays (compares 
 ALL = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 SLICE_MIN = 256                     # a contiguous op this long is updated as one slice, not expanded
 CHUNK_PAGES = 1 << 22               # expansion bound per step (32 MiB of int64 per array)
-MAX_DENSE_PAGES = 1 << 28           # 1 TiB of guest pages: per-page arrays beyond this are refused
+MAX_DENSE_PAGES = 1 << 27           # 512 GiB of guest pages: memslot ranges beyond this get no per-page state
 
 
 # ------------------------------------------------------------------------------------- gfn index
@@ -46,6 +46,7 @@ class GfnIndex:
     start: np.ndarray       # sorted first gfn of each merged range
     base: np.ndarray        # dense index of each range's first gfn
     length: np.ndarray
+    capped: int = 0         # memslot pages left out (beyond MAX_DENSE_PAGES)
 
     @property
     def size(self) -> int:
@@ -69,7 +70,9 @@ class GfnIndex:
         ln = e - s
         ln = np.where(np.cumsum(ln) <= MAX_DENSE_PAGES, ln, 0)
         del grp
-        return cls(s, np.cumsum(ln) - ln, ln)
+        out = cls(s, np.cumsum(ln) - ln, ln)
+        out.capped = int((e - s).sum() - ln.sum())
+        return out
 
     def to_idx(self, gfn: np.ndarray) -> np.ndarray:
         """Dense index per gfn, -1 where no range holds it."""
