@@ -65,6 +65,13 @@ def test_same_findings_as_per_page_oracle_1gib(tmp_path, variant, mode):
     _same(_simulate(tmp_path, variant, mode, 262144))
 
 
+@pytest.mark.lab
+@pytest.mark.parametrize("variant,mode", [("qemu", "manual"), ("clear-on-apply", "manual"), ("clear-on-apply", "ring")])
+def test_same_findings_as_per_page_oracle_scale_preset(tmp_path, variant, mode):
+    """The realistic preset (order-10 hint blocks, 1 GiB clear chunks, slots split around 4 GiB)."""
+    _same(_simulate(tmp_path, variant, mode, 1048576, "--preset", "scale"))
+
+
 def test_committed_samples_same_as_oracle():
     samples = sorted(p for p in (Path(__file__).resolve().parent.parent / "samples").iterdir()
                      if (p / "meta.json").exists())
