@@ -49,6 +49,8 @@ REASON_CODE = {"other": 0, "done": 1, "shrinker": 2, "remove": 3}
 # host thread ids (fixed so bundles are reproducible)
 TID_MAIN, TID_MIG, TID_IO, TID_VCPU0 = 4000, 4001, 4002, 4010
 SLOT1_GPA = 0x1_0000_0000  # second memslot above 4 GiB, like x86 pc.ram
+# q35 maps at most 2 GiB of RAM below 4 GiB; more would overlap the second slot's GPAs
+LOWMEM_MAX_PAGES = 0x8000_0000 // 4096
 HVA_BASE = 0x7F00_0000_0000
 RAM_BLOCK = "pc.ram"       # the RAMBlock the page_sends rows name (offset = page * 4096 from HVA_BASE)
 VQ_FREE_PAGE = 0x5555_5600_1000  # the free page VirtQueue's address (qemu_events vq_pop_* a0)
@@ -221,7 +223,7 @@ class Sim:
         self.seed = seed
         self.rec = Records()
         self.n = n
-        self.half = n // 2
+        self.half = min(n // 2, LOWMEM_MAX_PAGES)
         self.nblocks = n // self.bpages
         # Page p = RAMBlock offset >> 12.  Per-page state: versions (content) and stamps (when).
         self.ver = np.zeros(n, np.int32)
