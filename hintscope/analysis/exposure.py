@@ -170,9 +170,15 @@ def _rounds(f: Facts, cmd_id: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
     start = np.full(len(ids), np.nan)
     S = f.syncs
     if len(S):
-        fe = dict(zip(S["epoch_id"].to_numpy(np.int64), S["fetch_end"].to_numpy(np.int64)))
-        start = np.array([float(fe[i]) if i in fe else np.nan for i in ids], float)
+        start = _fetch_end_of(S, ids)
     return rnd, rnd == 1, start
+
+
+def _fetch_end_of(S: pd.DataFrame, epoch_ids: np.ndarray) -> np.ndarray:
+    """Host time each epoch's sync fetch ended (NaN when the epoch has no sync), vectorised per id."""
+    fe = pd.Series(S["fetch_end"].to_numpy(np.int64).astype(float), index=S["epoch_id"].to_numpy(np.int64))
+    fe = fe[~fe.index.duplicated(keep="first")]
+    return fe.reindex(np.asarray(epoch_ids, np.int64)).to_numpy(float)
 
 
 def block_exposure(target) -> pd.DataFrame:
@@ -182,9 +188,22 @@ def block_exposure(target) -> pd.DataFrame:
     module doc); ``returned_before_done`` is a guest-clock fact (a shrinker return before DONE was read).
     """
     f = _facts(target)
+    B = _blocks(f)
+    if B is None:
+        return pd.DataFrame({c: pd.Series(dtype="object") for c in BLOCK_COLUMNS})
+    P = page_exposure(f, blocks=B)
+    cnt = P.groupby(["block_pfn", "hint_g"]).agg(reused_pages=("gfn", "size"),
+                                                 reused_before_apply=("before_apply", lambda s: (s == "sure").sum()))
+    B = B.merge(cnt, left_on=["block_pfn", "hint_g"], right_index=True, how="left")
+    B[["reused_pages", "reused_before_apply"]] = B[["reused_pages", "reused_before_apply"]].fillna(0).astype(np.int64)
+    return B[BLOCK_COLUMNS].reset_index(drop=True)
+
+
+def _blocks(f: Facts) -> pd.DataFrame | None:
+    """The block table without the per-block reuse counts (those come from the page table), or None."""
     B = _apply_of_blocks(f)
     if not len(B):
-        return pd.DataFrame({c: pd.Series(dtype="object") for c in BLOCK_COLUMNS})
+        return None
     done = _done_g(f)
     R = f.returns
     B = B.sort_values("hint_g").reset_index(drop=True)
@@ -213,12 +232,7 @@ def block_exposure(target) -> pd.DataFrame:
     B["hint_to_apply_ns"] = np.where(np.isfinite(mid), mid - B["hint_g"].to_numpy(float), np.nan)
     rnd, bulk, _ = _rounds(f, B["cmd_id"].to_numpy())
     B["round"], B["bulk"] = rnd, bulk
-    P = page_exposure(f, blocks=B)
-    cnt = P.groupby(["block_pfn", "hint_g"]).agg(reused_pages=("gfn", "size"),
-                                                 reused_before_apply=("before_apply", lambda s: (s == "sure").sum()))
-    B = B.merge(cnt, left_on=["block_pfn", "hint_g"], right_index=True, how="left")
-    B[["reused_pages", "reused_before_apply"]] = B[["reused_pages", "reused_before_apply"]].fillna(0).astype(np.int64)
-    return B[BLOCK_COLUMNS].reset_index(drop=True)
+    return B
 
 
 def page_exposure(target, clear_shift: int = DEFAULT_CLEAR_SHIFT, blocks: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -234,7 +248,9 @@ def page_exposure(target, clear_shift: int = DEFAULT_CLEAR_SHIFT, blocks: pd.Dat
     if not len(U):
         return empty
     if blocks is None:
-        blocks = block_exposure(f)
+        blocks = _blocks(f)
+        if blocks is None:
+            return empty
     # every return (DONE too) bounds the allocations that follow it; only early ones are kept below
     B = blocks[blocks["return_reason"].notna()]
     if not (B["return_reason"] != "done").any():
@@ -306,9 +322,8 @@ def _written_in_previous_round(f: Facts, gfn: np.ndarray, cmd_id: np.ndarray) ->
     S = f.syncs
     if not len(gfn) or not len(S):
         return out
-    fe = dict(zip(S["epoch_id"].to_numpy(np.int64), S["fetch_end"].to_numpy(np.int64)))
-    lo_t = np.array([float(fe.get(int(i) - 1, np.nan)) for i in cmd_id])
-    hi_t = np.array([float(fe.get(int(i), np.nan)) for i in cmd_id])
+    lo_t = _fetch_end_of(S, np.asarray(cmd_id, np.int64) - 1)
+    hi_t = _fetch_end_of(S, cmd_id)
     ev_g, ev_p = [], []
     U = f.reuse
     if len(U):
