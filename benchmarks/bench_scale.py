@@ -4,7 +4,9 @@
 Per (variant, mode, size) it runs, each in a fresh process measured with ``wait4`` (CPU time and
 peak RSS of that process alone):
 
-* ``hintscope simulate --variant V --mode M --pages N --preset scale -o DIR`` (generate);
+* ``hintscope simulate --variant V --mode M --pages N --preset scale --no-dest-compare -o DIR``
+  (generate; ``--dest-compare`` keeps the simulated memory check, whose ``lost_pages`` has one row per
+  differing page);
 * ``hintscope analyze DIR --json`` (load + every check; the JSON is kept);
 * at the sizes listed in ``--oracle-gib``, the per-page implementation on the same bundle
   (``tests/oracle_perpage``, kept as the reference) and a comparison of the findings (kind, confidence, gfn_count,
@@ -74,12 +76,12 @@ def findings_key(j: dict) -> tuple:
     return (j.get("verdict"), tuple(fs))
 
 
-def one(variant: str, mode: str, gib: float, tmp: Path, oracle: bool, seed: int) -> dict:
+def one(variant: str, mode: str, gib: float, tmp: Path, oracle: bool, seed: int, dest: bool) -> dict:
     pages = int(gib * GIB_PAGES)
     d = tmp / f"{variant}-{mode}-{gib:g}"
     py = sys.executable
     gen = measured([py, "-m", "hintscope", "simulate", "--variant", variant, "--mode", mode, "--seed", str(seed),
-                    "--pages", str(pages), "--preset", "scale", "-o", str(d)])
+                    "--pages", str(pages), "--preset", "scale", "-o", str(d)] + ([] if dest else ["--no-dest-compare"]))
     row = {"variant": variant, "mode": mode, "gib": gib, "pages": pages, "generate": gen}
     if gen["rc"] != 0:
         return row
@@ -114,6 +116,9 @@ def main() -> int:
     ap.add_argument("--modes", default="manual,ring")
     ap.add_argument("--oracle-gib", default="1,4", help="sizes at which the per-page oracle also runs")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dest-compare", action="store_true",
+                    help="keep the simulated memory check (lost_pages: one row per page that differs, ~125k per "
+                         "GiB, hinted free pages included); off by default: it is not a compact table")
     ap.add_argument("--tmp", default=None, help="scratch directory (default: a temp dir; bundles are deleted)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("-o", "--output")
@@ -127,7 +132,7 @@ def main() -> int:
         for variant in a.variants.split(","):
             for mode in a.modes.split(","):
                 for gib in sizes:
-                    r = one(variant, mode, gib, Path(tmp), gib in oracle, a.seed)
+                    r = one(variant, mode, gib, Path(tmp), gib in oracle, a.seed, a.dest_compare)
                     rows.append(r)
                     an = r.get("analyze", {})
                     print(f"{variant} {mode} {gib:g} GiB: generate {r['generate']['cpu_s']:.1f} CPU-s "
@@ -154,7 +159,7 @@ def main() -> int:
                      f"{an.get('peak_rss_mib', float('nan')):.0f}", str(r.get("verdict"))[:28],
                      len(r.get("findings", [])), r.get("oracle_equal", "-")])
     print(B.table(body, head))
-    B.write("bench_scale", {"rows": rows, "table": B.table(body, head)}, a.output)
+    B.write("bench_scale", {"rows": rows, "table": B.table(body, head), "dest_compare": a.dest_compare}, a.output)
     # analyze exits 0, 1 (a finding) or 3 (inconclusive) with a verdict; 2 is an input error
     failed = [r for r in rows if r["generate"]["rc"] != 0 or not r.get("verdict")]
     return 1 if failed else 0
