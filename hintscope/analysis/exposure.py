@@ -347,12 +347,33 @@ def _written_in_previous_round(f: Facts, gfn: np.ndarray, cmd_id: np.ndarray) ->
         return out
     pg = np.concatenate(ev_p)
     lo, hi = f.band.to_host(np.concatenate(ev_g))
-    t = (lo + hi) / 2
-    W = pd.DataFrame({"gfn": pg, "t": t})
-    Q = pd.DataFrame({"i": np.arange(len(gfn)), "gfn": gfn, "lo": lo_t, "hi": hi_t})
-    j = Q.merge(W, on="gfn")
-    hit = j[(j["t"] > j["lo"]) & (j["t"] < j["hi"])]["i"].unique()
-    out[hit] = True
+    return _any_between(pg, (lo + hi) / 2, np.asarray(gfn, np.int64), lo_t, hi_t)
+
+
+def _any_between(wg: np.ndarray, wt: np.ndarray, qg: np.ndarray, qlo: np.ndarray, qhi: np.ndarray) -> np.ndarray:
+    """Per query (gfn qg, open interval (qlo, qhi)): is there a write (wg, wt) of that gfn inside it?
+
+    One sort of the writes by (gfn, time rank) and one search per query: O((W + Q) log W) time and
+    O(W + Q) memory, where a join of queries to writes by gfn grows with their product.
+    """
+    out = np.zeros(len(qg), bool)
+    ok = np.isfinite(wt) & (wg >= 0)
+    wg, wt = wg[ok], wt[ok]
+    if not len(wg) or not len(qg):
+        return out
+    times = np.unique(wt)
+    shift = int(len(times)).bit_length()
+    if int(max(wg.max(), qg.max())) >= (1 << (62 - shift)):
+        raise ValueError("gfn range too large for the packed (gfn, time) key")
+    key = np.sort((wg << shift) | np.searchsorted(times, wt))
+    # first write strictly after qlo on the same gfn
+    qok = np.isfinite(qlo) & np.isfinite(qhi) & (qg >= 0)
+    r = np.searchsorted(times, np.where(qok, qlo, 0), side="right")
+    pos = np.searchsorted(key, (np.where(qok, qg, 0) << shift) | r)
+    pos_c = np.minimum(pos, len(key) - 1)
+    same = (pos < len(key)) & ((key[pos_c] >> shift) == qg)
+    t_first = times[np.minimum(key[pos_c] & ((1 << shift) - 1), len(times) - 1)]
+    out[:] = qok & same & (t_first < qhi)
     return out
 
 
