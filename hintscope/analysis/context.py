@@ -253,29 +253,13 @@ class Context:
         t = self.bundle.table("page_sends") if self.bundle.has("page_sends") else pd.DataFrame()
         if not len(t):
             return None
-        sizes = t[t["kind"] == "mem-size"].groupby("block")["npages"].max()
-        sent = t[t["sent"]]
-        if not len(sizes) or not len(sent):
-            self._note("page_sends: no block list (mem-size) or no page sends; tap sends not used")
+        ram = self._ram_runs(t)
+        if ram is None:
             return None
-        ram = str(sizes.idxmax())
+        r, n, b0, sizes = ram
         iv = self.iv
-        base = iv.loc[(iv["as_id"] == 0) & (iv["gpa"] == 0), "hva"] if len(iv) else pd.Series(dtype="int64")
-        if not len(base):
-            self._note("page_sends: no memslot at GPA 0 to place the RAM block; tap sends not used")
-            return None
-        other = sent[sent["block"] != ram]
-        if len(other):
-            self._note(f"page_sends: {int(other['npages'].sum())} sends of blocks other than {ram} "
-                                 "(firmware, ROMs) are not guest RAM and are left out")
-        r = sent[sent["block"] == ram]
-        n = r["npages"].to_numpy(np.int64)
-        keep = np.cumsum(n) <= 4 * MAX_EXPANDED_PAGES
-        if not keep.all():
-            self._note(f"page sends cover more than {4 * MAX_EXPANDED_PAGES} pages; later sends ignored")
-            r, n = r[keep], n[keep]
         # the guest pages the tap can see at all: other blocks (ROMs, firmware) are not mapped
-        every = int(base.iloc[0]) + np.arange(int(sizes.max()), dtype=np.int64) * ms.PAGE
+        every = b0 + np.arange(int(sizes.max()), dtype=np.int64) * ms.PAGE
         g, _ = ms.hva_to_gpa(every, np.full(len(every), self.end_ns), iv)
         self._send_gfns = np.unique(g[g >= 0] >> ms.PAGE_SHIFT)
         idx, off = ms.expand_ranges(r["offset"].to_numpy().astype(np.int64), n * ms.PAGE)
@@ -283,7 +267,7 @@ class Context:
         t0, t1 = r["ts_ns"].to_numpy(np.int64)[idx], r["ts_end_ns"].to_numpy(np.int64)[idx]
         # pages of one run arrive in order between its first and last record
         ts = t0 + ((t1 - t0) * (i / np.maximum(n[idx] - 1, 1))).astype(np.int64)
-        hva = int(base.iloc[0]) + off
+        hva = b0 + off
         gpa, _ = ms.hva_to_gpa(hva, ts, iv)
         return pd.DataFrame({"ts_ns": ts, "gfn": np.where(gpa >= 0, gpa >> ms.PAGE_SHIFT, -1)})
 
@@ -474,7 +458,10 @@ class Context:
                                   np.zeros(len(ts), np.int64))
         return ops, "ram_save_page", None
 
-    def _tap_runs(self, t: pd.DataFrame):
+    def _ram_runs(self, t: pd.DataFrame):
+        """The tap's page-send runs of guest RAM: (runs, pages per run, HVA of RAM, block sizes), or None
+        with the reason noted.  Guest RAM is the largest block of the stream's block list, mapped at
+        the HVA of the memslot at GPA 0."""
         sizes = t[t["kind"] == "mem-size"].groupby("block")["npages"].max()
         sent = t[t["sent"]]
         if not len(sizes) or not len(sent):
@@ -495,8 +482,13 @@ class Context:
         keep = np.cumsum(n) <= 4 * MAX_EXPANDED_PAGES
         if not keep.all():
             self._note(f"page sends cover more than {4 * MAX_EXPANDED_PAGES} pages; later sends ignored")
-        r, n = r[keep], n[keep]
-        b0 = int(base.iloc[0])
+        return r[keep], n[keep], int(base.iloc[0]), sizes
+
+    def _tap_runs(self, t: pd.DataFrame):
+        ram = self._ram_runs(t)
+        if ram is None:
+            return None
+        r, n, b0, sizes = ram
         hva = b0 + r["offset"].to_numpy().astype(np.int64) // ms.PAGE * ms.PAGE
         t0, t1 = r["ts_ns"].to_numpy(np.int64), r["ts_end_ns"].to_numpy(np.int64)
         # page times inside a run are interpolated from the run's first and last record (as _tap_sends)
