@@ -198,7 +198,9 @@ def cmd_table(a) -> int:
     keys = sorted({_cell_key(r) for r in runs}, key=lambda k: (k[0] != "bulk", WORKLOADS.index(k[1]), k[2], -k[3]))
     cols = ["start", "workload", "kernel", "init_on_alloc", "runs", "hinted blocks", "shrinker calls",
             "returned early (before DONE)", "returned before apply", "pages reused", "written before apply",
-            "exposed (bulk, unarmed)", "exposed at 1 GiB chunk", "dst healthy"]
+            "exposed: dirty, unarmed (inferred)", "lost at 1 GiB chunk (inferred)", "lost at 128 MiB chunk (inferred)",
+            "burst start - bulk hint run end (ms)", "closest return after apply (ms)",
+            "memcheck: lost-write / in returned blocks", "dst healthy"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 
     def s(rs, k):
@@ -211,6 +213,15 @@ def cmd_table(a) -> int:
                                         s(rs, "shrinker_calls"), s(rs, "returned_before_done"),
                                         s(rs, "returned_before_apply"), s(rs, "reused_pages"),
                                         s(rs, "written_before_apply"), s(rs, "exposed"), s(rs, "exposed_chunk"),
+                                        s(rs, "exposed_chunk_128m"),
+                                        "/".join(f"{r.get('burst_start_after_hint_run_end_ms'):+.0f}"
+                                                 if r.get("burst_start_after_hint_run_end_ms") is not None else "-"
+                                                 for r in rs),
+                                        "/".join(f"{r.get('min_return_after_apply_ms'):.1f}"
+                                                 if r.get("min_return_after_apply_ms") is not None else "-"
+                                                 for r in rs),
+                                        "/".join(f"{(r.get('page_diffs') or {}).get('lost-write', 0)}:"
+                                                 f"{(r.get('page_diffs') or {}).get('hinted-returned', 0)}" for r in rs),
                                         "/".join("y" if r.get("health_ok") else "n" for r in rs)]) + " |")
     print("\n".join(lines))
     failed = [r for r in load_runs() if "hinted_blocks" not in r]
