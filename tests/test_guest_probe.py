@@ -15,6 +15,7 @@ import threading
 import numpy as np
 import pytest
 
+from hintscope.bundle import BundleWriter, read_bundle
 from hintscope.parse import guest_stream as gsm
 from hintscope.parse.guest_stream import parse_streams
 from hintscope.probes import guest
@@ -73,7 +74,18 @@ def test_reuse_filter_reports_allocations_in_returned_blocks(tmp_path):
     assert reuse.groupby("block_pfn").size().max() <= 64
     stats = gs.tables["guest_reports"]
     stats = stats[stats["word"] == "STATS"]
-    assert len(stats) >= 1 and (stats["v0"] == 0).all()  # no ring buffer drops
+    assert len(stats) >= 1
+    # This host-side stand-in sees every allocation on a shared host: under load the ring may drop
+    # events. A drop is never silent: it is a problem, and a bundle records it as lost.
+    drops = gsm.ring_drops(gs)
+    assert sum(drops.values()) == int(stats.groupby("side")["v0"].max().sum())
+    w = BundleWriter(tmp_path / "b", producer="t")
+    gsm.write_to_bundle(w, gs)
+    w.close("test")
+    b = read_bundle(tmp_path / "b")
+    assert {k: v for k, v in b.meta["lost"].items() if k.startswith("guest_probe")} == \
+        {f"guest_probe_{k}": v for k, v in drops.items()}
+    assert (b.meta["sources"]["guest_probe"]["status"] == "partial") == bool(drops or gs.problems)
     assert gs.tables["guest_reports"]["word"].iloc[0] == "ATTACHED"
 
 

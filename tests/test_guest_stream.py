@@ -147,3 +147,17 @@ def test_fuzz_valid_records_survive_junk(tmp_path, junk):
     ev = gs.tables["guest_events"]
     assert set(range(5)) <= set(ev["seq"].tolist())
     assert all("\n" not in p for p in gs.problems)
+
+
+def test_ring_drops_are_lost_events_not_silence(tmp_path):
+    """The in-guest probe's STATS drop counter (cumulative) becomes meta lost and a partial source."""
+    src = SRC + "S 1 2400 7 0 5000\nS 2 2500 12 0 5000\n"
+    gs = parse_streams([(write(tmp_path, "s", src), "src"), (write(tmp_path, "d", DST), "dst")])
+    assert gsm.ring_drops(gs) == {"src": 12}
+    w = BundleWriter(tmp_path / "b", producer="test guest")
+    gsm.write_to_bundle(w, gs)
+    w.close("duration")
+    b = read_bundle(tmp_path / "b")
+    assert b.meta["lost"]["guest_probe_src"] == 12
+    assert b.meta["sources"]["guest_probe"]["status"] == "partial"
+    assert "dropped 12 events" in b.meta["sources"]["guest_probe"]["reason"]

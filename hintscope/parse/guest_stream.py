@@ -317,11 +317,26 @@ def _last_before(reuse: pd.DataFrame, returns: pd.DataFrame) -> np.ndarray:
     return out
 
 
+def ring_drops(gs: GuestStream) -> dict[str, int]:
+    """Events the in-guest probe's ring buffer dropped, per side (the STATS drop counter is cumulative)."""
+    r = gs.tables.get("guest_reports")
+    if r is None or not len(r):
+        return {}
+    st = r[r["word"] == "STATS"]
+    per = st.groupby("side")["v0"].max() if len(st) else pd.Series(dtype="int64")
+    return {str(k): int(v) for k, v in per.items() if int(v) > 0}
+
+
 def write_to_bundle(writer, gs: GuestStream) -> None:
     """Append the parsed tables to a BundleWriter and record the source status."""
     for name, df in gs.tables.items():
         if len(df):
             writer.append(name, df)
+    drops = ring_drops(gs)
+    for side, n in drops.items():
+        # the probe's perf buffer overflowed: those guest events are gone, so the guest timeline is partial
+        gs.problems.append(f"guest probe ({side}): the ring buffer dropped {n} events (STATS drops)")
+        writer.add_lost(f"guest_probe_{side}", n)
     status = "captured" if not gs.problems else "partial"
     writer.set_source("guest_probe", status=status, reason="; ".join(gs.problems[:5]) or None,
                       header=gs.header, counts=gs.counts, problems=gs.problems[:50])
